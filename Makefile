@@ -1,0 +1,69 @@
+# The two commands of the README are `make migrate` and `make test`; the rest are
+# their parts. Everything runs from the project root with the venv's tools.
+SHELL := /bin/bash
+.SHELLFLAGS := -o errexit -o nounset -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+SANDBOX_DIR := .sandbox
+SANDBOX_PORT ?= 55432
+BENCH_ARGS ?=
+
+export SANDBOX_PORT
+export PATH := $(BIN):$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+# Keep ansible-lint/molecule caches inside the project, not in $HOME.
+export ANSIBLE_HOME := $(CURDIR)/.ansible
+
+.PHONY: help setup sandbox sandbox-stop migrate lint test pytest molecule bench clean
+
+help:
+	@echo "make migrate       set up, start the PostgreSQL 15 sandbox, run playbooks/migrate.yml -l local"
+	@echo "make test          lint, pytest and molecule test --all"
+	@echo "make setup         only the virtualenv and the collections"
+	@echo "make sandbox       start the sandbox (SANDBOX_PORT=$(SANDBOX_PORT)); make sandbox-stop stops it"
+	@echo "make lint          ansible-lint (production), yamllint, squawk"
+	@echo "make bench         benchmarks (BENCH_ARGS='--sizes 0,1.5')"
+
+setup: $(VENV)/.installed .collections/.installed
+
+# Re-running is fast: both steps are skipped while their inputs are unchanged.
+$(VENV)/.installed: requirements.txt constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (found " + sys.version.split()[0] + "); set PYTHON=python3.11")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	@touch $@
+
+.collections/.installed: requirements.yml $(VENV)/.installed
+	$(BIN)/python scripts/install_collections.py requirements.yml .collections
+	@touch $@
+
+sandbox:
+	@$(PYTHON) scripts/pgcluster.py start --dir $(SANDBOX_DIR) --port $(SANDBOX_PORT)
+
+sandbox-stop:
+	@$(PYTHON) scripts/pgcluster.py stop --dir $(SANDBOX_DIR)
+
+migrate: setup sandbox
+	$(BIN)/ansible-playbook playbooks/migrate.yml -l local
+
+lint: setup
+	$(BIN)/yamllint --strict .
+	$(BIN)/ansible-lint --offline
+	$(BIN)/squawk $$(ls files/migrations/[0-9][0-9][0-9][0-9]_*.sql | grep -v '\.down\.sql$$')
+
+pytest: setup
+	$(BIN)/pytest
+
+molecule: setup
+	$(BIN)/molecule test --all
+
+test: lint pytest molecule
+
+bench: setup
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+clean: sandbox-stop
+	rm -rf $(SANDBOX_DIR) .collections .ansible reports

@@ -1,0 +1,266 @@
+# -*- coding: utf-8 -*-
+"""Shared plumbing for the ledger modules: connections, redaction, errors, records.
+
+Every module of this project talks to one target database through one libpq URL.
+This file keeps the rules that must hold everywhere in one place:
+
+* a password never leaves this process: URLs are redacted before they reach a
+  message, a result, an event or a report;
+* a PostgreSQL error becomes a dict (SQLSTATE, message, detail, hint, position)
+  that the caller turns into an operator's message, never a traceback;
+* the records of CONTRACT.md (`migrations.history`, `migrations.events`) are
+  created the same way by every module that writes them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import json
+import os
+import re
+import socket
+import uuid
+
+try:
+    import psycopg2
+    import psycopg2.extensions
+    import psycopg2.extras
+    HAS_PSYCOPG2 = True
+    PSYCOPG2_IMPORT_ERROR = None
+except ImportError as _exc:  # pragma: no cover - reported by the module
+    HAS_PSYCOPG2 = False
+    PSYCOPG2_IMPORT_ERROR = _exc
+
+try:
+    from urllib.parse import urlsplit, urlunsplit, parse_qsl
+except ImportError:  # pragma: no cover - Python 2 is not supported
+    raise
+
+APPLICATION_NAME = "ledger-migrations"
+
+# The schema that holds the project's records. Never dropped by a revert of the set.
+RECORDS_DDL = """
+CREATE SCHEMA IF NOT EXISTS migrations;
+COMMENT ON SCHEMA migrations IS 'Migration records of the ledger-migrations project (history, events, lock). Never dropped by a revert.';
+CREATE TABLE IF NOT EXISTS migrations.history (
+    version      text        PRIMARY KEY CHECK (version ~ '^[0-9]{4}$'),
+    name         text        NOT NULL,
+    checksum     text        NOT NULL CHECK (checksum ~ '^[0-9a-f]{64}$'),
+    applied_at   timestamptz NOT NULL DEFAULT now(),
+    applied_by   text        NOT NULL,
+    execution_ms integer     NOT NULL CHECK (execution_ms >= 0),
+    run_id       text        NOT NULL,
+    kind         text        NOT NULL DEFAULT 'apply' CHECK (kind IN ('apply', 'baseline'))
+);
+CREATE TABLE IF NOT EXISTS migrations.events (
+    id          bigserial   PRIMARY KEY,
+    run_id      text        NOT NULL,
+    at          timestamptz NOT NULL DEFAULT clock_timestamp(),
+    actor       text        NOT NULL,
+    action      text        NOT NULL,
+    version     text,
+    outcome     text        NOT NULL,
+    duration_ms integer,
+    detail      jsonb       NOT NULL DEFAULT '{}'::jsonb
+);
+CREATE INDEX IF NOT EXISTS events_run_id_idx ON migrations.events (run_id);
+-- The run lease: one row while a run holds the target (see the migrate role's README).
+CREATE TABLE IF NOT EXISTS migrations.lock (
+    id          integer     PRIMARY KEY CHECK (id = 1),
+    run_id      text        NOT NULL,
+    holder      text        NOT NULL,
+    acquired_at timestamptz NOT NULL DEFAULT now(),
+    renewed_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz NOT NULL
+);
+"""
+
+
+class LedgerError(Exception):
+    """An operator-facing failure: a message plus structured fields for the result."""
+
+    def __init__(self, msg, **fields):
+        super(LedgerError, self).__init__(msg)
+        self.msg = msg
+        self.fields = fields
+
+
+# --------------------------------------------------------------------------- URLs
+
+_PASSWORD_IN_URL = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)([^@\s]*)(@)")
+_PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact(text):
+    """Remove passwords from any text that may contain a URL or a conninfo string."""
+    if text is None:
+        return text
+    text = str(text)
+    text = _PASSWORD_IN_URL.sub(r"\1********\3", text)
+    text = _PASSWORD_KV.sub(r"\1********", text)
+    return text
+
+
+def parse_url(url):
+    """Validate a libpq URI and return its parts; raise LedgerError on a malformed one.
+
+    The password is never part of the error message.
+    """
+    if not url or not isinstance(url, str):
+        raise LedgerError("database_url is empty: set DATABASE_URL or database_url for this target")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise LedgerError("database_url is malformed (%s): %s" % (exc, redact(url)))
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise LedgerError("database_url must start with postgresql:// (got %r)" % redact(url)[:40])
+    dbname = parts.path.lstrip("/")
+    query = dict(parse_qsl(parts.query))
+    return {
+        "host": parts.hostname or query.get("host") or "localhost",
+        "port": port or int(query.get("port", 5432)),
+        "user": parts.username or query.get("user") or getpass.getuser(),
+        "dbname": dbname or query.get("dbname") or parts.username or getpass.getuser(),
+        "sslmode": query.get("sslmode"),
+        "query": query,
+    }
+
+
+def describe_target(url):
+    """`user@host:port/db`: how a target is named in every message (no password)."""
+    try:
+        p = parse_url(url)
+    except LedgerError:
+        return redact(url)
+    return "%s@%s:%s/%s" % (p["user"], p["host"], p["port"], p["dbname"])
+
+
+def url_with_database(url, dbname):
+    """The same URL pointing at another database (used for scratch and restore databases)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
+
+
+def connect(url, autocommit=True, connect_timeout=10):
+    """Open a connection with a clear error when the target is unreachable."""
+    if not HAS_PSYCOPG2:
+        raise LedgerError("psycopg2 is not importable by %s: run 'make setup' and use the "
+                          "virtualenv's interpreter" % os.sys.executable)
+    parse_url(url)
+    try:
+        conn = psycopg2.connect(url, connect_timeout=connect_timeout, application_name=APPLICATION_NAME)
+    except psycopg2.Error as exc:
+        raise LedgerError("cannot connect to %s: %s" % (describe_target(url), redact(str(exc)).strip()),
+                          target=describe_target(url))
+    conn.autocommit = autocommit
+    return conn
+
+
+# --------------------------------------------------------------------------- errors
+
+def pg_error(exc):
+    """The fields of a psycopg2 error that an operator needs."""
+    diag = getattr(exc, "diag", None)
+    out = {
+        "sqlstate": getattr(exc, "pgcode", None),
+        "message": redact((getattr(diag, "message_primary", None) or str(exc)).strip()),
+        "detail": redact(getattr(diag, "message_detail", None)),
+        "hint": getattr(diag, "message_hint", None),
+        "position": None,
+        "context": redact(getattr(diag, "context", None)),
+    }
+    pos = getattr(diag, "statement_position", None)
+    if pos:
+        try:
+            out["position"] = int(pos)
+        except ValueError:
+            pass
+    return out
+
+
+def format_pg_error(err):
+    """One line: `SQLSTATE 42P07: relation "x" already exists (hint: ...)`."""
+    text = "SQLSTATE %s: %s" % (err.get("sqlstate") or "?", err.get("message"))
+    if err.get("detail"):
+        text += " (detail: %s)" % err["detail"]
+    if err.get("hint"):
+        text += " (hint: %s)" % err["hint"]
+    return text
+
+
+# --------------------------------------------------------------------------- records
+
+def new_run_id():
+    """A run id: UTC time first so ids sort, then randomness so they never collide."""
+    return datetime.datetime.utcnow().strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def actor():
+    """Who runs this: the OS user and host of the controller (not the database role)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # pragma: no cover - no passwd entry in some containers
+        user = str(os.getuid())
+    return "%s@%s" % (user, socket.gethostname())
+
+
+def ensure_records(cur):
+    """Create the migrations schema and its tables if missing (idempotent)."""
+    cur.execute("SELECT to_regclass('migrations.history') IS NOT NULL AND to_regclass('migrations.events') IS NOT NULL"
+                " AND to_regclass('migrations.lock') IS NOT NULL")
+    if cur.fetchone()[0]:
+        return False
+    cur.execute(RECORDS_DDL)
+    return True
+
+
+def records_exist(cur):
+    cur.execute("SELECT to_regclass('migrations.history') IS NOT NULL")
+    return bool(cur.fetchone()[0])
+
+
+def log_event(cur, run_id, action, outcome, version=None, duration_ms=None, detail=None):
+    """Append one row to migrations.events (the caller owns the transaction)."""
+    cur.execute(
+        "INSERT INTO migrations.events (run_id, actor, action, version, outcome, duration_ms, detail)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb)",
+        (run_id, actor(), action, version, outcome, duration_ms,
+         json.dumps(redact_obj(detail or {}), default=str)),
+    )
+
+
+def log_event_autonomous(url, run_id, action, outcome, version=None, duration_ms=None, detail=None):
+    """Log an event on its own connection, so it survives the caller's rollback.
+
+    Used for failures: the failed migration's transaction is rolled back, its
+    event must stay. Never raises: a failure to log must not hide the real error.
+    """
+    try:
+        conn = connect(url, autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                ensure_records(cur)
+                log_event(cur, run_id, action, outcome, version, duration_ms, detail)
+        finally:
+            conn.close()
+        return True
+    except Exception:  # noqa: BLE001 - best effort by design
+        return False
+
+
+def redact_obj(obj):
+    """Redact passwords in every string of a JSON-like structure."""
+    if isinstance(obj, dict):
+        return dict((k, redact_obj(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return [redact_obj(v) for v in obj]
+    if isinstance(obj, str):
+        return redact(obj)
+    return obj
+
+
+def server_version_num(cur):
+    cur.execute("SHOW server_version_num")
+    return int(cur.fetchone()[0])

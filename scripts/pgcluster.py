@@ -1,0 +1,293 @@
+#!/usr/bin/env python3
+"""Start and stop a throwaway PostgreSQL 15 cluster from the local binaries.
+
+One implementation serves the three places that need a real server: the
+`make sandbox` target, Molecule's shared create/destroy playbooks and the pytest
+fixtures. Standard library only, so it runs before the virtualenv exists.
+
+    pgcluster.py start --dir .sandbox --port 55432 [--db ledger]
+    pgcluster.py stop  --dir .sandbox
+    pgcluster.py status --dir .sandbox
+
+The cluster listens on 127.0.0.1 only, trusts loopback (it is a throwaway), and
+holds the roles the runbook's pre-migration checklist expects: `arrakis_app`
+(LOGIN, with a password kept in DIR/arrakis_app.password, mode 0600) and
+`arrakis_admin` (BYPASSRLS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PG_MAJOR = "15"
+DEFAULT_BINDIR = f"/usr/lib/postgresql/{PG_MAJOR}/bin"
+RUN_AS = "postgres"  # initdb refuses to run as root
+
+
+class ClusterError(Exception):
+    """A failure with a message meant for the operator, not a traceback."""
+
+
+def find_bindir() -> Path:
+    candidates = [os.environ.get("PG_BINDIR", ""), DEFAULT_BINDIR]
+    for cand in candidates:
+        if cand and (Path(cand) / "initdb").is_file():
+            return Path(cand)
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+        bindir = Path(out.stdout.strip())
+        version = subprocess.run([pg_config, "--version"], capture_output=True, text=True, check=False)
+        if (bindir / "initdb").is_file() and f" {PG_MAJOR}." in version.stdout:
+            return bindir
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        # The contract: where no binaries are found, install the Debian package as root.
+        print(f"PostgreSQL {PG_MAJOR} binaries not found; installing postgresql-{PG_MAJOR} with apt-get", file=sys.stderr)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", f"postgresql-{PG_MAJOR}"]):
+            res = subprocess.run(cmd, env=env, check=False)
+            if res.returncode != 0:
+                raise ClusterError(f"'{' '.join(cmd)}' failed (exit {res.returncode}); install postgresql-{PG_MAJOR} by hand")
+        if (Path(DEFAULT_BINDIR) / "initdb").is_file():
+            return Path(DEFAULT_BINDIR)
+    raise ClusterError(
+        f"PostgreSQL {PG_MAJOR} binaries not found (looked in $PG_BINDIR, {DEFAULT_BINDIR}, pg_config). "
+        f"Install them as root: 'apt-get install postgresql-{PG_MAJOR}', or set PG_BINDIR."
+    )
+
+
+def _owner_env():
+    """How to run server binaries: as `postgres` when we are root, as ourselves otherwise."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(RUN_AS)
+    except KeyError as exc:
+        raise ClusterError(
+            f"running as root, but there is no '{RUN_AS}' user to run initdb as; "
+            f"install postgresql-{PG_MAJOR} (it creates the user) or run as an ordinary user"
+        ) from exc
+
+
+def _run(cmd: list[str], *, check: bool = True, stdin: str | None = None,
+         timeout: float | None = 120) -> subprocess.CompletedProcess:
+    name = os.path.basename(cmd[0])
+    if _owner_env() is not None:
+        cmd = ["runuser", "-u", RUN_AS, "--", *cmd]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, cwd="/", input=stdin)
+    if check and res.returncode != 0:
+        detail = (res.stderr or res.stdout or "").strip()
+        raise ClusterError(f"{name} failed: {detail}")
+    return res
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _state_file(base: Path) -> Path:
+    return base / "cluster.json"
+
+
+def read_state(base: Path) -> dict | None:
+    try:
+        return json.loads(_state_file(base).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def server_home(base: Path) -> Path:
+    """Where the data directory, socket and log live for the cluster described by `base`.
+
+    Normally `base` itself. When we are root and the `postgres` user cannot reach
+    `base` (a checkout under /root, Molecule's ~/.cache), the server files go to
+    /var/tmp/ledger-pg-<hash of base> instead; `base` keeps the state file.
+    """
+    base = base.resolve()
+    state = read_state(base)
+    if state and state.get("home"):
+        return Path(state["home"])
+    if _owner_env() is None:
+        return base
+    probe = base if base.exists() else base.parent
+    while not probe.exists():
+        probe = probe.parent
+    res = subprocess.run(["runuser", "-u", RUN_AS, "--", "test", "-w", str(probe), "-a", "-x", str(probe)],
+                         capture_output=True, check=False)
+    if res.returncode == 0:
+        return base
+    digest = hashlib.sha256(str(base).encode()).hexdigest()[:12]
+    return Path("/var/tmp") / f"ledger-pg-{digest}"
+
+
+def is_running(base: Path) -> bool:
+    pid_file = server_home(base) / "data" / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+def psql(bindir: Path, base: Path, port: int, sql: str, db: str = "postgres") -> str:
+    """Run SQL as the superuser over the cluster's socket; SQL goes on stdin, never on a command line."""
+    res = _run([str(bindir / "psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", str(base), "-p", str(port),
+                "-U", "postgres", "-d", db], stdin=sql)
+    return res.stdout.strip()
+
+
+ROLES_SQL = """
+DO $roles$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'arrakis_app') THEN
+    CREATE ROLE arrakis_app LOGIN;
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'arrakis_admin') THEN
+    CREATE ROLE arrakis_admin BYPASSRLS;
+  END IF;
+END
+$roles$;
+"""
+
+
+def start(base: Path, port: int, db: str) -> dict:
+    base = base.resolve()
+    bindir = find_bindir()
+    owner = _owner_env()
+    state = read_state(base)
+    home = server_home(base)
+    if is_running(base):
+        if state and state.get("port") != port:
+            print(f"cluster in {base} already running on port {state['port']} (asked for {port}); "
+                  f"stop it first with 'make sandbox-stop'", file=sys.stderr)
+        return state or {}
+    if port_in_use(port):
+        raise ClusterError(
+            f"port {port} on 127.0.0.1 is already in use by another program; "
+            f"choose another with SANDBOX_PORT=NNNNN (e.g. 'make sandbox SANDBOX_PORT={free_port()}')"
+        )
+    base.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    if owner is not None:
+        os.chown(home, owner.pw_uid, owner.pw_gid)
+    data = home / "data"
+    if not (data / "PG_VERSION").exists():
+        _run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync",
+              "-E", "UTF8", "--locale=C.UTF-8"])
+        conf = data / "postgresql.conf"
+        # Throwaway cluster: loopback only, socket kept beside the data, durability traded for speed.
+        extra = (
+            "\n# pgcluster.py\n"
+            "listen_addresses = '127.0.0.1'\n"
+            f"unix_socket_directories = '{home}'\n"
+            "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+            "max_connections = 100\n"
+            "shared_buffers = 128MB\n"
+            "log_min_messages = warning\n"
+        )
+        _append_as_owner(conf, extra)
+    log = home / "server.log"
+    res = _run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", f"-p {port}", "-w", "-t", "60", "start"],
+               check=False)
+    if res.returncode != 0:
+        tail = ""
+        try:
+            tail = "\n".join(log.read_text().splitlines()[-5:])
+        except OSError:
+            pass
+        raise ClusterError(f"PostgreSQL did not start on port {port}: {(res.stderr or res.stdout).strip()}\n{tail}")
+    psql(bindir, home, port, ROLES_SQL)
+    pw_file = base / "arrakis_app.password"
+    if not pw_file.exists():
+        fd = os.open(pw_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(24))
+    password = pw_file.read_text().strip()
+    # Sent on psql's stdin (see psql()): the password never appears in a process listing.
+    psql(bindir, home, port, f"ALTER ROLE arrakis_app PASSWORD '{password}'")
+    exists = psql(bindir, home, port, f"SELECT 1 FROM pg_database WHERE datname = '{db}'")
+    if not exists:
+        psql(bindir, home, port, f'CREATE DATABASE "{db}"')
+    state = {"dir": str(base), "home": str(home), "port": port, "db": db, "bindir": str(bindir),
+             "url": f"postgresql://postgres@127.0.0.1:{port}/{db}"}
+    _state_file(base).write_text(json.dumps(state, indent=2) + "\n")
+    return state
+
+
+def _append_as_owner(path: Path, text: str) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def stop(base: Path) -> None:
+    base = base.resolve()
+    if not is_running(base):
+        return
+    bindir = find_bindir()
+    _run([str(bindir / "pg_ctl"), "-D", str(server_home(base) / "data"), "-m", "fast", "-w", "-t", "60", "stop"])
+
+
+def destroy(base: Path) -> None:
+    base = base.resolve()
+    stop(base)
+    shutil.rmtree(server_home(base), ignore_errors=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["start", "stop", "destroy", "status"])
+    parser.add_argument("--dir", required=True, type=Path)
+    parser.add_argument("--port", type=int, default=int(os.environ.get("SANDBOX_PORT", "55432")))
+    parser.add_argument("--db", default="ledger")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "start":
+            state = start(args.dir, args.port, args.db)
+            print(f"PostgreSQL {PG_MAJOR} sandbox running: {state.get('url')} (data in {args.dir})")
+        elif args.action == "stop":
+            stop(args.dir)
+            print(f"PostgreSQL sandbox in {args.dir} stopped")
+        elif args.action == "destroy":
+            destroy(args.dir)
+            print(f"PostgreSQL sandbox in {args.dir} removed")
+        else:
+            running = is_running(args.dir.resolve())
+            print(json.dumps({"running": running, **(read_state(args.dir.resolve()) or {})}))
+            return 0 if running else 3
+    except ClusterError as exc:
+        print(f"pgcluster: {exc}", file=sys.stderr)
+        return 2
+    except subprocess.TimeoutExpired as exc:
+        print(f"pgcluster: timed out running {exc.cmd}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
