@@ -61,9 +61,14 @@ class Cluster:
 
     def create_db(self, name: str | None = None, template: str | None = None) -> str:
         name = name or "t_" + uuid.uuid4().hex[:10]
-        with self.connect() as conn, conn.cursor() as cur:
-            tmpl = f' TEMPLATE "{template}"' if template else ""
-            cur.execute(f'CREATE DATABASE "{name}"{tmpl}')
+        # Not `with conn`: psycopg2 opens a transaction there, and CREATE DATABASE refuses one.
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                tmpl = f' TEMPLATE "{template}"' if template else ""
+                cur.execute(f'CREATE DATABASE "{name}"{tmpl}')
+        finally:
+            conn.close()
         return name
 
     def drop_db(self, name: str) -> None:
