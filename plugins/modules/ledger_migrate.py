@@ -1,0 +1,430 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+"""Ansible module: apply, rehearse, report, baseline, accept or revert the ledger migrations."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: ledger_migrate
+short_description: Apply numbered SQL migrations to PostgreSQL with history, checksums, a lease and rehearsal
+description:
+  - Applies the migrations of O(migrations_dir) (C(NNNN_name.sql), with optional C(NNNN_name.down.sql))
+    to one PostgreSQL database, in version order, each in its own transaction together with its row in
+    C(migrations.history) and its C(apply) event in C(migrations.events).
+  - Before any change, every applied migration's file is compared with its recorded sha256 checksum;
+    an edited, missing or renamed file stops the run (see O(action=accept_checksum) for intended edits).
+  - Two runs against one database never interleave. The mutual exclusion is a lease row
+    (C(migrations.lock)) with an expiry, not a session advisory lock, so it works through PgBouncer
+    transaction pooling, and a runner that dies frees the database when its lease expires.
+  - Every migration transaction runs with C(SET LOCAL lock_timeout) and C(statement_timeout); a lock
+    timeout is retried with exponential back-off and jitter, a bounded number of times.
+  - In check mode (C(--check)) every pending migration runs for real inside one transaction that is
+    rolled back (a rehearsal); the module reports per file whether it would apply or fail (SQLSTATE,
+    file, line) and writes nothing at all.
+  - A file whose header contains C(-- ledger:no-transaction) runs statement by statement outside a
+    transaction (for C(CREATE INDEX CONCURRENTLY)); after a failure the INVALID indexes it left are
+    reported with their cleanup SQL.
+  - The engine lives in C(module_utils/ledger_engine.py); the migrate role's README describes every behaviour.
+version_added: "1.0.0"
+author:
+  - ledger-migrations project
+options:
+  database_url:
+    description:
+      - libpq URI of the target database (C(postgresql://user:password@host:port/db?sslmode=...)).
+      - Never shown in output; messages name the target as C(user@host:port/db).
+    type: str
+    required: true
+  migrations_dir:
+    description:
+      - Directory of the migration set. C(NNNN_name.sql) files are up migrations, C(NNNN_name.down.sql) their
+        reverts; any other C(*.sql) name is refused, other files are ignored.
+    type: path
+    required: true
+  action:
+    description:
+      - C(apply) applies the pending migrations up to O(target) (rehearses them in check mode).
+      - C(status) reports applied (when, by whom, how long), pending and drifted migrations; read-only.
+      - C(baseline) records the set up to O(baseline_version) as applied without running any file.
+      - C(accept_checksum) records the current checksum (and name) of the applied file O(accept_version).
+      - C(revert) runs the down scripts of the migrations above O(revert_to), newest first.
+    type: str
+    choices: [apply, status, baseline, accept_checksum, revert]
+    default: apply
+  target:
+    description:
+      - Highest version to apply (4 digits). Empty means the newest of the set.
+      - A target below the applied version is refused (use O(action=revert)).
+    type: str
+  run_id:
+    description:
+      - Identifier of this run, written to every event and history row. Generated when empty.
+    type: str
+  lock_timeout:
+    description:
+      - C(lock_timeout) of every migration transaction (PostgreSQL duration such as C(2s) or C(500ms)).
+      - Bounds how long application queries can queue behind a migration waiting for its lock.
+    type: str
+    default: 2s
+  statement_timeout:
+    description:
+      - C(statement_timeout) of every migration statement; C(0) disables it.
+    type: str
+    default: '0'
+  lock_retries:
+    description:
+      - How many times a migration that hit O(lock_timeout) (or a deadlock) is retried before the run fails.
+    type: int
+    default: 3
+  lock_retry_backoff:
+    description:
+      - First back-off delay in seconds; it doubles at each retry and is multiplied by a random factor
+        between 0.5 and 1.5 (jitter), capped at 30 seconds.
+    type: float
+    default: 0.5
+  lock_wait:
+    description:
+      - Seconds to wait for another run's lease before failing with that run's identity.
+    type: float
+    default: 60
+  lock_ttl:
+    description:
+      - Lifetime in seconds of this run's lease; it is renewed while the run is alive, and a run that died
+        frees the database after at most this long.
+    type: float
+    default: 60
+  allow_out_of_order:
+    description:
+      - Apply pending files older than the newest applied version instead of refusing them.
+    type: bool
+    default: false
+  baseline_version:
+    description:
+      - With O(action=baseline), the version the database is already at (every version of the set up to it
+        is recorded as applied, kind C(baseline), without running anything).
+    type: str
+  accept_version:
+    description:
+      - With O(action=accept_checksum), the applied version whose edited (or renamed) file is accepted.
+    type: str
+  revert_to:
+    description:
+      - With O(action=revert), the version to go back to, or C(base) to revert every migration.
+    type: str
+  limit:
+    description:
+      - The C(-l) of the playbook run, used to write the next command to run in failure messages.
+    type: str
+  fail_on_drift:
+    description:
+      - With O(action=status), fail when drift (or an out-of-order file) is found.
+    type: bool
+    default: false
+  record_rehearsal:
+    description:
+      - With O(action=apply), rehearse the pending migrations first (rolled back) and append a
+        C(rehearse) event; a rehearsal that fails stops the run before any change. Check mode never writes.
+    type: bool
+    default: false
+requirements:
+  - psycopg2
+  - PostgreSQL 14 or later (C(client_connection_check_interval)); tested with 15
+attributes:
+  check_mode:
+    support: full
+    description: A rehearsal in a rolled-back transaction; nothing is written.
+notes:
+  - Sequences advanced by a rehearsal stay advanced (PostgreSQL never rolls back C(nextval)).
+  - The lease and the history live in schema C(migrations), created on the first real run.
+  - The migrate role's README (roles/migrate/README.md) describes every behaviour, the header directive,
+    the baseline and accept-checksum commands, and shows real output.
+"""
+
+EXAMPLES = r"""
+- name: Apply the pending migrations (a rehearsal under --check)
+  ledger_migrate:
+    database_url: "{{ database_url }}"
+    migrations_dir: "{{ playbook_dir }}/../files/migrations"
+    target: "0010"
+    run_id: "{{ ledger_run_id }}"
+    limit: "{{ ansible_limit }}"
+  register: migrate_result
+
+- name: Report applied, pending and drifted migrations
+  ledger_migrate:
+    database_url: "{{ database_url }}"
+    migrations_dir: files/migrations
+    action: status
+  register: status_result
+
+- name: Record a database migrated by hand as being at 0011
+  ledger_migrate:
+    database_url: "{{ database_url }}"
+    migrations_dir: files/migrations
+    action: baseline
+    baseline_version: "0011"
+
+- name: Accept an intended edit of the applied 0009
+  ledger_migrate:
+    database_url: "{{ database_url }}"
+    migrations_dir: files/migrations
+    action: accept_checksum
+    accept_version: "0009"
+
+- name: Revert everything above 0009, newest first
+  ledger_migrate:
+    database_url: "{{ database_url }}"
+    migrations_dir: files/migrations
+    action: revert
+    revert_to: "0009"
+"""
+
+RETURN = r"""
+msg:
+  description:
+    - What happened, in one or a few lines.
+    - A failure message names the target, file, line, SQLSTATE and the next command.
+  returned: always
+  type: str
+  sample: applied 0010_webhook_events_crypto_payments.sql to postgres@127.0.0.1:55432/ledger in 21 ms (now at 0010)
+target:
+  description: The target database, C(user@host:port/db) (never the password).
+  returned: always
+  type: str
+run_id:
+  description: The run id written to the events and history rows.
+  returned: when action is not status
+  type: str
+applied:
+  description:
+    - With C(apply), the migrations this run applied, in order (version, name, filename, execution_ms, attempts,
+      transactional). With C(status), the rows of C(migrations.history).
+    - After a failure, the versions this run applied before it.
+  returned: always
+  type: list
+  elements: raw
+pending:
+  description: Versions still to apply (in check mode, the ones the rehearsal ran; with status, the pending files).
+  returned: always
+  type: list
+  elements: raw
+above_target:
+  description:
+    - Versions of the set not applied because they are above the target.
+    - Not called C(skipped), because a non-empty C(skipped) key makes Ansible show the task as skipped.
+  returned: with action apply
+  type: list
+  elements: str
+rehearsal:
+  description:
+    - Per file in order, C(status) C(would_apply), C(would_fail) (with sqlstate, message, hint, file, line) or
+      C(not_rehearsed); C(skipped_statements) lists statements that can't run in a transaction.
+  returned: in check mode (apply, revert) and with record_rehearsal
+  type: list
+  elements: dict
+drift:
+  description: Applied migrations whose file was edited, deleted or renamed (version, kind, both checksums, message).
+  returned: always
+  type: list
+  elements: dict
+version_before:
+  description: Newest applied version before the run.
+  returned: with apply and revert
+  type: str
+version_after:
+  description: Newest applied version after the run (or that it would be, in check mode).
+  returned: with apply and revert
+  type: str
+lines:
+  description: Human-readable status lines.
+  returned: with action status
+  type: list
+  elements: str
+sqlstate:
+  description: PostgreSQL SQLSTATE of the failure.
+  returned: on failure
+  type: str
+  sample: "22012"
+file:
+  description: File of the failed migration.
+  returned: on failure
+  type: str
+line:
+  description: Line in that file, computed from the error position (else the failing statement's first line).
+  returned: on failure
+  type: int
+message:
+  description: PostgreSQL's message.
+  returned: on failure
+  type: str
+hint:
+  description: PostgreSQL's hint, if any.
+  returned: on failure
+  type: str
+next_command:
+  description: The next command to run (fix and re-run, rollback, cleanup SQL or waiting for another run).
+  returned: on failure
+  type: str
+invalid_indexes:
+  description: INVALID indexes a failed non-transactional migration left, each with its cleanup SQL.
+  returned: on failure of a non-transactional migration
+  type: list
+  elements: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.ledger_common import LedgerError, describe_target, redact
+from ansible.module_utils.ledger_engine import (
+    accept_checksum,
+    apply,
+    baseline,
+    format_rehearsal,
+    inspect,
+    load_migration_set,
+    plan_problems,
+    rehearse,
+    revert,
+    status,
+    to_json,
+)
+
+
+def _settings(p):
+    return {
+        "lock_timeout": p["lock_timeout"],
+        "statement_timeout": p["statement_timeout"],
+        "lock_retries": p["lock_retries"],
+        "retry_backoff": p["lock_retry_backoff"],
+        "lock_wait": p["lock_wait"],
+        "lock_ttl": p["lock_ttl"],
+    }
+
+
+def _rehearsal(module, url, migrations, p, record):
+    """Check mode (or record_rehearsal) of action=apply: the pending migrations in a rolled-back transaction."""
+    info = inspect(url, migrations, p["target"], p["allow_out_of_order"])
+    target = describe_target(url)
+    problems = plan_problems(info)
+    common = {"target": target, "drift": info["drift"], "above_target": info["above_target"],
+              "version_before": info["current"], "applied": []}
+    if problems:
+        raise LedgerError("refusing to apply on %s before any change:\n  - %s" % (target, "\n  - ".join(problems)),
+                          **common)
+    pending = info["pending"]
+    if not pending:
+        return dict(common, changed=False, pending=[], rehearsal=[], version_after=info["current"],
+                    msg="%s is at %s: nothing to apply (target %s)" % (target, info["current"] or "no version",
+                                                                      info["target"]))
+    results = rehearse(url, pending, run_id=p["run_id"], record_event=record, **_settings(p))
+    lines = format_rehearsal(results)
+    failed = [r for r in results if r["status"] == "would_fail"]
+    out = dict(common, changed=True, pending=[m.version for m in pending], rehearsal=results,
+               version_after=pending[-1].version)
+    if failed:
+        f = failed[0]
+        limit = p["limit"] or "<limit>"
+        nxt = "fix %s line %s, then rehearse again: ansible-playbook playbooks/migrate.yml -l %s --check" % (
+            f["filename"], f["line"], limit)
+        msg = ("rehearsal on %s: %s would fail at line %s: SQLSTATE %s: %s%s\n  %s\n  nothing was changed (the"
+               " rehearsal was rolled back)\n  next: %s" % (
+                   target, f["filename"], f["line"], f["sqlstate"], f["message"],
+                   "\n  hint: %s" % f["hint"] if f.get("hint") else "", "\n  ".join(lines), nxt))
+        fields = dict((k, v) for k, v in out.items() if k != "version_after")
+        raise LedgerError(msg, **dict(fields, file=f["filename"], line=f["line"], sqlstate=f["sqlstate"],
+                                      message=f["message"], hint=f.get("hint"), next_command=nxt))
+    out["msg"] = "rehearsal on %s (rolled back, nothing written):\n  %s" % (target, "\n  ".join(lines))
+    return out
+
+
+def run(module):
+    p = module.params
+    url = p["database_url"]
+    action = p["action"]
+    migrations = load_migration_set(p["migrations_dir"])
+    common = {"run_id": p["run_id"] or None, "limit": p["limit"]}
+    if action == "status":
+        st = status(url, migrations, p["target"], p["allow_out_of_order"])
+        result = {"changed": False, "target": st["target_name"], "applied": st["applied"],
+                  "pending": st["pending"], "drift": st["drift"], "out_of_order": st["out_of_order"],
+                  "current": st["current"], "target_version": st["target"], "above_target": st["above_target"],
+                  "lease": st["lease"], "lines": st["lines"], "records": st["records"],
+                  "msg": "\n".join(st["lines"])}
+        if p["fail_on_drift"] and (st["drift"] or st["out_of_order"]):
+            fields = dict((k, v) for k, v in result.items() if k != "msg")
+            raise LedgerError("drift on %s:\n%s\n  next: restore the applied file(s) as they were, or accept an"
+                              " intended edit with `ansible-playbook playbooks/accept_checksum.yml -l %s"
+                              " -e migrate_accept_version=VERSION` (roles/migrate/README.md)"
+                              % (st["target_name"], "\n".join(st["lines"]), p["limit"] or "<limit>"), **fields)
+        return result
+    if action == "apply":
+        if module.check_mode:
+            return _rehearsal(module, url, migrations, p, record=False)
+        rehearsal = None
+        if p["record_rehearsal"]:
+            rehearsal = _rehearsal(module, url, migrations, p, record=True)["rehearsal"]
+        result = apply(url, migrations, target=p["target"], allow_out_of_order=p["allow_out_of_order"],
+                       **dict(common, **_settings(p)))
+        result["applied_versions"] = [a["version"] for a in result["applied"]]
+        if rehearsal is not None:
+            result["rehearsal"] = rehearsal
+        return result
+    if action == "revert":
+        result = revert(url, migrations, p["revert_to"], check=module.check_mode, **dict(common, **_settings(p)))
+        return result
+    if action == "baseline":
+        return baseline(url, migrations, p["baseline_version"], check=module.check_mode,
+                        lock_wait=p["lock_wait"], lock_ttl=p["lock_ttl"], **common)
+    if action == "accept_checksum":
+        return accept_checksum(url, migrations, p["accept_version"], check=module.check_mode,
+                               lock_wait=p["lock_wait"], lock_ttl=p["lock_ttl"], **common)
+    raise LedgerError("unknown action %s" % action)  # pragma: no cover - choices prevent it
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            database_url=dict(type="str", required=True, no_log=True),
+            migrations_dir=dict(type="path", required=True),
+            action=dict(type="str", default="apply",
+                        choices=["apply", "status", "baseline", "accept_checksum", "revert"]),
+            target=dict(type="str"),
+            run_id=dict(type="str"),
+            lock_timeout=dict(type="str", default="2s"),
+            statement_timeout=dict(type="str", default="0"),
+            lock_retries=dict(type="int", default=3),
+            lock_retry_backoff=dict(type="float", default=0.5),
+            lock_wait=dict(type="float", default=60.0),
+            lock_ttl=dict(type="float", default=60.0),
+            allow_out_of_order=dict(type="bool", default=False),
+            baseline_version=dict(type="str"),
+            accept_version=dict(type="str"),
+            revert_to=dict(type="str"),
+            limit=dict(type="str"),
+            fail_on_drift=dict(type="bool", default=False),
+            record_rehearsal=dict(type="bool", default=False),
+        ),
+        required_if=[
+            ("action", "baseline", ["baseline_version"]),
+            ("action", "accept_checksum", ["accept_version"]),
+            ("action", "revert", ["revert_to"]),
+        ],
+        supports_check_mode=True,
+    )
+    target = describe_target(module.params["database_url"])
+    try:
+        result = run(module)
+    except LedgerError as exc:
+        fields = to_json(exc.fields)
+        fields.setdefault("target", target)
+        fields.pop("changed", None)
+        fields.pop("failed", None)
+        module.fail_json(msg=redact(exc.msg), changed=False, **fields)
+    except Exception as exc:  # noqa: BLE001 - never a bare traceback, never the password
+        module.fail_json(msg="ledger_migrate failed unexpectedly on %s: %s: %s" % (
+            target, type(exc).__name__, redact(str(exc))), target=target)
+    module.exit_json(**to_json(result))
+
+
+if __name__ == "__main__":
+    main()
