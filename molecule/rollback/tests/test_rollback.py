@@ -1,0 +1,49 @@
+"""After converge: the restore brought back 0011 with the ledger row the revert had dropped."""
+
+URL = "postgresql://postgres@127.0.0.1:55631"
+
+
+def sql(host, query, db="ledger"):
+    cmd = host.run("psql %s -X -At -v ON_ERROR_STOP=1 -c %s", "%s/%s" % (URL, db), query)
+    assert cmd.rc == 0, cmd.stderr
+    return cmd.stdout.strip()
+
+
+def test_the_restore_brought_back_every_migration(host):
+    assert sql(host, "SELECT string_agg(version, ',' ORDER BY version) FROM migrations.history") == \
+        "0008,0009,0010,0011"
+
+
+def test_the_row_the_revert_dropped_is_back(host):
+    assert sql(host, "SELECT count(*) FROM public.credit_lots"
+                     " WHERE community_id = '44444444-4444-4444-4444-444444444444'") == "1"
+
+
+def test_the_restore_is_in_the_restored_events_log(host):
+    row = sql(host, "SELECT outcome || ' ' || (detail->>'previous_database') FROM migrations.events"
+                    " WHERE action = 'restore' ORDER BY id DESC LIMIT 1")
+    assert row.startswith("ok ledger_pre_restore_")
+
+
+def test_the_database_before_the_restore_is_kept_at_0008(host):
+    kept = sql(host, "SELECT datname FROM pg_database WHERE datname LIKE 'ledger\\_pre\\_restore\\_%'", db="postgres")
+    assert len(kept.splitlines()) == 1
+    assert sql(host, "SELECT string_agg(version, ',') FROM migrations.history", db=kept) == "0008"
+    assert sql(host, "SELECT to_regclass('public.credit_lots') IS NULL", db=kept) == "t"
+
+
+def test_every_revert_is_recorded_newest_first(host):
+    # 0009: 0011, 0010; base: 0009, 0008 (as of the backup restored last, taken before the third revert).
+    reverts = sql(host, "SELECT string_agg(version, ',' ORDER BY id) FROM migrations.events"
+                        " WHERE action = 'revert' AND outcome = 'ok'")
+    assert reverts == "0011,0010,0009,0008"
+
+
+def test_the_backup_restored_is_the_one_the_override_took_at_0011(host):
+    # Taken by the revert with rollback_allow_data_loss (at 0011, holding the row), verified, with its manifest.
+    path = sql(host, "SELECT detail->>'backup_file' FROM migrations.events WHERE action = 'restore'"
+                     " ORDER BY id DESC LIMIT 1")
+    assert "_0011_" in path
+    manifest = host.file(path + ".json")
+    assert manifest.exists and manifest.mode == 0o600
+    assert '"verified": true' in manifest.content_string
