@@ -1,0 +1,405 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Record (staging) or check (production) the promotion stamp of a migration set."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: ledger_promotion
+short_description: Staging before production - record or check a migration set's promotion stamp
+description:
+  - "The set checksum is the sha256 of the lines C(<sha256 of file>  <file name>) of the
+    set's up migrations up to a version, sorted by file name. In files/migrations,
+    C(ls [0-9][0-9][0-9][0-9]_*.sql | grep -v '\\.down\\.sql$' | xargs sha256sum | LC_ALL=C sort -k2 | sha256sum)
+    prints it."
+  - C(state=record) runs after verify passed on a staging target. It reads the target's
+    C(migrations.history), refuses if the applied checksums differ from the local files,
+    then adds this target's stamp to C(<stamp_dir>/<set checksum>.json) and appends a
+    C(promotion_stamp) event to the target's C(migrations.events).
+  - C(state=check) runs before precheck on a production target. Nothing pending passes.
+    Otherwise it passes only with a stamp of the same set from staging with verify passed,
+    found in C(<stamp_dir>/<set checksum>.json) or, when C(staging_url) is given, in
+    staging's C(migrations.events); or with C(override=true), which is logged as a
+    C(promotion_override) event on the target.
+  - Check mode writes nothing (no stamp, no event) and says what it would do.
+options:
+  state:
+    description: record (after verify on staging) or check (before precheck on production).
+    type: str
+    choices: [record, check]
+    required: true
+  database_url:
+    description: libpq URI of this target.
+    type: str
+    required: true
+  migrations_dir:
+    description: Directory of the migration set.
+    type: path
+    required: true
+  target:
+    description: Highest version of the set (check); empty for the newest file.
+    type: str
+    default: ""
+  stamp_dir:
+    description: Where the stamp files are (the repository's promotions/).
+    type: path
+    required: true
+  environment:
+    description: This target's environment (recorded in the stamp).
+    type: str
+    default: staging
+  accept_from:
+    description: Environments whose stamps production accepts.
+    type: list
+    elements: str
+    default: [staging]
+  host:
+    description: This target's inventory name (recorded in the stamp).
+    type: str
+    default: ""
+  run_id:
+    description: The run id (ledger_run_id).
+    type: str
+    required: true
+  staging_url:
+    description: libpq URI of a staging database whose events are also searched for a stamp (check).
+    type: str
+    default: ""
+  override:
+    description: Accept a set without a stamp (check); logged as a promotion_override event.
+    type: bool
+    default: false
+"""
+
+RETURN = r"""
+set_checksum: {description: The set checksum, type: str, returned: always}
+version: {description: Highest version of the set, type: str, returned: always}
+files: {description: The set's files and their sha256, type: list, returned: always}
+stamp: {description: The stamp found (check) or recorded (record), type: dict, returned: when found}
+stamp_file: {description: Path of the stamp file, type: str, returned: always}
+source: {description: "check: nothing_pending, file, staging_events or override", type: str, returned: state=check}
+override: {description: Whether the override was used, type: bool, returned: state=check}
+target: {description: This target, without its password, type: str, returned: always}
+"""
+
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.ledger_common import (
+    LedgerError, actor, connect, describe_target, ensure_records, log_event, pg_error, format_pg_error,
+    records_exist, redact)
+
+try:
+    import psycopg2
+except ImportError:  # pragma: no cover - reported by connect()
+    psycopg2 = None
+
+UP_FILE = re.compile(r"^([0-9]{4})_[A-Za-z0-9_.-]+\.sql$")
+ALGORITHM = ("sha256 of the lines '<sha256 of file>  <file name>\\n' of the set's up migrations, sorted by file "
+             "name: sha256sum <up files> | LC_ALL=C sort -k2 | sha256sum")
+PASSED = ("passed", "ok", "succeeded", "success")
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def migration_set(migrations_dir, up_to=None):
+    """[(version, file name, sha256)] of the up migrations up to a version, in order."""
+    if not os.path.isdir(migrations_dir):
+        raise LedgerError("migrations_dir %s is not a directory" % migrations_dir)
+    out = []
+    for name in sorted(os.listdir(migrations_dir)):
+        match = UP_FILE.match(name)
+        if not match or name.endswith(".down.sql"):
+            continue
+        version = match.group(1)
+        if up_to and version > up_to:
+            continue
+        out.append((version, name, file_sha256(os.path.join(migrations_dir, name))))
+    if not out:
+        raise LedgerError("no migration files%s in %s" % ((" up to %s" % up_to) if up_to else "", migrations_dir))
+    return out
+
+
+def set_checksum(files):
+    """sha256 over the sorted (file name, sha256) list, in sha256sum's line format."""
+    text = "".join("%s  %s\n" % (sha, name) for _v, name, sha in sorted(files, key=lambda f: f[1]))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def applied_history(url):
+    """{version: checksum} of the target's migrations.history ({} when there are no records)."""
+    conn = connect(url)
+    try:
+        with conn.cursor() as cur:
+            if not records_exist(cur):
+                return {}
+            cur.execute("SELECT version, checksum FROM migrations.history ORDER BY version")
+            return dict(cur.fetchall())
+    finally:
+        conn.close()
+
+
+def now_iso():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Promotion(object):
+    def __init__(self, module):
+        self.m = module
+        self.p = module.params
+        self.url = self.p["database_url"]
+        self.target = describe_target(self.url)
+
+    def fail(self, msg, **fields):
+        self.m.fail_json(msg=redact(msg), target=self.target, **fields)
+
+    def stamp_path(self, checksum):
+        return os.path.join(self.p["stamp_dir"], "%s.json" % checksum)
+
+    @staticmethod
+    def files_list(files):
+        return [{"version": v, "file": n, "sha256": s} for v, n, s in files]
+
+    # ------------------------------------------------------------------ record
+
+    def record(self):
+        history = applied_history(self.url)
+        if not history:
+            self.fail("promotion: %s has no applied migrations (no migrations.history): nothing to stamp. "
+                      "Run 'ansible-playbook playbooks/migrate.yml -l <staging hosts>' first." % self.target)
+        version = max(history)
+        files = migration_set(self.p["migrations_dir"], version)
+        local = dict((v, s) for v, _n, s in files)
+        differ = ["%s (applied %s, file %s)" % (v, history.get(v, "missing")[:12], local.get(v, "missing")[:12])
+                  for v in sorted(set(history) | set(local)) if history.get(v) != local.get(v)]
+        if differ:
+            self.fail("promotion: refusing to stamp the set on %s: its applied migrations differ from the files "
+                      "in %s: %s. Run 'ansible-playbook playbooks/status.yml -l <this host>' to see the drift."
+                      % (self.target, self.p["migrations_dir"], "; ".join(differ)), version=version)
+        checksum = set_checksum(files)
+        verify_event = self.verify_event()
+        if verify_event and str(verify_event.get("outcome", "")).lower() not in PASSED:
+            self.fail("promotion: verify of run %s on %s ended '%s': the set %s is not stamped. Fix the target, "
+                      "then run 'ansible-playbook playbooks/verify.yml -l <this host>'."
+                      % (self.p["run_id"], self.target, verify_event.get("outcome"), checksum[:12]))
+        entry = {
+            "environment": self.p["environment"],
+            "host": self.p["host"],
+            "target": self.target,
+            "verify": "passed",
+            "verify_event": verify_event,
+            "recorded_at": now_iso(),
+            "run_id": self.p["run_id"],
+            "actor": actor(),
+        }
+        path = self.stamp_path(checksum)
+        result = dict(set_checksum=checksum, version=version, files=self.files_list(files), stamp_file=path,
+                      target=self.target)
+        if self.m.check_mode:
+            existing = self.read_stamp(path)
+            known = existing and any(s.get("target") == self.target for s in existing.get("stamps", []))
+            self.m.exit_json(changed=not known, stamp=entry, msg="would record the promotion stamp %s" % checksum[:12],
+                             **result)
+        changed, stamp = self.write_stamp(path, checksum, version, files, entry)
+        if changed:
+            conn = connect(self.url)
+            try:
+                with conn.cursor() as cur:
+                    ensure_records(cur)
+                    log_event(cur, self.p["run_id"], "promotion_stamp", "recorded", version=version,
+                              detail={"set_checksum": checksum, "files": self.files_list(files),
+                                      "environment": self.p["environment"], "stamp_file": os.path.basename(path)})
+            finally:
+                conn.close()
+        self.m.exit_json(changed=changed, stamp=stamp,
+                         msg=("recorded" if changed else "already recorded") + " the promotion stamp %s for %s (%s)"
+                         % (checksum, self.target, os.path.basename(path)), **result)
+
+    def verify_event(self):
+        """The verify event of this run on this target, when the verify module logged one."""
+        conn = connect(self.url)
+        try:
+            with conn.cursor() as cur:
+                if not records_exist(cur):
+                    return None
+                cur.execute("SELECT action, outcome, at::text FROM migrations.events WHERE run_id = %s"
+                            " AND action LIKE 'verify%%' ORDER BY id DESC LIMIT 1", (self.p["run_id"],))
+                row = cur.fetchone()
+        finally:
+            conn.close()
+        return {"action": row[0], "outcome": row[1], "at": row[2]} if row else None
+
+    @staticmethod
+    def read_stamp(path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            return None
+
+    def write_stamp(self, path, checksum, version, files, entry):
+        """Add this target's entry to the stamp file (under a lock: a staging fleet writes in parallel)."""
+        os.makedirs(self.p["stamp_dir"], exist_ok=True)
+        # The lock lives outside the repository, so promotions/ holds only stamps.
+        lock_path = os.path.join(tempfile.gettempdir(), "ledger-promotion-%s.lock" % hashlib.sha256(
+            os.path.realpath(self.p["stamp_dir"]).encode()).hexdigest()[:16])
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            stamp = self.read_stamp(path) or {}
+            stamps = [s for s in stamp.get("stamps", []) if isinstance(s, dict)]
+            if stamp.get("set_checksum") == checksum and any(s.get("target") == entry["target"] for s in stamps):
+                return False, stamp
+            stamps.append(entry)
+            stamp = {"set_checksum": checksum, "algorithm": ALGORITHM, "version": version,
+                     "files": self.files_list(files), "stamps": stamps}
+            fd, tmp = tempfile.mkstemp(dir=self.p["stamp_dir"], prefix=".stamp-")
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+            os.chmod(tmp, 0o644)  # a record meant to be committed, with no secret in it
+            os.replace(tmp, path)
+        return True, stamp
+
+    # ------------------------------------------------------------------ check
+
+    def check(self):
+        files = migration_set(self.p["migrations_dir"], self.p["target"] or None)
+        checksum = set_checksum(files)
+        version = files[-1][0]
+        path = self.stamp_path(checksum)
+        result = dict(set_checksum=checksum, version=version, files=self.files_list(files), stamp_file=path,
+                      target=self.target, override=False)
+        history = applied_history(self.url)
+        if all(history.get(v) == s for v, _n, s in files):
+            self.m.exit_json(changed=False, source="nothing_pending",
+                             msg="the set %s (up to %s) is already applied on %s: nothing to promote"
+                             % (checksum[:12], version, self.target), **result)
+        stamp = self.read_stamp(path)
+        found = self.valid_stamp(stamp, checksum)
+        if found:
+            self.m.exit_json(changed=False, source="file", stamp=found,
+                             msg="the set %s (up to %s) passed verify on %s %s in run %s (%s)"
+                             % (checksum[:12], version, found.get("environment"), found.get("target"),
+                                found.get("run_id"), os.path.basename(path)), **result)
+        problem = ("no stamp file %s" % path) if stamp is None else (
+            "the stamp file %s holds no passing stamp of this set from %s" % (path, "/".join(self.p["accept_from"])))
+        if self.p["staging_url"]:
+            found = self.staging_event(checksum)
+            if found:
+                self.m.exit_json(changed=False, source="staging_events", stamp=found,
+                                 msg="the set %s (up to %s) passed verify on %s in run %s (staging's "
+                                     "migrations.events)" % (checksum[:12], version, found.get("target"),
+                                                             found.get("run_id")), **result)
+            problem += ", and no promotion_stamp event with this checksum in %s's migrations.events" % (
+                describe_target(self.p["staging_url"]))
+        if self.p["override"]:
+            result["override"] = True
+            warning = ("promotion_override=true: %s receives the set %s (up to %s) that has no passing staging "
+                       "stamp (%s); logged as a promotion_override event" % (self.target, checksum[:12], version,
+                                                                            problem))
+            self.m.warn(redact(warning))
+            if not self.m.check_mode:
+                conn = connect(self.url)
+                try:
+                    with conn.cursor() as cur:
+                        ensure_records(cur)
+                        log_event(cur, self.p["run_id"], "promotion_override", "overridden", version=version,
+                                  detail={"set_checksum": checksum, "files": self.files_list(files),
+                                          "reason": problem})
+                finally:
+                    conn.close()
+            self.m.exit_json(changed=not self.m.check_mode, source="override", msg=warning, **result)
+        self.fail("promotion: refusing to migrate %s: the migration set %s (%s, up to %s) has not passed verify on "
+                  "%s (%s). Run it on staging first: 'ansible-playbook playbooks/migrate.yml -l staging%s', then "
+                  "commit promotions/%s.json; or, deliberately, add '-e promotion_override=true' (logged)."
+                  % (self.target, checksum, ", ".join(n for _v, n, _s in files), version,
+                     "/".join(self.p["accept_from"]), problem,
+                     (" -e migrate_target=%s" % self.p["target"]) if self.p["target"] else "", checksum),
+                  set_checksum=checksum, version=version, stamp_file=path)
+
+    def valid_stamp(self, stamp, checksum):
+        if not isinstance(stamp, dict) or stamp.get("set_checksum") != checksum:
+            return None
+        # The file list is part of the stamp: recompute, so an edited stamp can't vouch for another set.
+        listed = [(f.get("version"), f.get("file"), f.get("sha256")) for f in stamp.get("files", [])
+                  if isinstance(f, dict)]
+        if set_checksum(listed) != checksum:
+            return None
+        for entry in reversed(stamp.get("stamps", [])):
+            if (isinstance(entry, dict) and entry.get("environment") in self.p["accept_from"]
+                    and str(entry.get("verify", "")).lower() in PASSED):
+                return entry
+        return None
+
+    def staging_event(self, checksum):
+        conn = connect(self.p["staging_url"])
+        try:
+            with conn.cursor() as cur:
+                if not records_exist(cur):
+                    return None
+                cur.execute("SELECT run_id, at::text, actor, detail->>'environment' FROM migrations.events"
+                            " WHERE action = 'promotion_stamp' AND outcome = 'recorded'"
+                            " AND detail->>'set_checksum' = %s ORDER BY id DESC LIMIT 1", (checksum,))
+                row = cur.fetchone()
+        finally:
+            conn.close()
+        if not row:
+            return None
+        return {"run_id": row[0], "recorded_at": row[1], "actor": row[2], "environment": row[3] or "staging",
+                "target": describe_target(self.p["staging_url"]), "verify": "passed"}
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            state=dict(type="str", required=True, choices=["record", "check"]),
+            database_url=dict(type="str", required=True, no_log=True),
+            migrations_dir=dict(type="path", required=True),
+            target=dict(type="str", default=""),
+            stamp_dir=dict(type="path", required=True),
+            environment=dict(type="str", default="staging"),
+            accept_from=dict(type="list", elements="str", default=["staging"]),
+            host=dict(type="str", default=""),
+            run_id=dict(type="str", required=True),
+            staging_url=dict(type="str", default="", no_log=True),
+            override=dict(type="bool", default=False),
+        ),
+        supports_check_mode=True,
+    )
+    target = module.params["target"]
+    if target in ("latest", "head"):
+        module.params["target"] = ""
+    elif target and not re.match(r"^[0-9]{4}$", target):
+        module.fail_json(msg="promotion: target must be a 4-digit version such as 0011 (got %r)" % target)
+    promotion = Promotion(module)
+    try:
+        if module.params["state"] == "record":
+            promotion.record()
+        else:
+            promotion.check()
+    except LedgerError as exc:
+        promotion.fail("promotion %s on %s: %s" % (module.params["state"], promotion.target, exc.msg),
+                       **dict((k, v) for k, v in exc.fields.items() if k != "target"))
+    except Exception as exc:  # noqa: BLE001 - a message, never a traceback
+        if psycopg2 is not None and isinstance(exc, psycopg2.Error):
+            err = pg_error(exc)
+            promotion.fail("promotion %s on %s: %s" % (module.params["state"], promotion.target,
+                                                        format_pg_error(err)), sqlstate=err["sqlstate"])
+        promotion.fail("promotion %s on %s: %s: %s" % (module.params["state"], promotion.target,
+                                                        type(exc).__name__, exc))
+
+
+if __name__ == "__main__":
+    main()
