@@ -53,6 +53,8 @@ lint: setup
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint --offline
 	$(BIN)/squawk $$(ls files/migrations/[0-9][0-9][0-9][0-9]_*.sql | grep -v '\.down\.sql$$')
+	$(BIN)/python scripts/check_ee.py --fetch
+	$(BIN)/python scripts/check_ee.py --fetch --self-test
 
 pytest: setup
 	$(BIN)/pytest

@@ -23,12 +23,17 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import pgcluster  # noqa: E402
 
+# Playbook runs from tests write their reports here, not into the checkout's reports/.
+os.environ.setdefault("LEDGER_REPORT_DIR", tempfile.mkdtemp(prefix="ledger-test-reports-"))
+
 
 def _load_module_utils():
     """Expose plugins/module_utils/*.py as ansible.module_utils.* (as Ansible does at run time)."""
     import ansible.module_utils as amu
 
-    for path in sorted((ROOT / "plugins" / "module_utils").glob("*.py")):
+    # ledger_common first: the others import it.
+    paths = sorted((ROOT / "plugins" / "module_utils").glob("*.py"), key=lambda p: (p.stem != "ledger_common", p.stem))
+    for path in paths:
         name = "ansible.module_utils." + path.stem
         if name in sys.modules:
             continue

@@ -1,0 +1,1 @@
+../../../files/migrations/0008_tenant_context_guard.sql

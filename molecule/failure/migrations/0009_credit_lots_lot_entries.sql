@@ -1,0 +1,1 @@
+../../../files/migrations/0009_credit_lots_lot_entries.sql
