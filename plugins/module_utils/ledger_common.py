@@ -88,8 +88,26 @@ class LedgerError(Exception):
 
 # --------------------------------------------------------------------------- URLs
 
-_PASSWORD_IN_URL = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)([^@\s]*)(@)")
-_PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_URL_TOKEN = re.compile(r"postgres(?:ql)?://[^\s'\"]*", re.IGNORECASE)
+_PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
+
+
+def _redact_url_token(match):
+    """`scheme://user:secret@host/db` -> `scheme://user:********@host/db`.
+
+    The user info ends at the LAST '@' of the URL: a password may itself hold
+    an '@' (or anything else when it is not percent-encoded). Erring towards
+    hiding too much (an '@' in the query) is the safe direction.
+    """
+    token = match.group(0)
+    head, rest = token.split("://", 1)
+    at = rest.rfind("@")
+    if at < 0:
+        return token
+    userinfo, hostpart = rest[:at], rest[at + 1:]
+    if ":" not in userinfo:
+        return token
+    return "%s://%s:********@%s" % (head, userinfo.split(":", 1)[0], hostpart)
 
 
 def redact(text):
@@ -97,7 +115,7 @@ def redact(text):
     if text is None:
         return text
     text = str(text)
-    text = _PASSWORD_IN_URL.sub(r"\1********\3", text)
+    text = _URL_TOKEN.sub(_redact_url_token, text)
     text = _PASSWORD_KV.sub(r"\1********", text)
     return text
 
@@ -109,13 +127,17 @@ def parse_url(url):
     """
     if not url or not isinstance(url, str):
         raise LedgerError("database_url is empty: set DATABASE_URL or database_url for this target")
+    if not re.match(r"postgres(?:ql)?://", url, re.IGNORECASE):
+        raise LedgerError("database_url must be a libpq URI starting with postgresql:// "
+                          "(a key=value conninfo string is not accepted here)")
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        raise LedgerError("database_url is malformed (%s): %s" % (exc, redact(url)))
-    if parts.scheme not in ("postgres", "postgresql"):
-        raise LedgerError("database_url must start with postgresql:// (got %r)" % redact(url)[:40])
+    except ValueError:
+        # Never echo the URL or the parser's message: with an unencoded '/', '?' or '#'
+        # in the password, the parser's idea of "port" is a piece of the password.
+        raise LedgerError("database_url is malformed: its host:port part cannot be parsed. Percent-encode "
+                          "special characters in the user name and password (e.g. '/' as %2F, '@' as %40)")
     dbname = parts.path.lstrip("/")
     query = dict(parse_qsl(parts.query))
     return {
