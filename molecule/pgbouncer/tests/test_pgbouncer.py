@@ -31,3 +31,22 @@ def test_context_is_transaction_local_through_pgbouncer(host):
                    "SELECT app.set_community_context('00000000-0000-0000-0000-000000000001')",
                    "SELECT app.current_community_id()")
     assert out.rc != 0 and "P0001" in out.stderr
+
+
+RACE = "postgresql://postgres@127.0.0.1:55651/ledger_race"
+
+
+def test_migrations_went_through_pgbouncer(host):
+    # The converge's migrate stage used migrate_database_url (PgBouncer): its history is complete.
+    assert sql(host, DIRECT, "SELECT string_agg(version, ',' ORDER BY version) FROM migrations.history") == "0008,0009,0010,0011"
+
+
+def test_racing_runs_applied_each_migration_exactly_once(host):
+    assert sql(host, RACE, "SELECT string_agg(version, ',' ORDER BY version) FROM migrations.history") == "0008,0009,0010,0011"
+    applies = sql(host, RACE, "SELECT string_agg(version || ':' || n, ',' ORDER BY version) FROM"
+                              " (SELECT version, count(*) AS n FROM migrations.events"
+                              "  WHERE action = 'apply' AND outcome = 'ok' GROUP BY version) s")
+    assert applies == "0008:1,0009:1,0010:1,0011:1"
+    # Two distinct runs reached the database, and no lease is left behind.
+    assert int(sql(host, RACE, "SELECT count(DISTINCT run_id) FROM migrations.events")) == 2
+    assert sql(host, RACE, "SELECT count(*) FROM migrations.lock") == "0"
