@@ -19,7 +19,7 @@ import psycopg2
 import pytest
 import yaml
 
-from ansible.module_utils.ledger_common import ensure_records
+from ansible.module_utils.ledger_common import ensure_records, log_event
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = ROOT / "files" / "migrations"
@@ -52,6 +52,24 @@ def set_history(url: str, migrations_dir: Path, up_to: str) -> None:
                             (path.name[:4], path.stem[5:], hashlib.sha256(path.read_bytes()).hexdigest()))
     finally:
         conn.close()
+
+
+def verify_event(url: str, run_id: str = "run-record", outcome: str = "passed") -> None:
+    """The event ledger_verify appends after a verify of this run on this target."""
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            ensure_records(cur)
+            log_event(cur, run_id, "verify", outcome, detail={"target": "test"})
+    finally:
+        conn.close()
+
+
+def staged(url: str, up_to: str = "0011") -> None:
+    """A staging target that holds the set up to a version and passed verify in run-record."""
+    set_history(url, MIGRATIONS, up_to)
+    verify_event(url)
 
 
 def events(url: str, action: str) -> list[tuple]:
@@ -111,7 +129,7 @@ production_url = staging_url
 
 
 def test_staging_records_the_stamp_of_the_set_it_verified(runner, staging_url):
-    set_history(staging_url, MIGRATIONS, "0011")
+    staged(staging_url)
     res = runner.run("record", staging_url, "staging")
     assert res.returncode == 0, res.stdout + res.stderr
     checksum = sha256sum_checksum(up_files(MIGRATIONS))
@@ -121,6 +139,7 @@ def test_staging_records_the_stamp_of_the_set_it_verified(runner, staging_url):
     [entry] = stamp["stamps"]
     assert entry["environment"] == "staging" and entry["verify"] == "passed" and entry["run_id"] == "run-record"
     assert entry["recorded_at"] and "@" in entry["target"]
+    assert entry["verify_event"]["action"] == "verify" and entry["verify_event"]["outcome"] == "passed"
     [event] = events(staging_url, "promotion_stamp")
     assert event[0] == "run-record" and event[1] == "recorded" and event[3]["set_checksum"] == checksum
     # A second verified run of the same set records nothing new.
@@ -132,7 +151,7 @@ def test_staging_records_the_stamp_of_the_set_it_verified(runner, staging_url):
 def test_record_refuses_a_set_that_differs_from_what_staging_applied(runner, staging_url, tmp_path):
     edited = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS, edited)
-    set_history(staging_url, MIGRATIONS, "0011")
+    staged(staging_url)
     target = up_files(edited)[-1]
     target.write_text(target.read_text() + "\n-- edited after staging applied it\n")
     res = runner.run("record", staging_url, "staging", migrations_dir=edited)
@@ -142,11 +161,67 @@ def test_record_refuses_a_set_that_differs_from_what_staging_applied(runner, sta
 
 
 def test_record_in_check_mode_writes_nothing(runner, staging_url):
+    # In --check, verify records no event: record says what it would do, once verify passes.
     set_history(staging_url, MIGRATIONS, "0011")
     res = runner.run("record", staging_url, "staging", check=True)
     assert res.returncode == 0, res.stdout
+    assert "once verify of the run has passed" in res.stdout
     assert not runner.stamps.exists() or not list(runner.stamps.glob("*.json"))
     assert events(staging_url, "promotion_stamp") == []
+
+
+def test_record_refuses_without_a_verify_event_of_this_run(runner, staging_url):
+    set_history(staging_url, MIGRATIONS, "0011")
+    # Verify skipped (--skip-tags) or verify_record_event=false: no verify event at all.
+    res = runner.run("record", staging_url, "staging")
+    assert res.returncode != 0
+    assert "no verify event of run run-record" in res.stdout and "is not stamped" in res.stdout
+    assert "--skip-tags" in res.stdout and "playbooks/migrate.yml -l staging-db" in res.stdout
+    assert not runner.stamps.exists() or not list(runner.stamps.glob("*.json"))
+    # A passing verify of another run on this target does not vouch for this run.
+    verify_event(staging_url, run_id="an-earlier-run")
+    res = runner.run("record", staging_url, "staging")
+    assert res.returncode != 0 and "no verify event of run run-record" in res.stdout
+    assert events(staging_url, "promotion_stamp") == []
+
+
+@pytest.mark.parametrize("outcome", ["failed", "error"])
+def test_record_refuses_when_verify_of_this_run_did_not_pass(runner, staging_url, outcome):
+    set_history(staging_url, MIGRATIONS, "0011")
+    verify_event(staging_url, outcome="passed")
+    verify_event(staging_url, outcome=outcome)  # the newest verify of the run counts
+    res = runner.run("record", staging_url, "staging")
+    assert res.returncode != 0
+    assert "verify of run run-record" in res.stdout and "ended '%s'" % outcome in res.stdout
+    assert not runner.stamps.exists() or not list(runner.stamps.glob("*.json"))
+    assert events(staging_url, "promotion_stamp") == []
+
+
+def test_the_bare_role_refuses_and_names_its_two_steps(runner, staging_url):
+    staged(staging_url)
+    playbook = runner.tmp / "bare.yml"
+    playbook.write_text(yaml.safe_dump([{"name": "bare", "hosts": "all", "gather_facts": False, "tasks": [
+        {"name": "Promotion", "ansible.builtin.import_role": {"name": "promotion"}}]}]))
+    runner.run("record", staging_url, "staging", check=True)  # writes the inventory
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    res = subprocess.run([ANSIBLE_PLAYBOOK, str(playbook), "-i", str(runner.tmp / "inv-record.yml"),
+                          "-e", f"promotion_dir={runner.stamps}"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert res.returncode != 0
+    assert "tasks_from: check" in res.stdout and "tasks_from: record" in res.stdout
+    assert not runner.stamps.exists() or not list(runner.stamps.glob("*.json"))
+
+
+def test_urls_are_never_shown(runner, staging_url, production_url):
+    secret_url = staging_url.replace("postgres@", "postgres:S3cretPw@")
+    set_history(production_url, MIGRATIONS, "0009")
+    extra = runner.tmp / "secret-vars.yml"  # not on the command line, which -vvv echoes
+    extra.write_text(yaml.safe_dump({"promotion_staging_url": secret_url}))
+    res = runner.run("check", production_url, "production", "-vvv", "-e", f"@{extra}")
+    assert res.returncode != 0
+    assert "has not passed verify on staging" in res.stdout
+    assert "postgres@127.0.0.1" in res.stdout  # staging is named, without its password
+    assert "S3cretPw" not in res.stdout + res.stderr
 
 
 def test_production_refuses_a_set_without_a_staging_stamp(runner, production_url):
@@ -160,7 +235,7 @@ def test_production_refuses_a_set_without_a_staging_stamp(runner, production_url
 
 
 def test_production_accepts_the_set_staging_stamped(runner, staging_url, production_url):
-    set_history(staging_url, MIGRATIONS, "0011")
+    staged(staging_url)
     assert runner.run("record", staging_url, "staging").returncode == 0
     set_history(production_url, MIGRATIONS, "0009")
     res = runner.run("check", production_url, "production")
@@ -169,7 +244,7 @@ def test_production_accepts_the_set_staging_stamped(runner, staging_url, product
 
 
 def test_a_stamp_of_another_set_does_not_count(runner, staging_url, production_url, tmp_path):
-    set_history(staging_url, MIGRATIONS, "0011")
+    staged(staging_url)
     assert runner.run("record", staging_url, "staging").returncode == 0
     edited = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS, edited)
@@ -185,7 +260,7 @@ def test_a_stamp_of_another_set_does_not_count(runner, staging_url, production_u
 
 
 def test_a_forged_stamp_file_does_not_count(runner, staging_url, production_url):
-    set_history(staging_url, MIGRATIONS, "0011")
+    staged(staging_url)
     assert runner.run("record", staging_url, "staging").returncode == 0
     [path] = runner.stamps.glob("*.json")
     stamp = json.loads(path.read_text())
@@ -200,7 +275,7 @@ def test_a_forged_stamp_file_does_not_count(runner, staging_url, production_url)
 
 
 def test_production_accepts_a_stamp_found_in_stagings_events(runner, staging_url, production_url):
-    set_history(staging_url, MIGRATIONS, "0011")
+    staged(staging_url)
     assert runner.run("record", staging_url, "staging").returncode == 0
     shutil.rmtree(runner.stamps)  # as in AWX: the file was never committed
     set_history(production_url, MIGRATIONS, "0009")

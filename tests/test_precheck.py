@@ -520,3 +520,112 @@ def test_nothing_pending_reports_the_schema_version_and_creates_nothing(empty_db
     assert result["pending"] == [] and result["schema_version"] == "0011"
     assert by_name(result)["rehearsal"]["message"] == "nothing pending to rehearse"
     assert result["changed"] is False and not (tmp_path / "backups").exists()
+
+
+# --------------------------------------------------------------------------- the rehearsal on a live database
+
+SETTINGS_PROBE = """DO $$
+BEGIN
+  IF current_setting('statement_timeout') <> '30s' OR current_setting('lock_timeout') <> '2s' THEN
+    RAISE EXCEPTION 'rehearsal limits: statement_timeout=%, lock_timeout=%',
+      current_setting('statement_timeout'), current_setting('lock_timeout');
+  END IF;
+END $$;
+"""
+
+
+def _set_dir(tmp_path, files):
+    mdir = tmp_path / "migrations"
+    mdir.mkdir()
+    for name, text in files.items():
+        (mdir / name).write_text(text)
+    return str(mdir)
+
+
+def _busy_table(url):
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE public.busy (id int); INSERT INTO public.busy SELECT generate_series(1, 100)")
+    conn.close()
+
+
+def test_rehearsal_runs_under_bounded_statement_and_lock_timeouts(empty_db, tmp_path):
+    # The default limits are in force inside the rehearsal (not the engine's statement_timeout 0).
+    mdir = _set_dir(tmp_path, {"0001_probe.sql": SETTINGS_PROBE})
+    result = run(empty_db, migrations_dir=mdir)
+    assert not result["failed"], result["msg"]
+    rehearsal = by_name(result)["rehearsal"]
+    assert rehearsal["passed"] and rehearsal["observed"]["would_apply"] == 1
+    assert rehearsal["threshold"]["limits"] == {"statement_timeout": "30s", "lock_timeout": "2s", "lock_retries": 0,
+                                                "concurrently": "not rehearsed"}
+    # Other limits are passed through to the rehearsal's transaction too.
+    result = run(empty_db, migrations_dir=mdir, rehearse_statement_timeout="45s")
+    assert result["failed_checks"] == ["rehearsal"], result["msg"]
+    assert "statement_timeout=45s, lock_timeout=2s" in result["msg"]
+
+
+def test_concurrently_is_not_rehearsed_so_writers_are_never_blocked(empty_db, session, tmp_path):
+    _busy_table(empty_db)
+    writer = session(autocommit=False)
+    with writer.cursor() as cur:
+        cur.execute("INSERT INTO public.busy VALUES (101)")  # holds ROW EXCLUSIVE, as live traffic does
+    mdir = _set_dir(tmp_path, {"0001_idx.sql": "-- ledger:no-transaction\n"
+                                               "CREATE INDEX CONCURRENTLY busy_id_idx ON public.busy (id);\n"})
+    started = time.monotonic()
+    result = run(empty_db, migrations_dir=mdir)
+    # Without CONCURRENTLY the build would need a SHARE lock, conflicting with the writer.
+    assert not result["failed"], result["msg"]
+    rehearsal = by_name(result)["rehearsal"]
+    assert rehearsal["observed"]["statements_not_rehearsed"] == 1
+    assert "1 statement(s) not rehearsed (0001_idx.sql line 2)" in rehearsal["message"]
+    assert "CONCURRENTLY: not rehearsed" in " ".join(rehearsal["observed"]["results"])
+    assert time.monotonic() - started < 2
+    writer.commit()
+    with writer.cursor() as cur:
+        cur.execute("SELECT to_regclass('public.busy_id_idx') IS NULL, count(*) FROM public.busy")
+        assert cur.fetchone() == (True, 101)
+
+
+def test_a_lock_timeout_means_not_fully_rehearsed_and_is_not_retried(empty_db, session, tmp_path):
+    _busy_table(empty_db)
+    reader = session(autocommit=False)
+    with reader.cursor() as cur:
+        cur.execute("SELECT count(*) FROM public.busy")  # ACCESS SHARE, held by a young transaction
+    mdir = _set_dir(tmp_path, {"0001_ok.sql": "CREATE TABLE public.other (id int);\n",
+                               "0002_alter.sql": "-- adds a column\nALTER TABLE public.busy ADD COLUMN note text;\n",
+                               "0003_after.sql": "SELECT 1;\n"})
+    backups = tmp_path / "backups"
+    started = time.monotonic()
+    result = run(empty_db, migrations_dir=mdir, rehearse_lock_timeout="300ms", backup_dir=str(backups))
+    took = time.monotonic() - started
+    assert result["failed_checks"] == ["rehearsal"], result["msg"]
+    rehearsal = by_name(result)["rehearsal"]
+    assert rehearsal["observed"]["incomplete"] is True
+    assert rehearsal["offenders"][0]["sqlstate"] == "55P03" and rehearsal["offenders"][0]["line"] == 2
+    assert "could not be fully rehearsed" in result["msg"]
+    assert "0002_alter.sql at line 2 hit the rehearsal's lock_timeout 300ms" in result["msg"]
+    assert "not rehearsed after it: 0003_after.sql" in result["msg"]
+    assert "-e precheck_rehearse=false" in result["msg"] and "quieter moment" in result["msg"]
+    assert took < 1.5  # one attempt of 300 ms: no retry, no back-off
+    # Refused, nothing changed; the reader was never disturbed.
+    assert not schema_exists(empty_db) and not backups.exists()
+    with reader.cursor() as cur:
+        cur.execute("SELECT count(*) FROM public.busy")
+        assert cur.fetchone()[0] == 100
+    reader.rollback()
+    # Once the table is free, the same set rehearses.
+    assert not run(empty_db, migrations_dir=mdir, rehearse_lock_timeout="300ms")["failed"]
+
+
+def test_a_statement_timeout_means_not_fully_rehearsed(empty_db, tmp_path):
+    mdir = _set_dir(tmp_path, {"0001_slow.sql": "CREATE TABLE public.t (id int);\nSELECT pg_sleep(5);\n"})
+    started = time.monotonic()
+    result = run(empty_db, migrations_dir=mdir, rehearse_statement_timeout="200ms")
+    assert time.monotonic() - started < 3
+    assert result["failed_checks"] == ["rehearsal"], result["msg"]
+    assert by_name(result)["rehearsal"]["offenders"][0]["sqlstate"] == "57014"
+    assert "could not be fully rehearsed" in result["msg"]
+    assert "statement_timeout 200ms" in result["msg"]
+    assert "precheck_rehearse_statement_timeout" in result["msg"] and "-e precheck_rehearse=false" in result["msg"]
+    assert not schema_exists(empty_db)

@@ -137,7 +137,7 @@ EXPECTED_CHECKS = [
     "behaviour.webhook_dedup:public.webhook_events",
     "behaviour.jwks_keys_readable:public.s2s_jwks_public_keys",
     "behaviour.reconciliation_cursor_advanced:public.reconciliation_cursor",
-    "cleanup.row_counts_unchanged",
+    "cleanup.no_rows_left",
     "cleanup.no_settings_left",
     "cleanup.no_objects_left",
 ]
@@ -171,7 +171,8 @@ def test_leaves_no_rows_settings_or_objects_and_records_one_event(seeded_db):
     after = census(seeded_db)
     assert after == before
     assert before["credit_lots"] == 1  # the seeded real row is there, verify's are gone
-    assert result["row_counts"]["before"] == result["row_counts"]["after"]
+    assert result["leftover_rows"] == {}
+    assert "no row of verify's 2 tenant(s) or keys in credit_lots" in by_id(result)["cleanup.no_rows_left"]["observed"]
     assert result["event_logged"] is True
     rows = []
     conn = psycopg2.connect(seeded_db)
@@ -359,3 +360,60 @@ def test_failure_message_lists_check_relation_observed_and_expected(ledger_db):
     assert line == ["- structure.rls_forced on public.credit_lots: relforcerowsecurity = False (expected: true)"]
     assert result["msg"].splitlines()[0].startswith("verify failed on postgres@127.0.0.1:")
     assert "0009_credit_lots_lot_entries.sql" in result["msg"]
+
+
+# --------------------------------------------------------------------------- the cost of "nothing left"
+
+def _tuples_read(url: str, table: str) -> int:
+    """Tuples this table has handed out to scans so far (sequential and index), from the statistics."""
+    return scalar(url, "SELECT coalesce(t.seq_tup_read, 0) + (SELECT coalesce(sum(i.idx_tup_read), 0)"
+                       " FROM pg_stat_user_indexes i WHERE i.relid = t.relid)"
+                       " FROM pg_stat_user_tables t WHERE t.relid = %s::regclass", (f"public.{table}",))
+
+
+def test_proving_nothing_is_left_reads_no_table_in_full(pg_cluster, ledger_template):
+    """On a big ledger, verify must not count every row: its leftover check reads only its own keys."""
+    name = pg_cluster.create_db(template=ledger_template)
+    url = pg_cluster.url(name)
+    try:
+        execute(url, SEED,
+                "INSERT INTO public.webhook_events (provider, event_id, payload)"
+                " SELECT 'x402', 'bulk-' || g, '{}' FROM generate_series(1, 20000) g",
+                "INSERT INTO public.s2s_jwks_public_keys (kid, x, y, issuer)"
+                " SELECT 'bulk-' || g, 'x', 'y', 'finn' FROM generate_series(1, 20000) g",
+                "ANALYZE public.webhook_events, public.s2s_jwks_public_keys")
+        before = {t: _tuples_read(url, t) for t in ("webhook_events", "s2s_jwks_public_keys")}
+        result = run_verify(url)
+        assert not result.get("failed"), result["msg"]
+        assert by_id(result)["cleanup.no_rows_left"]["status"] == "passed"
+        # Statistics reach the shared counters when the backend ends; verify's connections have ended.
+        read = {t: _tuples_read(url, t) - before[t] for t in before}
+        assert all(n < 1000 for n in read.values()), read  # a count(*) would read 20000 each, twice
+    finally:
+        pg_cluster.drop_db(name)
+
+
+def test_leftover_check_finds_verifys_rows_by_tenant_and_key(ledger_db):
+    """The proof is not vacuous: rows of verify's tenants or keys that survived are found and named."""
+    tenant, other, marker = str(uuid.uuid4()), str(uuid.uuid4()), uuid.uuid4().hex[:12]
+    applied = list(ledger_verify.KNOWN_VERSIONS)
+    conn = psycopg2.connect(ledger_db)
+    conn.autocommit = True
+    try:
+        assert ledger_verify.leftover_rows(conn, [tenant, other], [marker], applied, 30000) == {}
+        with conn.cursor() as cur:
+            cur.execute("BEGIN; SELECT app.set_community_context(%s);"
+                        " INSERT INTO public.credit_lots (community_id, source, amount_micro) VALUES (%s, 'seed', 1);"
+                        " INSERT INTO public.reconciliation_cursor (community_id) VALUES (%s); COMMIT",
+                        (tenant, tenant, tenant))
+            cur.execute("INSERT INTO public.webhook_events (provider, event_id) VALUES ('nowpayments', %s)",
+                        (ledger_verify.webhook_event_ids(marker)[1],))
+            cur.execute("INSERT INTO public.s2s_jwks_public_keys (kid, x, y, issuer) VALUES (%s, 'x', 'y', 'finn')",
+                        (ledger_verify.jwks_kid(marker),))
+        found = ledger_verify.leftover_rows(conn, [tenant, other], [marker], applied, 30000)
+        assert found == {"credit_lots": 1, "reconciliation_cursor": 1, "webhook_events": 1,
+                         "s2s_jwks_public_keys": 1}
+        # Another run's marker and tenants see none of them.
+        assert ledger_verify.leftover_rows(conn, [other], [uuid.uuid4().hex[:12]], applied, 30000) == {}
+    finally:
+        conn.close()

@@ -4,6 +4,7 @@ the health endpoint (200, a bad status, a timeout, nobody listening) and the JWK
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.server
 import importlib.util
@@ -64,6 +65,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, b'{"status": "ok"}')
         elif self.path == "/jwks":
             self._send(200, json.dumps(self.server.jwks).encode())
+        elif self.path.startswith("/private"):
+            expected = "Basic " + base64.b64encode(b"monitor:pa ss:w0rd").decode()
+            self._send(200 if self.headers.get("Authorization") == expected else 401, b"{}")
         elif self.path == "/text":
             self._send(200, b"<html>hello</html>", "text/html")
         else:
@@ -121,7 +125,7 @@ def test_health_bad_status_fails(app, keys_db):
     _, base = app
     result = run_verify(keys_db, health_url=base + "/unhealthy", http_timeout=2)
     assert result["failed"]
-    assert result["failed_checks"] == ["http.health:%s/unhealthy" % base]
+    assert result["failed_checks"] == ["http.health:%s/unhealthy" % base.split("//", 1)[1]]
     assert "HTTP 503" in result["msg"] and "Next:" in result["msg"] and "curl" in result["msg"]
 
 
@@ -190,3 +194,20 @@ def test_jwks_bad_status_fails(app, keys_db):
     result = run_verify(keys_db, jwks_url=base + "/missing")
     assert result["failed"]
     assert http_check(result, "jwks")["observed"].startswith("HTTP 404")
+
+
+def test_endpoint_credentials_are_used_and_never_shown(app, keys_db):
+    _, base = app
+    host = base.split("//", 1)[1]
+    health = "http://monitor:pa%%20ss%%3Aw0rd@%s/private?token=T0ken-s3cret" % host
+    result = run_verify(keys_db, health_url=health, jwks_url=base + "/jwks?token=T0ken-s3cret")
+    check = http_check(result, "health")
+    assert check["status"] == "passed", check  # user:password@ went out as basic auth
+    assert check["relation"] == "%s/private?<query hidden>" % host
+    assert http_check(result, "jwks")["relation"] == "%s/jwks?<query hidden>" % host
+    text = json.dumps(result)
+    for secret in ("pa%20ss", "w0rd", "T0ken-s3cret", "monitor"):
+        assert secret not in text
+    # The module's invocation (shown at -v) hides both options.
+    assert result["invocation"]["module_args"]["health_url"] == "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"
+    assert result["invocation"]["module_args"]["jwks_url"] == "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"

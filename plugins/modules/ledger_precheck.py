@@ -24,6 +24,18 @@ options:
   target: {description: Highest version to apply (default the newest in the set)., type: str}
   allow_out_of_order: {description: Accept pending files older than the newest applied one., type: bool, default: false}
   rehearse: {description: Rehearse the pending migrations in a rolled-back transaction., type: bool, default: true}
+  rehearse_statement_timeout:
+    description:
+      - statement_timeout of each rehearsed statement (PostgreSQL units, e.g. 30s, 500ms, 2min).
+      - A statement that runs longer is cancelled and the check reports the set as not fully rehearsed.
+    type: str
+    default: 30s
+  rehearse_lock_timeout:
+    description:
+      - lock_timeout of the rehearsal; a lock not obtained in time is not retried, the check reports
+        the set as not fully rehearsed (the rehearsal never queues production traffic for longer).
+    type: str
+    default: 2s
   accepted_versions: {description: Accepted PostgreSQL major versions., type: list, elements: int, default: [15]}
   app_role: {description: The application role that must exist with LOGIN., type: str, default: arrakis_app}
   required_roles: {description: Roles the migration set needs., type: list, elements: str, default: [arrakis_app, arrakis_admin]}
@@ -93,6 +105,8 @@ ARGUMENT_SPEC = dict(
     target=dict(type="str"),
     allow_out_of_order=dict(type="bool", default=False),
     rehearse=dict(type="bool", default=True),
+    rehearse_statement_timeout=dict(type="str", default="30s"),
+    rehearse_lock_timeout=dict(type="str", default="2s"),
     accepted_versions=dict(type="list", elements="int", default=[15]),
     app_role=dict(type="str", default="arrakis_app"),
     required_roles=dict(type="list", elements="str", default=["arrakis_app", "arrakis_admin"]),
@@ -472,8 +486,22 @@ def check_migrations(conn, params):
     return out, state
 
 
+# SQLSTATEs that say the rehearsal met the server's load, not a defect of the SQL: the
+# statement ran past the rehearsal's statement_timeout (or was cancelled), a lock was not
+# obtained within its lock_timeout, or it deadlocked with application traffic.
+NOT_REHEARSED_SQLSTATES = {"57014": "statement timeout or cancel", "55P03": "lock timeout",
+                           "40P01": "deadlock with another session"}
+
+
 def check_rehearsal(conn, url, params, state, session_failed):
-    """Run the pending migrations in one rolled-back transaction (the engine's rehearsal)."""
+    """Run the pending migrations in one rolled-back transaction (the engine's rehearsal).
+
+    The rehearsal runs on production, so it is bounded: CONCURRENTLY statements are not
+    rehearsed (without CONCURRENTLY an index build takes a SHARE lock, blocking writes for
+    the whole build), every statement has the rehearsal's statement_timeout, locks its
+    lock_timeout, and a lock timeout is not retried. A timeout, a cancel or a deadlock is
+    reported as "could not be fully rehearsed", never as a defect of the file.
+    """
     threshold = "every pending file applies (in a transaction that is rolled back)"
     pending_items = state["pending_items"]
     if not params.get("migrations_dir"):
@@ -488,9 +516,14 @@ def check_rehearsal(conn, url, params, state, session_failed):
     if session_failed:
         return not_run("rehearsal", "%s failed: the rehearsal would wait for their locks" % ", ".join(
             session_failed), threshold), None
+    limits = {"statement_timeout": params["rehearse_statement_timeout"],
+              "lock_timeout": params["rehearse_lock_timeout"], "lock_retries": 0, "concurrently": "not rehearsed"}
+    threshold = {"every_file": "applies in a transaction that is rolled back", "limits": limits}
     try:
-        results = ledger_engine.rehearse(url, pending_items, run_id=params.get("run_id"), record_event=False,
-                                         conn=conn)
+        results = ledger_engine.rehearse(url, pending_items, lock_timeout=limits["lock_timeout"],
+                                         statement_timeout=limits["statement_timeout"], lock_retries=0,
+                                         rehearse_concurrently=False, run_id=params.get("run_id"),
+                                         record_event=False, conn=conn)
     except LedgerError as exc:
         return check("rehearsal", False, {"pending": state["pending"]}, threshold, message=exc.msg,
                      next_step=exc.fields.get("next_command") or "re-run when the target is reachable"), None
@@ -498,9 +531,34 @@ def check_rehearsal(conn, url, params, state, session_failed):
     lines = ledger_engine.format_rehearsal(results)
     offenders = [dict((k, r.get(k)) for k in ("version", "filename", "line", "sqlstate", "message", "hint",
                                               "statement")) for r in failed]
+    skipped = [dict(x, filename=r["filename"]) for r in results for x in r.get("skipped_statements") or []]
     observed = {"rehearsed": len([r for r in results if r["status"] != "not_rehearsed"]),
                 "would_apply": len([r for r in results if r["status"] == "would_apply"]),
-                "would_fail": len(failed), "results": lines}
+                "would_fail": len(failed), "statements_not_rehearsed": len(skipped), "results": lines}
+    not_rehearsed = ("; %d statement(s) not rehearsed (%s)" % (len(skipped), ", ".join(
+        "%s line %s" % (x["filename"], x["line"]) for x in skipped[:5])) if skipped else "")
+    if failed and failed[0].get("sqlstate") in NOT_REHEARSED_SQLSTATES:
+        first = failed[0]
+        observed["incomplete"] = True
+        cause = NOT_REHEARSED_SQLSTATES[first["sqlstate"]]
+        if first["sqlstate"] == "57014":
+            limit = "statement_timeout %s" % limits["statement_timeout"]
+        elif first["sqlstate"] == "55P03":
+            limit = "lock_timeout %s" % limits["lock_timeout"]
+        else:
+            limit = "the server's deadlock detection"
+        remaining = [r["filename"] for r in results if r["status"] == "not_rehearsed"]
+        return check(
+            "rehearsal", False, observed, threshold, offenders,
+            "the pending migrations could not be fully rehearsed: %s at line %s hit the rehearsal's %s (%s, "
+            "SQLSTATE %s: %s)%s; this says nothing against the SQL, the server was too busy to rehearse it "
+            "without holding up its traffic" % (
+                first["filename"], first.get("line"), limit, cause, first["sqlstate"], first.get("message"),
+                "; not rehearsed after it: %s" % ", ".join(remaining) if remaining else ""),
+            "nothing was changed; re-run at a quieter moment%s, or, after reviewing the pending SQL, "
+            "skip the rehearsal with -e precheck_rehearse=false" % (
+                " (or allow longer statements: -e precheck_rehearse_statement_timeout=2min)"
+                if first["sqlstate"] == "57014" else "")), results
     if failed:
         first = failed[0]
         return check("rehearsal", False, observed, threshold, offenders,
@@ -508,7 +566,7 @@ def check_rehearsal(conn, url, params, state, session_failed):
                      "fix %s at line %s (SQLSTATE %s), then re-run; nothing was changed" % (
                          first["filename"], first.get("line"), first.get("sqlstate"))), results
     return check("rehearsal", True, observed, threshold,
-                 message="%d pending migration(s) rehearsed, all would apply" % len(results)), results
+                 message="%d pending migration(s) rehearsed, all would apply%s" % (len(results), not_rehearsed)), results
 
 
 # --------------------------------------------------------------------------- maintenance window
@@ -761,7 +819,9 @@ def run_precheck(params, check_mode=False, now_utc=None):
     if not check_mode and facts is not None and (facts["records"] or (state["pending"] and not failed)):
         if rehearsal_results:
             would_fail = [r for r in rehearsal_results if r["status"] == "would_fail"]
-            log_event_autonomous(url, p.get("run_id") or "adhoc", "rehearse", "failed" if would_fail else "ok",
+            incomplete = bool(would_fail) and would_fail[0].get("sqlstate") in NOT_REHEARSED_SQLSTATES
+            log_event_autonomous(url, p.get("run_id") or "adhoc", "rehearse",
+                                 "incomplete" if incomplete else "failed" if would_fail else "ok",
                                  version=(would_fail[0] if would_fail else rehearsal_results[-1])["version"],
                                  detail={"stage": "precheck", "results": [
                                      dict((k, r.get(k)) for k in ("version", "filename", "status", "sqlstate",

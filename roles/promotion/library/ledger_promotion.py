@@ -15,8 +15,10 @@ description:
     prints it."
   - C(state=record) runs after verify passed on a staging target. It reads the target's
     C(migrations.history), refuses if the applied checksums differ from the local files,
-    then adds this target's stamp to C(<stamp_dir>/<set checksum>.json) and appends a
-    C(promotion_stamp) event to the target's C(migrations.events).
+    refuses unless the target's C(migrations.events) holds a C(verify) event of this run
+    (O(run_id)) whose outcome is C(passed) (a skipped verify, or one that recorded no event,
+    stamps nothing), then adds this target's stamp to C(<stamp_dir>/<set checksum>.json) and
+    appends a C(promotion_stamp) event to the target's C(migrations.events).
   - C(state=check) runs before precheck on a production target. Nothing pending passes.
     Otherwise it passes only with a stamp of the same set from staging with verify passed,
     found in C(<stamp_dir>/<set checksum>.json) or, when C(staging_url) is given, in
@@ -191,15 +193,27 @@ class Promotion(object):
                       % (self.target, self.p["migrations_dir"], "; ".join(differ)), version=version)
         checksum = set_checksum(files)
         verify_event = self.verify_event()
-        if verify_event and str(verify_event.get("outcome", "")).lower() not in PASSED:
-            self.fail("promotion: verify of run %s on %s ended '%s': the set %s is not stamped. Fix the target, "
-                      "then run 'ansible-playbook playbooks/verify.yml -l <this host>'."
-                      % (self.p["run_id"], self.target, verify_event.get("outcome"), checksum[:12]))
+        rerun = ("'ansible-playbook playbooks/migrate.yml -l %s'" % (self.p["host"] or "<this host>"))
+        if verify_event is None and not self.m.check_mode:
+            # A stamp says "verify passed on staging": without a verify event of this run on this
+            # target (verify skipped with --skip-tags/--tags, verify_record_event=false, or verify
+            # run in another run), nobody proved it, so nothing is stamped.
+            self.fail("promotion: no verify event of run %s on %s: the set %s (up to %s) is not stamped, because a "
+                      "stamp vouches that verify passed on this target in this run. Verify was skipped "
+                      "(--skip-tags/--tags) or ran without recording its event (verify_record_event=false). "
+                      "Re-run the whole pipeline with verify: %s (nothing pending is applied again)."
+                      % (self.p["run_id"], self.target, checksum[:12], version, rerun),
+                      version=version, set_checksum=checksum)
+        if verify_event is not None and verify_event["outcome"] != "passed":
+            self.fail("promotion: verify of run %s on %s ended '%s': the set %s (up to %s) is not stamped. Fix the "
+                      "target (see the verify report), then re-run %s."
+                      % (self.p["run_id"], self.target, verify_event["outcome"], checksum[:12], version, rerun),
+                      version=version, set_checksum=checksum, verify_event=verify_event)
         entry = {
             "environment": self.p["environment"],
             "host": self.p["host"],
             "target": self.target,
-            "verify": "passed",
+            "verify": "passed" if verify_event else "not yet (check mode)",
             "verify_event": verify_event,
             "recorded_at": now_iso(),
             "run_id": self.p["run_id"],
@@ -211,7 +225,10 @@ class Promotion(object):
         if self.m.check_mode:
             existing = self.read_stamp(path)
             known = existing and any(s.get("target") == self.target for s in existing.get("stamps", []))
-            self.m.exit_json(changed=not known, stamp=entry, msg="would record the promotion stamp %s" % checksum[:12],
+            self.m.exit_json(changed=not known, stamp=entry,
+                             msg="would record the promotion stamp %s%s" % (
+                                 checksum[:12], "" if verify_event else
+                                 " once verify of the run has passed (check mode records no verify event)"),
                              **result)
         changed, stamp = self.write_stamp(path, checksum, version, files, entry)
         if changed:
@@ -229,18 +246,20 @@ class Promotion(object):
                          % (checksum, self.target, os.path.basename(path)), **result)
 
     def verify_event(self):
-        """The verify event of this run on this target, when the verify module logged one."""
+        """The newest verify event of this run in this target's migrations.events (None when there is none)."""
         conn = connect(self.url)
         try:
             with conn.cursor() as cur:
                 if not records_exist(cur):
                     return None
-                cur.execute("SELECT action, outcome, at::text FROM migrations.events WHERE run_id = %s"
-                            " AND action LIKE 'verify%%' ORDER BY id DESC LIMIT 1", (self.p["run_id"],))
+                cur.execute("SELECT id, action, outcome, at::text FROM migrations.events WHERE run_id = %s"
+                            " AND action = 'verify' ORDER BY id DESC LIMIT 1", (self.p["run_id"],))
                 row = cur.fetchone()
         finally:
             conn.close()
-        return {"action": row[0], "outcome": row[1], "at": row[2]} if row else None
+        if not row:
+            return None
+        return {"id": row[0], "action": row[1], "outcome": str(row[2] or "").lower(), "at": row[3]}
 
     @staticmethod
     def read_stamp(path):
