@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import textwrap
+import threading
+import time
 
 import psycopg2
 import pytest
@@ -459,6 +461,119 @@ def test_a_failing_down_script_leaves_its_migration_applied(tmp_path, empty_db):
     assert (exc.value.fields["file"], exc.value.fields["line"]) == ("0003_entries_amount.down.sql", 2)
     assert history(empty_db) == ["0001", "0002", "0003"]
     assert one(empty_db, "SELECT count(*) FROM information_schema.columns WHERE column_name = 'amount'") == 1
+
+
+def test_revert_refuses_when_an_up_file_to_revert_drifted(tmp_path, empty_db):
+    d = write_set(tmp_path / "m", BASIC)
+    run(empty_db, d)
+    # 0002's up file was edited after it was applied: its down script may not match what was applied.
+    (d / "0002_entries.sql").write_text("CREATE TABLE entries (id integer PRIMARY KEY, note text);\n")
+    for check in (True, False):
+        with pytest.raises(LedgerError) as exc:
+            engine.revert(empty_db, load(d), "0001", check=check, limit="testenv")
+        assert "refusing to revert" in exc.value.msg and "before any change" in exc.value.msg
+        assert "0002 (0002_entries.sql) was edited" in exc.value.msg
+        assert "accept_checksum.yml -l testenv -e migrate_accept_version=0002" in exc.value.fields["next_command"]
+        assert [x["version"] for x in exc.value.fields["drift"]] == ["0002"]
+    assert history(empty_db) == ["0001", "0002", "0003"]  # not even 0003 was reverted
+    assert [e[2] for e in events(empty_db, "revert")] == ["refused"]  # the real run's refusal, not --check's
+    # A drifted file that the revert doesn't touch doesn't matter; once accepted, the revert proceeds.
+    assert [x["version"] for x in engine.revert(empty_db, load(d), "0002")["reverted"]] == ["0003"]
+    engine.accept_checksum(empty_db, load(d), "0002")
+    assert [x["version"] for x in engine.revert(empty_db, load(d), "0001")["reverted"]] == ["0002"]
+
+
+def test_revert_refuses_a_version_without_down_script_found_under_the_lease(tmp_path, empty_db):
+    """The plan is recomputed under the lease: a version applied meanwhile without a down script is refused."""
+    d = write_set(tmp_path / "m", BASIC)
+    run(empty_db, d)
+    holder_conn = psycopg2.connect(empty_db)
+    holder_conn.autocommit = True
+    holder = engine.Lease(empty_db, holder_conn, "other-run", ttl=30).acquire()
+    box = {}
+
+    def go():
+        try:
+            box["result"] = engine.revert(empty_db, load(d), "0002", run_id="rev", lock_wait=20, limit="testenv")
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            box["error"] = exc
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not q(empty_db, "SELECT 1 FROM migrations.events WHERE action = 'lock_wait' AND run_id = 'rev'"):
+        assert time.monotonic() < deadline, "the revert never waited for the lease"
+        time.sleep(0.05)
+    # While the revert waits, the other run applies a 0004 this set has no down script for.
+    q(empty_db, "CREATE TABLE extra (i int)")
+    q(empty_db, "INSERT INTO migrations.history (version, name, checksum, applied_by, execution_ms, run_id)"
+                " VALUES ('0004', 'extra', repeat('a', 64), 'someone', 1, 'other-run')")
+    holder.release()
+    holder_conn.close()
+    t.join(20)
+    assert "result" not in box, box.get("result")
+    err = box["error"]
+    assert isinstance(err, LedgerError), repr(err)  # not a TypeError on the missing down script
+    assert err.fields["missing_down"] == ["0004"] and "found under the lease" in err.msg
+    assert history(empty_db) == ["0001", "0002", "0003", "0004"]  # nothing reverted
+    assert one(empty_db, "SELECT count(*) FROM migrations.lock") == 0
+
+
+# --------------------------------------------------------------------------- session-level settings
+
+@pytest.mark.parametrize("files,needle", [
+    ({"0001_a.sql": "SET search_path = app, public;\nCREATE TABLE t (i int);"},
+     "0001_a.sql line 1: a session-level SET search_path outlives the migration's transaction"),
+    ({"0001_a.sql": "CREATE TABLE t (i int);\n\n  SET SESSION statement_timeout = '1s';"},
+     "0001_a.sql line 3: a session-level SET SESSION"),
+    ({"0001_a.sql": "SET ROLE app_owner;"}, "line 1: a session-level SET ROLE"),
+    ({"0001_a.sql": "SELECT 1;\nRESET ALL;"}, "line 2: a session-level RESET ALL"),
+    ({"0001_a.sql": "SELECT 1;\nSELECT pg_catalog.set_config('search_path', 'x, y', false);"},
+     "line 2: set_config(name, value, false) changes the session"),
+    ({"0001_a.sql": "SELECT 1;", "0001_a.down.sql": "SET search_path = x;\nDROP TABLE t;"},
+     "0001_a.down.sql line 1: a session-level SET search_path"),
+    ({"0001_a.sql": "-- ledger:no-transaction\nSET LOCAL maintenance_work_mem = '1GB';\nVACUUM;"},
+     "0001_a.sql line 2: SET LOCAL has no effect in a '-- ledger:no-transaction' file"),
+])
+def test_a_session_level_setting_is_refused_when_the_set_is_read(tmp_path, files, needle):
+    d = write_set(tmp_path / "m", files)
+    with pytest.raises(LedgerError) as exc:
+        load(d)
+    assert needle in exc.value.msg
+    assert "SET LOCAL" in exc.value.msg and exc.value.fields["line"] == int(needle.split("line ")[1].split(":")[0])
+
+
+def test_transaction_scoped_settings_are_accepted(tmp_path, empty_db):
+    d = write_set(tmp_path / "m", {
+        "0001_a.sql": """
+            SET LOCAL search_path = public;
+            SET CONSTRAINTS ALL DEFERRED;
+            SELECT set_config('app.x', 'y, z', true);
+            CREATE TABLE t (i int, note text DEFAULT 'SET x = 1; RESET ALL');
+            CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+                AS $$ BEGIN PERFORM set_config('app.y', '1', false); END $$;
+            UPDATE t SET i = 1;
+        """,
+        "0002_idx.sql": """
+            -- ledger:no-transaction
+            SET maintenance_work_mem = '70MB';
+            CREATE INDEX CONCURRENTLY IF NOT EXISTS t_i_idx ON t (i);
+        """,
+        "0003_after.sql": "CREATE TABLE seen AS SELECT current_setting('search_path') AS sp,"
+                          " current_setting('app.x', true) AS x;",
+    })
+    res = run(empty_db, d)
+    assert [a["version"] for a in res["applied"]] == ["0001", "0002", "0003"]
+    # SET LOCAL / set_config(..., true) ended with 0001's transaction.
+    assert q(empty_db, "SELECT sp, coalesce(x, '') FROM seen") == [('"$user", public', "")]
+
+
+def test_lock_wait_defaults_to_lock_ttl_plus_30_seconds():
+    """A re-run started right after a killed run must outwait the dead run's lease (at most lock_ttl)."""
+    assert engine._settings({})["lock_wait"] == 90.0
+    assert engine._settings({"lock_ttl": 10})["lock_wait"] == 40.0
+    assert engine._settings({"lock_ttl": 10, "lock_wait": 3})["lock_wait"] == 3.0
+    assert engine.Lease("postgresql://x@h/d", None, "r", ttl=20).wait == 50.0
 
 
 # --------------------------------------------------------------------------- non-transactional migrations

@@ -283,3 +283,82 @@ def test_the_lease_works_through_pgbouncer_transaction_pooling(tmp_path, pg_clus
         assert [e[2] for e in events(empty_db, "lock_wait")] == ["waiting", "acquired"]
     finally:
         pgbouncer_ctl.stop(tmp_path / "pgb")
+
+
+# --------------------------------------------------------------------------- one run id, two runners
+
+def test_two_leases_with_one_run_id_never_both_hold_the_target(empty_db):
+    """Every host of one playbook run shares ledger_run_id: the lease belongs to a Lease object, not a run id."""
+    engine._ensure_records(psycopg2.connect(empty_db))
+    c1, c2 = psycopg2.connect(empty_db), psycopg2.connect(empty_db)
+    c1.autocommit = c2.autocommit = True
+    first = engine.Lease(empty_db, c1, "shared-run", ttl=30, wait=0.5).acquire()
+    second = engine.Lease(empty_db, c2, "shared-run", ttl=30, wait=0.5)
+    try:
+        assert first.token.startswith("shared-run:") and first.token != second.token
+        t0 = time.monotonic()
+        with pytest.raises(LedgerError) as exc:
+            second.acquire()
+        assert time.monotonic() - t0 >= 0.4  # it waited, then gave up: it never "re-took its own" lease
+        assert "another migration run holds" in exc.value.msg and first.nonce in exc.value.msg
+        # Renewal, the in-transaction check and the release all compare the token, not the run id.
+        c2.autocommit = False
+        with c2.cursor() as cur:
+            with pytest.raises(LedgerError, match="lost its lease"):
+                second.check_in_tx(cur)
+            second.renew_in_tx(cur)
+            assert cur.rowcount == 0
+        c2.rollback()
+        c2.autocommit = True
+        second.held = True  # even a confused release must not delete the other runner's row
+        second.release()
+        assert q(empty_db, "SELECT run_id, holder FROM migrations.lock") == [("shared-run", first.holder)]
+    finally:
+        first.release()
+        c1.close()
+        c2.close()
+    assert one(empty_db, "SELECT count(*) FROM migrations.lock") == 0
+
+
+def test_two_hosts_of_one_playbook_run_on_one_database_never_apply_together(tmp_path, empty_db):
+    """Two inventory hosts (say one through PgBouncer, one direct) pointing at one database, same run id."""
+    d = write_set(tmp_path / "m", {
+        "0001_slow.sql": "CREATE TABLE c (i int);\nSELECT pg_sleep(1);",
+        "0002_row.sql": "INSERT INTO c VALUES (1);",
+        # Outside any transaction the lease row is not row-locked: only the lease token keeps B out here.
+        "0003_idx.sql": "-- ledger:no-transaction\nINSERT INTO c VALUES (2);\nSELECT pg_sleep(1.5);\n"
+                        "CREATE INDEX CONCURRENTLY IF NOT EXISTS c_i_idx ON c (i);\n",
+    })
+    engine._ensure_records(psycopg2.connect(empty_db))
+    a = Bg(apply, empty_db, d, run_id="one-playbook-run", lock_wait=20)
+    a.start()
+    wait_for(lambda: q(empty_db, "SELECT 1 FROM migrations.lock"))
+    b = Bg(apply, empty_db, d, run_id="one-playbook-run", lock_wait=20)
+    b.start()
+    a.join(30)
+    b.join(30)
+    assert a.error is None and b.error is None, (a.error, b.error)
+    assert [x["version"] for x in a.result["applied"]] == ["0001", "0002", "0003"]
+    assert b.result["applied"] == [] and "another run applied them" in b.result["msg"]
+    assert b.result["lock"]["waited_s"] > 0.3  # the second runner waited for the first one's lease
+    assert history(empty_db) == ["0001", "0002", "0003"]
+    assert q(empty_db, "SELECT i FROM c ORDER BY i") == [(1,), (2,)]  # each file ran once
+    assert [e[2] for e in events(empty_db, "lock_wait")] == ["waiting", "acquired"]
+    assert one(empty_db, "SELECT count(*) FROM migrations.lock") == 0
+
+
+def test_a_runner_never_takes_another_runners_commit_for_its_own(tmp_path, empty_db):
+    """After a connection lost during COMMIT, the runner looks for its own commit: same run id is not enough."""
+    d = write_set(tmp_path / "m", {"0001_a.sql": "CREATE TABLE a (i int);"})
+    res = apply(empty_db, d, run_id="one-playbook-run")
+    assert [x["version"] for x in res["applied"]] == ["0001"]
+    r = engine._Runner(empty_db, load(d), "one-playbook-run", engine._settings({}), "testenv", "apply")
+    try:
+        r.lease = engine.Lease(empty_db, r.conn, "one-playbook-run")  # another runner of the same run
+        assert engine._recorded(r, "0001") is False
+        # The runner that did commit it finds its token in the apply event of the same transaction.
+        token = [e[3]["lease"] for e in events(empty_db, "apply")][0]
+        r.lease.token = token
+        assert engine._recorded(r, "0001") is True
+    finally:
+        r.conn.close()

@@ -36,9 +36,9 @@ class FakeModule:
 
     def __init__(self, check_mode=False, **params):
         defaults = dict(action="apply", target=None, run_id=None, lock_timeout="2s", statement_timeout="0",
-                        lock_retries=3, lock_retry_backoff=0.5, lock_wait=60.0, lock_ttl=60.0,
-                        allow_out_of_order=False, baseline_version=None, accept_version=None, revert_to=None,
-                        limit="testenv", fail_on_drift=False, record_rehearsal=False)
+                        lock_retries=3, lock_retry_backoff=0.5, lock_wait=None, lock_ttl=60.0,
+                        direct_url=None, allow_out_of_order=False, baseline_version=None, accept_version=None,
+                        revert_to=None, limit="testenv", fail_on_drift=False, record_rehearsal=False)
         defaults.update(params)
         self.params = defaults
         self.check_mode = check_mode
@@ -93,6 +93,35 @@ def test_module_apply_status_and_record_rehearsal(tmp_path, empty_db):
     rev = ledger_migrate.run(FakeModule(database_url=empty_db, migrations_dir=str(d), action="revert",
                                         revert_to="0002"))
     assert [r["version"] for r in rev["reverted"]] == ["0003"] and history(empty_db) == ["0001", "0002"]
+
+
+def test_a_failed_apply_or_revert_reports_changed_when_it_did_part_of_its_work():
+    changed = ledger_migrate.failure_changed
+    assert changed("apply", False, {"applied": ["0003"]}) is True
+    assert changed("apply", False, {"applied": [], "statements_applied": [3]}) is True  # a half-run no-tx file
+    assert changed("apply", False, {"applied": []}) is False
+    assert changed("apply", True, {"applied": ["0003"]}) is False  # check mode never changes anything
+    assert changed("revert", False, {"reverted": ["0003"]}) is True
+    # status reports the history rows as `applied`: a status failure (drift) changed nothing.
+    assert changed("status", False, {"applied": [{"version": "0001"}]}) is False
+
+
+def test_the_role_and_module_default_lock_wait_outlasts_the_lease_ttl():
+    import jinja2
+    import yaml
+
+    defaults = yaml.safe_load((ROOT / "roles" / "migrate" / "defaults" / "main.yml").read_text())
+    rendered = jinja2.Template(defaults["migrate_lock_wait"]).render(migrate_lock_ttl=defaults["migrate_lock_ttl"])
+    assert float(rendered) == 90.0
+    assert float(jinja2.Template(defaults["migrate_lock_wait"]).render(migrate_lock_ttl=5)) == 35.0
+    assert defaults["migrate_direct_url"] == ""
+    assert "default" not in ledger_migrate_spec()["lock_wait"]  # so the engine computes lock_ttl + 30
+
+
+def ledger_migrate_spec():
+    import yaml
+
+    return yaml.safe_load(ledger_migrate.DOCUMENTATION)["options"]
 
 
 # --------------------------------------------------------------------------- ansible-playbook
@@ -160,6 +189,9 @@ def test_the_role_reports_a_failed_migration_and_status_exits_non_zero_on_drift(
                    "division by zero", "ansible-playbook playbooks/rollback.yml -l t1 -e rollback_to=base",
                    "sqlstate: '22012'"):
         assert needle in out, needle
+    # It applied 0003 before 0004 failed: the failed task says the target changed.
+    fatal = out[out.index("fatal: [t1]"):]
+    assert "\n    changed: true\n" in fatal and "\n    changed: false\n" not in fatal, fatal[:600]
     assert "Traceback" not in out + res.stderr
     assert history(empty_db) == ["0001", "0002", "0003"]  # this run applied 0003, then 0004 failed
 

@@ -13,6 +13,8 @@ Public API (stable: the precheck and rollback roles call it; keep names and sign
     baseline(url, migrations, version, **settings)      -> result dict
     accept_checksum(url, migrations, version, **settings) -> result dict
     status(url, migrations, target=None, ...)           -> dict (read-only)
+    nontx_route_problem(url, pending, direct_url=None)  -> LedgerError or None (read-only)
+    connection_route(conn, url)                         -> dict: client_port, server_port, pooled
     format_rehearsal(results)                           -> list of str
 
 Every failure is a LedgerError whose ``fields`` carry the structured result
@@ -26,13 +28,20 @@ Design (see roles/migrate/README.md for the operator's view):
   of the lease row, the file's statements, its ``migrations.history`` row, its
   ``migrations.events`` row and the lease renewal commit together or not at all.
 * Mutual exclusion without session state (PgBouncer transaction pooling): a lease
-  row ``migrations.lock`` (id = 1) holding run id, holder and expiry. It is taken
-  in a short transaction when absent or expired, renewed by a heartbeat thread
-  and at the end of every migration transaction, row-locked inside every
-  migration transaction (so a lease that expired during a long migration can't
-  be stolen while that migration runs), and deleted at the end. Waiters poll with
-  ``FOR UPDATE NOWAIT`` and sleep outside any transaction: a waiter never holds a
-  snapshot, so it can never block a ``CREATE INDEX CONCURRENTLY`` of the holder.
+  row ``migrations.lock`` (id = 1) holding run id, holder and expiry; ownership is
+  a token unique to each Lease object (every host of one playbook run shares the
+  run id). It is taken in a short transaction when absent or expired, renewed by a
+  heartbeat thread and at the end of every migration transaction, row-locked
+  inside every migration transaction (so a lease that expired during a long
+  migration can't be stolen while that migration runs; a no-transaction file has
+  no transaction to hold it and relies on the heartbeat), and deleted at the end.
+  Waiters poll with ``FOR UPDATE NOWAIT`` and sleep outside any transaction: a
+  waiter never holds a snapshot, so it can never block a ``CREATE INDEX
+  CONCURRENTLY`` of the holder.
+* Session state: transactional files may only SET LOCAL (plain SET/RESET is
+  refused when the set is read); no-transaction files run on a connection of
+  their own (direct_url when set; refused through a detected pooler), reset and
+  closed after the file.
 * A killed runner: its transaction dies with its connection (the server notices
   promptly through ``client_connection_check_interval``), and its lease expires
   after ``lock_ttl`` seconds (the next run waits for the expiry and reports the
@@ -52,6 +61,7 @@ import random
 import re
 import threading
 import time
+import uuid
 
 from ansible.module_utils.ledger_common import (
     LedgerError,
@@ -62,6 +72,7 @@ from ansible.module_utils.ledger_common import (
     log_event,
     log_event_autonomous,
     new_run_id,
+    parse_url,
     pg_error,
     redact,
 )
@@ -82,13 +93,17 @@ NO_TRANSACTION = "no-transaction"
 # deadlock_detected (a migration that met application traffic the other way round).
 RETRIABLE = ("55P03", "40P01")
 
+# Default lock_wait = lock_ttl + this: a run started right after a runner was SIGKILLed
+# waits for the dead run's lease to expire (at most lock_ttl) and takes it over.
+LOCK_WAIT_MARGIN = 30.0
+
 DEFAULTS = {
     "lock_timeout": "2s",
     "statement_timeout": "0",
     "lock_retries": 3,
     "retry_backoff": 0.5,
     "retry_backoff_max": 30.0,
-    "lock_wait": 60.0,
+    "lock_wait": None,  # lock_ttl + LOCK_WAIT_MARGIN: a re-run right after a killed run outwaits its lease
     "lock_ttl": 60.0,
     "connection_check": "1s",
 }
@@ -344,6 +359,66 @@ _TX_CONTROL = re.compile(
     re.IGNORECASE)
 
 
+_SET_RE = re.compile(r"^\s*(?P<cmd>SET|RESET)\b(?:\s+(?P<scope>SESSION|LOCAL)\b)?"
+                     r"(?:\s+(?P<what>[A-Za-z_][A-Za-z0-9_.]*))?", re.IGNORECASE)
+_SET_CONFIG_RE = re.compile(r"\bset_config\s*\(", re.IGNORECASE)
+
+
+def _call_args(masked, open_paren):
+    """Top-level arguments (masked text) of the call whose '(' is at ``open_paren``."""
+    depth = 0
+    args = []
+    start = open_paren + 1
+    for i in range(open_paren, len(masked)):
+        c = masked[i]
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                args.append(masked[start:i])
+                return args
+        elif c == "," and depth == 1:
+            args.append(masked[start:i])
+            start = i + 1
+    return args
+
+
+def session_setting(stmt, transactional=True):
+    """(position, why) when a statement changes a setting beyond its file's scope, else None.
+
+    In a transactional file the engine owns the transaction, and a plain ``SET``,
+    ``SET SESSION``, any ``RESET`` or ``set_config(..., false)`` outlives it: the setting
+    stays on the runner's connection for the later migrations and, through PgBouncer
+    transaction pooling, on a server connection other clients then use. ``SET LOCAL``,
+    ``SET CONSTRAINTS``, ``SET TRANSACTION`` and ``set_config(..., true)`` end with the
+    transaction and are fine. In a ``-- ledger:no-transaction`` file it is the other way
+    round: ``SET LOCAL`` has no transaction to live in (PostgreSQL only warns), while a
+    plain ``SET`` is discarded with the file's own connection. Only top-level statements
+    are checked: function bodies and DO blocks are not.
+    """
+    m = _SET_RE.match(stmt.masked)
+    if m:
+        cmd = m.group("cmd").upper()
+        scope = (m.group("scope") or "").upper()
+        what = (m.group("what") or "").upper()
+        if not transactional:
+            if cmd == "SET" and scope == "LOCAL":
+                return m.start("cmd") + 1, "local-outside-tx"
+            return None
+        if cmd == "SET" and scope == "LOCAL":
+            return None
+        if cmd == "SET" and not scope and what in ("CONSTRAINTS", "TRANSACTION"):
+            return None
+        return m.start("cmd") + 1, "session"
+    if transactional:
+        for call in _SET_CONFIG_RE.finditer(stmt.masked):
+            args = _call_args(stmt.masked, call.end() - 1)
+            if len(args) == 3 and args[2].strip().lower() != "true":
+                return call.start() + 1, "set_config"
+    return None
+
+
 def needs_no_transaction(stmt):
     """Why a statement can't run inside a transaction block, or None."""
     if _REWRITABLE.match(stmt.masked):
@@ -505,6 +580,26 @@ def _parse_file(path, filename):
                 "%s line %d: transaction control (%s) in a migration: the engine runs each migration in its own"
                 " transaction together with its history row; remove BEGIN/COMMIT from the file"
                 % (filename, st.line, st.keywords[0].upper()), file=filename, line=st.line)
+        setting = session_setting(st, transactional)
+        if setting:
+            pos, kind = setting
+            ln = st.line_at(pos)
+            if kind == "local-outside-tx":
+                why = ("SET LOCAL has no effect in a '-- ledger:no-transaction' file: there is no transaction to"
+                       " scope it (PostgreSQL only warns). Write a plain SET: such a file runs on a connection of"
+                       " its own that the engine resets and closes after the file, so the setting ends with it")
+            elif kind == "set_config":
+                why = ("set_config(name, value, false) changes the session, not the migration: the setting would"
+                       " outlive the migration's transaction, stay on the engine's connection for the later"
+                       " migrations and, through PgBouncer transaction pooling, on a server connection other"
+                       " clients then use. Pass true as the third argument (transaction-local), or write SET LOCAL")
+            else:
+                why = ("a session-level %s outlives the migration's transaction: the setting would stay on the"
+                       " engine's connection for the later migrations and, through PgBouncer transaction pooling,"
+                       " on a server connection other clients then use. Write SET LOCAL ... (or"
+                       " set_config(name, value, true)): it ends with the migration's transaction; a RESET is"
+                       " then never needed" % " ".join(st.masked.split()[:2]))
+            raise LedgerError("%s line %d: %s" % (filename, ln, why), file=filename, line=ln)
         if transactional:
             why = needs_no_transaction(st)
             if why:
@@ -601,39 +696,13 @@ def read_history(cur):
     return rows
 
 
-def inspect(conn, migrations, target=None, allow_out_of_order=False):
-    """Compare a database's history with a migration set. Read-only: writes and creates nothing.
-
-    ``conn`` is a psycopg2 connection or a URL. Returns a dict:
-      records: bool, migrations.history exists;
-      applied: history rows (version, name, checksum, applied_at, applied_by, execution_ms, run_id, kind);
-      current: newest applied version or None;
-      target: the effective target version (the newest in the set when None);
-      pending: Migration objects to apply, in order (versions <= target not applied; files
-               older than ``current`` only when allow_out_of_order);
-      above_target: versions of the set not applied and above the target;
-      drift: [{version, kind: edited|missing|renamed, recorded_name, recorded_checksum,
-               filename, file_checksum, message}];
-      out_of_order: [{version, filename, current, message}] (pending files older than current);
-      target_problem: a message when the target is unusable (unknown version, below current), else None.
-    """
-    conn, own = _as_conn(conn)
-    try:
-        with conn.cursor() as cur:
-            history = read_history(cur)
-        if not conn.autocommit:
-            conn.rollback()
-    finally:
-        if own:
-            conn.close()
-    records = history is not None
-    history = history or []
+def _drift(history, migrations):
+    """Applied rows whose file was edited, deleted or renamed (see inspect())."""
     by_version = dict((m.version, m) for m in migrations)
     by_checksum = {}
     for m in migrations:
         by_checksum.setdefault(m.checksum, m)
     applied_versions = set(r["version"] for r in history)
-    current = history[-1]["version"] if history else None
 
     drift = []
     for row in history:
@@ -664,6 +733,40 @@ def inspect(conn, migrations, target=None, allow_out_of_order=False):
                 "recorded_checksum": row["checksum"], "filename": m.filename, "file_checksum": m.checksum,
                 "message": "applied %s (%s) was edited since it was applied: recorded checksum %s, file checksum %s"
                            % (row["version"], m.filename, row["checksum"], m.checksum)})
+    return drift
+
+
+def inspect(conn, migrations, target=None, allow_out_of_order=False):
+    """Compare a database's history with a migration set. Read-only: writes and creates nothing.
+
+    ``conn`` is a psycopg2 connection or a URL. Returns a dict:
+      records: bool, migrations.history exists;
+      applied: history rows (version, name, checksum, applied_at, applied_by, execution_ms, run_id, kind);
+      current: newest applied version or None;
+      target: the effective target version (the newest in the set when None);
+      pending: Migration objects to apply, in order (versions <= target not applied; files
+               older than ``current`` only when allow_out_of_order);
+      above_target: versions of the set not applied and above the target;
+      drift: [{version, kind: edited|missing|renamed, recorded_name, recorded_checksum,
+               filename, file_checksum, message}];
+      out_of_order: [{version, filename, current, message}] (pending files older than current);
+      target_problem: a message when the target is unusable (unknown version, below current), else None.
+    """
+    conn, own = _as_conn(conn)
+    try:
+        with conn.cursor() as cur:
+            history = read_history(cur)
+        if not conn.autocommit:
+            conn.rollback()
+    finally:
+        if own:
+            conn.close()
+    records = history is not None
+    history = history or []
+    by_version = dict((m.version, m) for m in migrations)
+    applied_versions = set(r["version"] for r in history)
+    current = history[-1]["version"] if history else None
+    drift = _drift(history, migrations)
 
     newest = migrations[-1].version if migrations else None
     target_problem = None
@@ -744,6 +847,8 @@ def _settings(kw):
     s["statement_timeout_sql"], s["statement_timeout_s"] = parse_duration(s["statement_timeout"], "statement_timeout")
     s["connection_check_sql"], _ = parse_duration(s["connection_check"], "connection_check")
     s["lock_retries"] = max(0, int(s["lock_retries"]))
+    if s["lock_wait"] is None:
+        s["lock_wait"] = float(s["lock_ttl"]) + LOCK_WAIT_MARGIN
     for k in ("retry_backoff", "retry_backoff_max", "lock_wait", "lock_ttl"):
         s[k] = float(s[k])
     if s["lock_ttl"] < 1:
@@ -831,6 +936,55 @@ def invalid_indexes(conn):
             out.append({"schema": schema, "index": index, "table": table,
                         "cleanup": "DROP INDEX CONCURRENTLY IF EXISTS %s;" % qualified})
         return out
+
+
+def connection_route(conn, url=None):
+    """How a connection reaches PostgreSQL: {client_port, server_port, pooled}.
+
+    A pooler (PgBouncer) or proxy listens on a port of its own and reaches PostgreSQL
+    on PostgreSQL's ``port``. When the port this connection was opened to differs from
+    the server's ``port`` setting, something sits in between: the engine then assumes
+    a pooler, whose server connections (and so their session settings) are shared
+    with other clients. Port forwarding (a container's published port, an SSH tunnel)
+    looks the same; a pooler listening on PostgreSQL's own port is not detected.
+    ``conn`` must be in autocommit mode.
+    """
+    with conn.cursor() as cur:
+        cur.execute("SELECT current_setting('port')::int, inet_server_port()")
+        server_port, inet_port = cur.fetchone()
+    client_port = None
+    try:
+        client_port = int(conn.info.port)
+    except Exception:  # noqa: BLE001 - older psycopg2: fall back to the URL
+        if url:
+            try:
+                client_port = int(parse_url(url)["port"])
+            except Exception:  # noqa: BLE001
+                client_port = None
+    pooled = client_port is not None and client_port != int(server_port)
+    return {"client_port": client_port, "server_port": int(server_port), "backend_tcp_port": inet_port,
+            "pooled": pooled}
+
+
+def _db_identity(conn):
+    """(database, its oid, server start time): equal for two connections that reach the same database."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT current_database(), d.oid, pg_postmaster_start_time() FROM pg_catalog.pg_database d"
+                    " WHERE d.datname = current_database()")
+        return tuple(cur.fetchone())
+
+
+def _reset_session(conn):
+    """Discard every session setting of a connection of our own (a direct one, never a pooled one)."""
+    if conn is None or conn.closed:
+        return
+    try:
+        _safe_rollback(conn)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("RESET ALL")
+    except Exception:  # noqa: BLE001 - the connection is closed right after anyway
+        pass
 
 
 def _named_in(migration_statements, name):
@@ -988,17 +1142,26 @@ class Lease(object):
     raises LedgerError naming the holder when the wait runs out. A heartbeat
     thread renews the lease every ttl/3 seconds on its own connection (skipping
     while a migration transaction of this run holds the row). release() deletes it.
+
+    Ownership is decided by a token unique to this Lease object, never by the run
+    id alone: every inventory host of one playbook run shares ``ledger_run_id``, and
+    two hosts may point at one database (one through PgBouncer, one direct). The
+    token is ``run_id:<random hex>``; the row stores the run id in ``run_id`` and
+    the random part in ``holder`` (``user@host pid N lease <hex>``), and every check
+    (take, renew, lock in a migration transaction, release) compares both.
     """
 
-    def __init__(self, url, conn, run_id, ttl=60.0, wait=60.0, limit=None, poll=0.5):
+    def __init__(self, url, conn, run_id, ttl=60.0, wait=None, limit=None, poll=0.5):
         self.url = url
         self.conn = conn
         self.run_id = run_id
         self.ttl = float(ttl)
-        self.wait = float(wait)
+        self.wait = float(wait) if wait is not None else self.ttl + LOCK_WAIT_MARGIN
         self.limit = limit
         self.poll = poll
-        self.holder = "%s pid %d" % (actor(), os.getpid())
+        self.nonce = uuid.uuid4().hex[:16]
+        self.token = "%s:%s" % (run_id, self.nonce)
+        self.holder = "%s pid %d lease %s" % (actor(), os.getpid(), self.nonce)
         self.held = False
         self.lost = None
         self.waited_s = 0.0
@@ -1026,7 +1189,7 @@ class Lease(object):
             with conn.cursor() as cur:
                 cur.execute("SET LOCAL lock_timeout = '1s'")
                 try:
-                    cur.execute("SELECT run_id, expires_at < now() FROM migrations.lock WHERE id = 1"
+                    cur.execute("SELECT run_id, expires_at < now(), holder FROM migrations.lock WHERE id = 1"
                                 " FOR UPDATE NOWAIT")
                 except psycopg2.Error as exc:
                     if exc.pgcode != "55P03":
@@ -1047,8 +1210,9 @@ class Lease(object):
                             return "busy", self._read(cur2)
                     conn.commit()
                     return "acquired", None
-                if row[0] == self.run_id or row[1]:
-                    previous = None if row[0] == self.run_id else self._read(cur)
+                mine = self._is_mine(row[0], row[2])
+                if mine or row[1]:
+                    previous = None if mine else self._read(cur)
                     cur.execute("UPDATE migrations.lock SET run_id = %s, holder = %s, acquired_at = now(),"
                                 " renewed_at = now(), expires_at = clock_timestamp() + %s * interval '1 second'"
                                 " WHERE id = 1", (self.run_id, self.holder, self.ttl))
@@ -1065,6 +1229,10 @@ class Lease(object):
         finally:
             if not conn.closed:
                 conn.autocommit = True
+
+    def _is_mine(self, run_id, holder):
+        """Whether a lease row (run_id, holder) is this Lease object's (not merely this run id's)."""
+        return run_id == self.run_id and holder == self.holder
 
     def _event(self, outcome, duration_ms=None, detail=None):
         try:
@@ -1123,17 +1291,19 @@ class Lease(object):
 
     def check_in_tx(self, cur):
         """Inside a migration transaction: lock the lease row (held until commit) and check it is ours."""
-        cur.execute("SELECT run_id FROM migrations.lock WHERE id = 1 FOR UPDATE")
+        cur.execute("SELECT run_id, holder FROM migrations.lock WHERE id = 1 FOR UPDATE")
         row = cur.fetchone()
-        if row is None or row[0] != self.run_id:
-            raise LedgerError("this run lost its lease on %s (taken by run %s): stopped before the next migration"
-                              % (describe_target(self.url), row[0] if row else "nobody"),
+        if row is None or not self._is_mine(row[0], row[1]):
+            raise LedgerError("this run lost its lease on %s (%s): stopped before the next migration"
+                              % (describe_target(self.url),
+                                 "now held by run %s, %s" % (row[0], row[1]) if row else "nobody holds it"),
                               target=describe_target(self.url))
 
     def renew_in_tx(self, cur):
         cur.execute("UPDATE migrations.lock SET renewed_at = clock_timestamp(),"
-                    " expires_at = clock_timestamp() + %s * interval '1 second' WHERE id = 1 AND run_id = %s",
-                    (self.ttl, self.run_id))
+                    " expires_at = clock_timestamp() + %s * interval '1 second'"
+                    " WHERE id = 1 AND run_id = %s AND holder = %s",
+                    (self.ttl, self.run_id, self.holder))
 
     def _start_heartbeat(self):
         self._stop.clear()
@@ -1150,15 +1320,15 @@ class Lease(object):
                 with hb.cursor() as cur:
                     cur.execute("SET LOCAL lock_timeout = '1s'")
                     try:
-                        cur.execute("SELECT run_id FROM migrations.lock WHERE id = 1 FOR UPDATE NOWAIT")
+                        cur.execute("SELECT run_id, holder FROM migrations.lock WHERE id = 1 FOR UPDATE NOWAIT")
                     except psycopg2.Error as exc:
                         hb.rollback()
                         if exc.pgcode == "55P03":
                             continue  # our own migration transaction holds it: protected
                         raise
                     row = cur.fetchone()
-                    if row is None or row[0] != self.run_id:
-                        self.lost = row[0] if row else None
+                    if row is None or not self._is_mine(row[0], row[1]):
+                        self.lost = "%s (%s)" % (row[0], row[1]) if row else "nobody"
                         hb.rollback()
                         continue
                     self.renew_in_tx(cur)
@@ -1181,7 +1351,8 @@ class Lease(object):
             _safe_rollback(conn)
             conn.autocommit = True
             with conn.cursor() as cur:
-                cur.execute("DELETE FROM migrations.lock WHERE id = 1 AND run_id = %s", (self.run_id,))
+                cur.execute("DELETE FROM migrations.lock WHERE id = 1 AND run_id = %s AND holder = %s",
+                            (self.run_id, self.holder))
         except Exception:  # noqa: BLE001 - it expires by itself
             pass
 
@@ -1283,8 +1454,11 @@ class _CommitUnknown(Exception):
 class _Runner(object):
     """State of one apply or revert run (connection, lease, settings, what it did)."""
 
-    def __init__(self, url, migrations, run_id, s, limit, action):
+    def __init__(self, url, migrations, run_id, s, limit, action, direct_url=None):
         self.url = url
+        self.direct_url = direct_url or None
+        self.direct_checked = False
+        self.route = None
         self.target = describe_target(url)
         self.migrations = migrations
         self.run_id = run_id or new_run_id()
@@ -1309,6 +1483,75 @@ class _Runner(object):
         self.lease = Lease(self.url, self.conn, self.run_id, ttl=self.s["lock_ttl"], wait=self.s["lock_wait"],
                            limit=self.limit)
         self.lease.acquire()
+
+    # ------------------------------------------------------------------ no-transaction files
+    def check_nontx_route(self, files, records=True):
+        """Before any change: refuse no-transaction files through a pooler unless direct_url is set.
+
+        ``files``: (version, filename) of the no-transaction files (up or down) this run
+        would execute. Their statements run outside a transaction, so their settings
+        can't be SET LOCAL; through PgBouncer's transaction pooling they would land on
+        server connections that other clients then use. They run on a connection of
+        their own: to direct_url when set (checked to reach the same database), else to
+        the database URL, which must then not go through a pooler.
+        """
+        if not files:
+            return
+        names = ", ".join(f for _, f in files)
+        if self.direct_url:
+            if self.direct_checked:
+                return
+            try:
+                dconn = connect(self.direct_url, autocommit=True)
+            except LedgerError as exc:
+                raise LedgerError("migrate_direct_url (for %s): %s" % (names, exc.msg),
+                                  target=self.target, direct_target=describe_target(self.direct_url),
+                                  next_command="fix migrate_direct_url (it must reach PostgreSQL directly)")
+            try:
+                same = _db_identity(dconn) == _db_identity(self.conn)
+            finally:
+                dconn.close()
+            if not same:
+                raise LedgerError(
+                    "refusing to %s on %s before any change: migrate_direct_url (%s) does not reach the same database"
+                    " (another database name, oid or server)\n  next: point migrate_direct_url at the same database"
+                    " as database_url, connecting to PostgreSQL directly" % (
+                        self.action, self.target, describe_target(self.direct_url)),
+                    target=self.target, direct_target=describe_target(self.direct_url),
+                    next_command="point migrate_direct_url at the same database as database_url")
+            self.direct_checked = True
+            return
+        if self.route is None:
+            self.route = connection_route(self.conn, self.url)
+        if not self.route["pooled"]:
+            return
+        rt = self.route
+        rerun = ("ansible-playbook playbooks/rollback.yml -l %s -e rollback_to=..." if self.action == "revert"
+                 else "ansible-playbook playbooks/migrate.yml -l %s") % self.limit
+        nxt = ("set migrate_direct_url for this host (in the inventory) to a URL of the same database that reaches"
+               " PostgreSQL directly, not through the pooler (the server listens on port %s):"
+               " migrate_direct_url: postgresql://USER@DBHOST:%s/DBNAME; it is used only for the no-transaction"
+               " files; then re-run `%s`. If this URL does reach PostgreSQL directly (a forwarded port), set"
+               " migrate_direct_url to this same URL" % (rt["server_port"], rt["server_port"], rerun))
+        msg = ("refusing to %s on %s before any change: %s run(s) outside a transaction (-- ledger:no-transaction), and"
+               " this URL goes through a connection pooler or proxy (it connects to port %s; the server listens on"
+               " port %s). Outside a transaction, settings can't be SET LOCAL: the session settings of such a file"
+               " (lock_timeout, statement_timeout, client_connection_check_interval, its own SETs) would land on pooled"
+               " server connections that other clients then use, and PgBouncer in transaction mode may run"
+               " consecutive statements on different server connections\n  next: %s"
+               % (self.action, self.target, names, rt["client_port"], rt["server_port"], nxt))
+        if records:
+            self.event(self.action, "refused", None, None,
+                       {"problems": ["no-transaction file(s) through a pooler: %s" % names], "route": rt})
+        raise LedgerError(msg, target=self.target, route=rt, nontx_files=[f for _, f in files],
+                          next_command=nxt, applied=[d["version"] for d in self.done])
+
+    def nontx_conn(self):
+        """A connection of its own for one no-transaction file: direct_url, else the database URL.
+
+        It is reset and closed after the file, so nothing the file sets outlives it.
+        """
+        return connect(self.direct_url or self.url, autocommit=True)
 
     def reconnect(self):
         try:
@@ -1403,7 +1646,7 @@ class _Runner(object):
 
 def apply(url, migrations, target=None, run_id=None, limit=None, allow_out_of_order=False, lock_timeout=None,
           statement_timeout=None, lock_retries=None, retry_backoff=None, lock_wait=None, lock_ttl=None,
-          connection_check=None, **_ignored):
+          connection_check=None, direct_url=None, **_ignored):
     """Apply the pending migrations of ``migrations`` (up to ``target``) to the database at ``url``.
 
     Order of work: a read-only inspection (nothing pending: return at once, no
@@ -1418,10 +1661,17 @@ def apply(url, migrations, target=None, run_id=None, limit=None, allow_out_of_or
       a lock timeout or deadlock rolls it back and retries it after
       ``retry_backoff * 2^n`` s (jittered) up to ``lock_retries`` times (each retry
       is a ``lock_wait`` event);
-    * ``-- ledger:no-transaction``: statement by statement in autocommit (session
-      timeouts, reset afterwards), then the history row and event in one short
-      transaction. Refused first if an INVALID index named in the file exists; on
-      failure the INVALID indexes it left are reported with their cleanup SQL.
+    * ``-- ledger:no-transaction``: statement by statement in autocommit on a
+      connection of its own (session timeouts; RESET ALL and closed afterwards), then
+      the history row and event in one short transaction. That connection goes to
+      ``direct_url`` when given (checked to reach the same database), else to ``url``,
+      which must then not go through a pooler (see connection_route()): through
+      PgBouncer such files are refused before any change. Refused first if an INVALID
+      index named in the file exists; on failure the INVALID indexes it left are
+      reported with their cleanup SQL.
+
+    ``lock_wait`` defaults to ``lock_ttl + 30`` s, so a run started right after a
+    runner was killed outwaits the dead run's lease.
 
     Returns {changed, applied: [{version, name, filename, execution_ms, attempts,
     transactional}], pending: [], above_target: [versions above the target], version_before,
@@ -1434,12 +1684,14 @@ def apply(url, migrations, target=None, run_id=None, limit=None, allow_out_of_or
     s = _settings({"lock_timeout": lock_timeout, "statement_timeout": statement_timeout,
                    "lock_retries": lock_retries, "retry_backoff": retry_backoff, "lock_wait": lock_wait,
                    "lock_ttl": lock_ttl, "connection_check": connection_check})
-    r = _Runner(url, migrations, run_id, s, limit, "apply")
+    r = _Runner(url, migrations, run_id, s, limit, "apply", direct_url=direct_url)
     t0 = time.monotonic()
     try:
         info = inspect(r.conn, migrations, target, allow_out_of_order)
         r.version_before = info["current"]
         _refuse(r, info)
+        r.check_nontx_route([(m.version, m.filename) for m in info["pending"] if not m.transactional],
+                            records=info["records"])
         base = {"changed": False, "applied": [], "pending": [], "above_target": info["above_target"],
                 "version_before": info["current"], "version_after": info["current"], "run_id": r.run_id,
                 "target": r.target, "target_version": info["target"], "drift": [], "lock": None}
@@ -1451,10 +1703,12 @@ def apply(url, migrations, target=None, run_id=None, limit=None, allow_out_of_or
         info = inspect(r.conn, migrations, target, allow_out_of_order)
         r.version_before = info["current"]
         _refuse(r, info)
+        r.check_nontx_route([(m.version, m.filename) for m in info["pending"] if not m.transactional])
         for m in info["pending"]:
             if r.lease.lost is not None:
-                raise LedgerError("this run lost its lease on %s to run %s: stopped" % (r.target, r.lease.lost),
-                                  target=r.target)
+                raise LedgerError("this run lost its lease on %s (now held by: %s): stopped before %s"
+                                  % (r.target, r.lease.lost, m.filename), target=r.target,
+                                  applied=[d["version"] for d in r.done])
             if m.transactional:
                 rec = _apply_tx(r, m)
             else:
@@ -1545,7 +1799,8 @@ def _apply_tx(r, m):
             raise LedgerError("%s was recorded by another run meanwhile: stopped" % m.version, target=r.target)
         _history_insert(cur, r, m, ms)
         log_event(cur, r.run_id, "apply", "ok", m.version, ms,
-                  {"filename": m.filename, "checksum": m.checksum, "statements": len(m.statements)})
+                  {"filename": m.filename, "checksum": m.checksum, "statements": len(m.statements),
+                   "lease": r.lease.token if r.lease is not None else None})
 
     def once():
         del r.conn.notices[:]
@@ -1576,11 +1831,20 @@ def _apply_tx(r, m):
 
 
 def _recorded(r, version):
+    """Whether THIS runner committed ``version`` (after a connection lost during COMMIT).
+
+    The run id alone can't tell: every host of one playbook run shares it. The apply
+    event, committed in the same transaction as the history row, carries this
+    runner's lease token.
+    """
+    token = r.lease.token if r.lease is not None else None
     try:
         with r.conn.cursor() as cur:
-            cur.execute("SELECT run_id FROM migrations.history WHERE version = %s", (version,))
-            row = cur.fetchone()
-            return row is not None and row[0] == r.run_id
+            cur.execute("SELECT EXISTS (SELECT 1 FROM migrations.history WHERE version = %s AND run_id = %s)"
+                        " AND EXISTS (SELECT 1 FROM migrations.events WHERE action = 'apply' AND outcome = 'ok'"
+                        "             AND version = %s AND run_id = %s AND detail->>'lease' = %s)",
+                        (version, r.run_id, version, r.run_id, token))
+            return bool(cur.fetchone()[0])
     except psycopg2.Error:
         return False
 
@@ -1602,18 +1866,20 @@ def _apply_nontx(r, m):
                           applied=[d["version"] for d in r.done])
     before = set((i["schema"], i["index"]) for i in invalid_indexes(r.conn))
     done_lines = []
-    del r.conn.notices[:]
-    with r.conn.cursor() as cur:
-        _set_local(cur, r.s, local=False)
-    t1 = time.monotonic()
+    # A connection of its own (direct_url, else the database URL, never a pooler: see
+    # check_nontx_route): session-level timeouts, then RESET ALL and closed after the file.
+    nconn = r.nontx_conn()
     try:
+        with nconn.cursor() as cur:
+            _set_local(cur, r.s, local=False)
+        t1 = time.monotonic()
         for stmt in m.statements:
             def once(stmt=stmt):
                 try:
-                    with r.conn.cursor() as cur:
+                    with nconn.cursor() as cur:
                         cur.execute(stmt.text)
                 except psycopg2.Error as exc:
-                    lost = exc.pgcode is None or r.conn.closed
+                    lost = exc.pgcode is None or bool(nconn.closed)
                     # A CONCURRENTLY build that timed out late leaves an INVALID index: never retry over it.
                     left = not lost and any((i["schema"], i["index"]) not in before
                                             for i in invalid_indexes(r.conn))
@@ -1642,20 +1908,18 @@ def _apply_nontx(r, m):
                                     "statements_applied": done_lines, "transactional": False},
                              advice=advice, next_command=nxt)
             done_lines.append(stmt.line)
+        notices = [n.strip() for n in nconn.notices][-20:]
     finally:
-        if not r.conn.closed:
-            try:
-                with r.conn.cursor() as cur:
-                    cur.execute("RESET lock_timeout; RESET statement_timeout; RESET client_connection_check_interval")
-            except psycopg2.Error:
-                pass
+        _reset_session(nconn)
+        if not nconn.closed:
+            nconn.close()
     ms = _ms(t1)
 
     def finish(cur, _ms_unused):
         _history_insert(cur, r, m, ms)
         log_event(cur, r.run_id, "apply", "ok", m.version, ms,
                   {"filename": m.filename, "checksum": m.checksum, "statements": len(m.statements),
-                   "transactional": False})
+                   "transactional": False, "lease": r.lease.token if r.lease is not None else None})
 
     try:
         r.with_retries("record", m.version, m.filename, lambda: _run_in_tx(r.conn, r.lease, r.s, [], finish))
@@ -1664,7 +1928,6 @@ def _apply_nontx(r, m):
                      advice="its statements were applied but its history row could not be written; re-running"
                             " runs the (re-runnable) file again",
                      next_command="ansible-playbook playbooks/migrate.yml -l %s" % r.limit)
-    notices = [n.strip() for n in r.conn.notices][-20:]
     return {"version": m.version, "name": m.name, "filename": m.filename, "execution_ms": ms, "attempts": 1,
             "transactional": False, "duration_ms": _ms(t0), "notices": notices}
 
@@ -1693,11 +1956,15 @@ def revert_plan(applied, migrations, to_version):
 
 def revert(url, migrations, to_version, run_id=None, limit=None, check=False, lock_timeout=None,
            statement_timeout=None, lock_retries=None, retry_backoff=None, lock_wait=None, lock_ttl=None,
-           connection_check=None, **_ignored):
+           connection_check=None, direct_url=None, **_ignored):
     """Revert the applied migrations above ``to_version`` ('base': all), newest first, with their down scripts.
 
     Refuses before any change when a needed ``.down.sql`` is missing (naming them,
-    offering restore). Each revert is one transaction holding the down script's
+    offering restore), when the up file of a migration to revert was edited or
+    renamed since it was applied (its down script may not undo what was applied:
+    accept_checksum or restore the file), and when a no-transaction down script would
+    run through a pooler without ``direct_url`` (as apply()). The plan is computed
+    again under the lease, with the same refusals. Each revert is one transaction holding the down script's
     statements, the DELETE of its history row and its ``revert`` event, under the
     lease, the timeouts and the retries of apply(). ``check=True`` rehearses the
     down scripts, newest first, in one rolled-back transaction and writes nothing.
@@ -1708,25 +1975,16 @@ def revert(url, migrations, to_version, run_id=None, limit=None, check=False, lo
     s = _settings({"lock_timeout": lock_timeout, "statement_timeout": statement_timeout,
                    "lock_retries": lock_retries, "retry_backoff": retry_backoff, "lock_wait": lock_wait,
                    "lock_ttl": lock_ttl, "connection_check": connection_check})
-    r = _Runner(url, migrations, run_id, s, limit, "revert")
+    r = _Runner(url, migrations, run_id, s, limit, "revert", direct_url=direct_url)
     t0 = time.monotonic()
     try:
         with r.conn.cursor() as cur:
             applied = read_history(cur) or []
         r.version_before = applied[-1]["version"] if applied else None
-        steps, missing = revert_plan(applied, migrations, to_version)
+        steps = _revert_refusals(r, applied, migrations, to_version, check)
         base = {"changed": False, "reverted": [], "version_before": r.version_before,
                 "version_after": r.version_before, "run_id": r.run_id, "target": r.target,
                 "to_version": str(to_version), "plan": [v for v, _, _ in steps]}
-        if missing:
-            nxt = ("add the missing down script(s), or restore a backup: `ansible-playbook playbooks/rollback.yml"
-                   " -l %s -e rollback_mode=restore`" % r.limit)
-            msg = ("refusing to revert %s to %s before any change: no down script for %s (expected %s)\n  next: %s"
-                   % (r.target, to_version, ", ".join(missing),
-                      ", ".join("%s_<name>.down.sql" % v for v in missing), nxt))
-            if not check and applied:
-                r.event("revert", "refused", None, None, {"missing_down": missing, "to_version": str(to_version)})
-            raise LedgerError(msg, target=r.target, missing_down=missing, next_command=nxt)
         if not steps:
             base["msg"] = "%s is at %s: nothing to revert down to %s" % (r.target, r.version_before or "no version",
                                                                        to_version)
@@ -1749,19 +2007,73 @@ def revert(url, migrations, to_version, run_id=None, limit=None, check=False, lo
                                   next_command="fix %s and re-run the rehearsal" % f["filename"])
             return base
         r.take_lease()
+        # The history may have changed while this run waited for the lease: plan (and refuse) again.
         with r.conn.cursor() as cur:
             applied = read_history(cur) or []
         r.version_before = applied[-1]["version"] if applied else None
-        steps, missing = revert_plan(applied, migrations, to_version)
+        steps = _revert_refusals(r, applied, migrations, to_version, check, under_lease=True)
         for version, row, down in steps:
             r.done.append(_revert_one(r, version, row, down))
         base.update({"changed": bool(r.done), "reverted": r.done, "version_before": r.version_before,
-                     "version_after": _floor_version(applied, to_version), "duration_ms": _ms(t0)})
-        base["msg"] = "reverted %s on %s (now at %s)" % (", ".join(d["version"] for d in r.done), r.target,
-                                                         base["version_after"] or "no version")
+                     "version_after": _floor_version(applied, to_version), "duration_ms": _ms(t0),
+                     "plan": [v for v, _, _ in steps]})
+        if r.done:
+            base["msg"] = "reverted %s on %s (now at %s)" % (", ".join(d["version"] for d in r.done), r.target,
+                                                             base["version_after"] or "no version")
+        else:
+            base["msg"] = "%s is at %s: nothing to revert down to %s (another run reverted them meanwhile)" % (
+                r.target, r.version_before or "no version", to_version)
         return base
     finally:
         r.close()
+
+
+def nontx_route_problem(url, pending, direct_url=None, limit=None, action="apply"):
+    """Read-only: the LedgerError a real run would raise for the no-transaction files of ``pending``
+    (Migration objects) through a pooler without ``direct_url``, or None. For rehearsals (--check)."""
+    files = [(m.version, m.filename) for m in pending if not m.transactional]
+    if not files:
+        return None
+    r = _Runner(url, pending, "rehearsal", _settings({}), limit, action, direct_url=direct_url)
+    try:
+        r.check_nontx_route(files, records=False)
+    except LedgerError as exc:
+        return exc
+    finally:
+        r.conn.close()
+    return None
+
+
+def _revert_refusals(r, applied, migrations, to_version, check, under_lease=False):
+    """The revert plan's steps; LedgerError (with a ``refused`` event on a real run) before any change when
+    a down script is missing, an up file to revert drifted, or a no-transaction down script would run
+    through a pooler without direct_url."""
+    steps, missing = revert_plan(applied, migrations, to_version)
+    when = " (found under the lease: the history changed while this run waited)" if under_lease else ""
+    if missing:
+        nxt = ("add the missing down script(s), or restore a backup: `ansible-playbook playbooks/rollback.yml"
+               " -l %s -e rollback_mode=restore`" % r.limit)
+        msg = ("refusing to revert %s to %s before any change: no down script for %s (expected %s)%s\n  next: %s"
+               % (r.target, to_version, ", ".join(missing),
+                  ", ".join("%s_<name>.down.sql" % v for v in missing), when, nxt))
+        if not check and applied:
+            r.event("revert", "refused", None, None, {"missing_down": missing, "to_version": str(to_version)})
+        raise LedgerError(msg, target=r.target, missing_down=missing, next_command=nxt, reverted=[])
+    plan_versions = set(v for v, _, _ in steps)
+    drift = [d for d in _drift(applied, migrations or [])
+             if d["version"] in plan_versions and d["kind"] in ("edited", "renamed")]
+    if drift:
+        nxt = ("restore the applied file(s) as they were applied, or, for an intended edit (the down script"
+               " matches the edited file), accept it first: `ansible-playbook playbooks/accept_checksum.yml -l %s"
+               " -e migrate_accept_version=%s`; then re-run the rollback" % (r.limit, drift[0]["version"]))
+        msg = ("refusing to revert %s to %s before any change: the up file of a migration to revert changed since"
+               " it was applied, so its down script may not undo what was applied:\n  - %s%s\n  next: %s"
+               % (r.target, to_version, "\n  - ".join(d["message"] for d in drift), when, nxt))
+        if not check and applied:
+            r.event("revert", "refused", None, None, {"drift": drift, "to_version": str(to_version)})
+        raise LedgerError(msg, target=r.target, drift=drift, next_command=nxt, reverted=[])
+    r.check_nontx_route([(v, d[1]) for v, _, d in steps if not d[2]], records=bool(applied) and not check)
+    return steps
 
 
 def _floor_version(applied, to_version):
@@ -1803,23 +2115,24 @@ def _revert_one(r, version, row, down):
             r.reconnect()
             raise r.fail(version, filename, path, _StepFailed(exc.err, None), "revert (commit)", next_command=nxt)
     else:
-        with r.conn.cursor() as cur:
-            _set_local(cur, r.s, local=False)
-        t1 = time.monotonic()
+        nconn = r.nontx_conn()  # of its own (direct_url, else the URL; never a pooler): reset and closed after
         try:
+            with nconn.cursor() as cur:
+                _set_local(cur, r.s, local=False)
+            t1 = time.monotonic()
             for stmt in statements:
                 try:
                     r.with_retries("revert", version, filename,
-                                   lambda stmt=stmt: _run_statements(r.conn.cursor(), [stmt]))
+                                   lambda stmt=stmt: _run_statements(nconn.cursor(), [stmt]))
                 except _StepFailed as exc:
                     if exc.lost:
                         r.reconnect()
                     raise r.fail(version, filename, path, exc, "non-transactional revert",
                                  extra={"invalid_indexes": invalid_indexes(r.conn)}, next_command=nxt)
         finally:
-            if not r.conn.closed:
-                with r.conn.cursor() as cur:
-                    cur.execute("RESET lock_timeout; RESET statement_timeout; RESET client_connection_check_interval")
+            _reset_session(nconn)
+            if not nconn.closed:
+                nconn.close()
         ms = _ms(t1)
         attempts = 1
         try:

@@ -23,8 +23,12 @@ description:
     rolled back (a rehearsal); the module reports per file whether it would apply or fail (SQLSTATE,
     file, line) and writes nothing at all.
   - A file whose header contains C(-- ledger:no-transaction) runs statement by statement outside a
-    transaction (for C(CREATE INDEX CONCURRENTLY)); after a failure the INVALID indexes it left are
-    reported with their cleanup SQL.
+    transaction (for C(CREATE INDEX CONCURRENTLY)), on a connection of its own that is reset and closed
+    after the file; after a failure the INVALID indexes it left are reported with their cleanup SQL.
+    Through a connection pooler such files are refused before any change unless O(direct_url) is set.
+  - A plain (session-level) C(SET), C(SET SESSION), C(RESET) or C(set_config(..., false)) in a
+    transactional migration is refused when the set is read, with its file and line, because it would
+    outlive the migration's transaction. Use C(SET LOCAL) or C(set_config(..., true)).
   - The engine lives in C(module_utils/ledger_engine.py); the migrate role's README describes every behaviour.
 version_added: "1.0.0"
 author:
@@ -86,14 +90,23 @@ options:
   lock_wait:
     description:
       - Seconds to wait for another run's lease before failing with that run's identity.
+      - Defaults to O(lock_ttl) + 30, so that a run started right after a runner was killed waits for the
+        dead run's lease to expire and takes it over.
     type: float
-    default: 60
   lock_ttl:
     description:
       - Lifetime in seconds of this run's lease; it is renewed while the run is alive, and a run that died
         frees the database after at most this long.
     type: float
     default: 60
+  direct_url:
+    description:
+      - libpq URI reaching the same database B(directly), not through PgBouncer or another pooler.
+      - Used only for the statements of C(-- ledger:no-transaction) files, which can't scope their settings to
+        a transaction. Empty uses O(database_url), and then such files are refused when O(database_url) goes
+        through a pooler (detected when the port it connects to differs from the server's C(port) setting).
+      - Checked to reach the same database (name, oid, server start time); never shown in output.
+    type: str
   allow_out_of_order:
     description:
       - Apply pending files older than the newest applied version instead of refusing them.
@@ -282,6 +295,7 @@ from ansible.module_utils.ledger_engine import (
     format_rehearsal,
     inspect,
     load_migration_set,
+    nontx_route_problem,
     plan_problems,
     rehearse,
     revert,
@@ -296,8 +310,9 @@ def _settings(p):
         "statement_timeout": p["statement_timeout"],
         "lock_retries": p["lock_retries"],
         "retry_backoff": p["lock_retry_backoff"],
-        "lock_wait": p["lock_wait"],
+        "lock_wait": p.get("lock_wait"),
         "lock_ttl": p["lock_ttl"],
+        "direct_url": p.get("direct_url") or None,
     }
 
 
@@ -316,6 +331,7 @@ def _rehearsal(module, url, migrations, p, record):
         return dict(common, changed=False, pending=[], rehearsal=[], version_after=info["current"],
                     msg="%s is at %s: nothing to apply (target %s)" % (target, info["current"] or "no version",
                                                                       info["target"]))
+    route_problem = nontx_route_problem(url, pending, direct_url=p.get("direct_url"), limit=p["limit"])
     results = rehearse(url, pending, run_id=p["run_id"], record_event=record, **_settings(p))
     lines = format_rehearsal(results)
     failed = [r for r in results if r["status"] == "would_fail"]
@@ -333,8 +349,24 @@ def _rehearsal(module, url, migrations, p, record):
         fields = dict((k, v) for k, v in out.items() if k != "version_after")
         raise LedgerError(msg, **dict(fields, file=f["filename"], line=f["line"], sqlstate=f["sqlstate"],
                                       message=f["message"], hint=f.get("hint"), next_command=nxt))
+    if route_problem:
+        # Every file would apply, but the real run would refuse its no-transaction files: say so now.
+        raise LedgerError("rehearsal on %s: every file would apply, but the real run would refuse: %s\n  %s"
+                          % (target, route_problem.msg, "\n  ".join(lines)),
+                          **dict(out, next_command=route_problem.fields.get("next_command")))
     out["msg"] = "rehearsal on %s (rolled back, nothing written):\n  %s" % (target, "\n  ".join(lines))
     return out
+
+
+def failure_changed(action, check_mode, fields):
+    """Whether a failed call changed the target: a failed apply or revert may have done part of its work."""
+    if check_mode:
+        return False
+    if action == "apply":
+        return bool(fields.get("applied")) or bool(fields.get("statements_applied"))
+    if action == "revert":
+        return bool(fields.get("reverted"))
+    return False
 
 
 def run(module):
@@ -374,10 +406,10 @@ def run(module):
         return result
     if action == "baseline":
         return baseline(url, migrations, p["baseline_version"], check=module.check_mode,
-                        lock_wait=p["lock_wait"], lock_ttl=p["lock_ttl"], **common)
+                        lock_wait=p.get("lock_wait"), lock_ttl=p["lock_ttl"], **common)
     if action == "accept_checksum":
         return accept_checksum(url, migrations, p["accept_version"], check=module.check_mode,
-                               lock_wait=p["lock_wait"], lock_ttl=p["lock_ttl"], **common)
+                               lock_wait=p.get("lock_wait"), lock_ttl=p["lock_ttl"], **common)
     raise LedgerError("unknown action %s" % action)  # pragma: no cover - choices prevent it
 
 
@@ -394,8 +426,9 @@ def main():
             statement_timeout=dict(type="str", default="0"),
             lock_retries=dict(type="int", default=3),
             lock_retry_backoff=dict(type="float", default=0.5),
-            lock_wait=dict(type="float", default=60.0),
+            lock_wait=dict(type="float"),
             lock_ttl=dict(type="float", default=60.0),
+            direct_url=dict(type="str", no_log=True),
             allow_out_of_order=dict(type="bool", default=False),
             baseline_version=dict(type="str"),
             accept_version=dict(type="str"),
@@ -419,7 +452,8 @@ def main():
         fields.setdefault("target", target)
         fields.pop("changed", None)
         fields.pop("failed", None)
-        module.fail_json(msg=redact(exc.msg), changed=False, **fields)
+        changed = failure_changed(module.params["action"], module.check_mode, fields)
+        module.fail_json(msg=redact(exc.msg), changed=changed, **fields)
     except Exception as exc:  # noqa: BLE001 - never a bare traceback, never the password
         module.fail_json(msg="ledger_migrate failed unexpectedly on %s: %s: %s" % (
             target, type(exc).__name__, redact(str(exc))), target=target)
