@@ -110,6 +110,35 @@ def test_backup_is_verified_by_a_restore_and_rows_compare(seeded_db, pg_cluster,
     assert outcome == "ok" and detail["sha256"] == result["sha256"] and detail["verified"] is True
 
 
+def test_manifest_names_the_server_and_counts_rows_with_a_read_verification(seeded_db, tmp_path):
+    """Without backup_verify=restore, the manifest still has exact counts (for the restore's check) and the
+    server's system_identifier with the database name (what identifies the target under any hostname)."""
+    result = run(seeded_db, tmp_path / "b")
+    manifest = json.loads(Path(result["manifest"]).read_text())
+    assert "scratch database" not in manifest["verify_method"]
+    assert manifest["row_counts"] == {"app.settings": 2, "public.customers": 20000}
+    assert manifest["row_counts_method"] == "count(*) in the dump's snapshot"
+    sysid, dbname = sql(seeded_db, "SELECT system_identifier::text, current_database() FROM pg_control_system()")[0]
+    assert manifest["system_identifier"] == sysid and manifest["database"] == dbname
+    # backup_row_counts=false skips the scans (the manifest says there are no counts).
+    off = run(seeded_db, tmp_path / "c", row_counts=False)
+    assert json.loads(Path(off["manifest"]).read_text())["row_counts"] is None
+
+
+def test_retention_counts_the_backups_of_one_server_under_any_hostname(seeded_db, tmp_path):
+    via_localhost = seeded_db.replace("@127.0.0.1:", "@localhost:")
+    backups = tmp_path / "b"
+    run(seeded_db, backups, retention=0, row_counts=False)
+    second = run(via_localhost, backups, retention=0, row_counts=False)
+    third = run(seeded_db, backups, retention=2, row_counts=False)
+    assert Path(second["backup_file"]).name.startswith("localhost-")
+    assert sorted(p.name for p in backups.glob("*.dump")) == sorted(
+        Path(f).name for f in (second["backup_file"], third["backup_file"]))
+    identity = {"system_identifier": second["system_identifier"], "database": second["database"]}
+    newest = bu.find_newest_verified(str(backups), bu.target_slug(via_localhost), identity)
+    assert newest["backup_path"] == third["backup_file"]
+
+
 def test_counts_and_dump_share_one_snapshot(seeded_db, tmp_path):
     """Rows inserted while the dump runs are neither counted nor dumped: the restore check still agrees."""
     stop = threading.Event()

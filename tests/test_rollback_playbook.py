@@ -97,9 +97,37 @@ def test_on_failure_rollback_reverts_only_this_runs_migrations(runner):
     assert history(runner.url) == ["0008", "0009"]
 
 
-def test_on_failure_rollback_restores_the_runs_backup_when_a_down_script_is_missing(runner, pg_cluster):
+def test_on_failure_rollback_never_restores_silently_when_a_down_script_is_missing(runner, pg_cluster):
+    """A restore would discard every write since the backup: without rollback_allow_data_loss the target stays
+    as the failure left it, the failure is still reported, and the exact restore command is printed (and works)."""
     next(runner.migrations.glob("0010_*.down.sql")).unlink()
     rc, out = runner.run("migrate.yml", "-e", "on_failure=rollback", "-e", "precheck_rehearse=false")
+    assert rc != 0, out
+    assert "0012_fails_on_purpose.sql line 3: SQLSTATE 22012" in out
+    assert "on_failure=rollback did NOT roll back rbdb: the revert is impossible, there is no down script for 0010" \
+        in out
+    assert "expected 0010_<name>.down.sql" in out and "not done without rollback_allow_data_loss=true" in out
+    assert "left as the failure left it, at version 0011" in out
+    backup_file = next((runner.tmp / "backups").glob("*.dump"))
+    command = ("ansible-playbook playbooks/rollback.yml -l rbdb -e rollback_mode=restore -e backup_file=%s"
+               % backup_file)
+    assert command in out
+    assert history(runner.url) == ["0008", "0009", "0010", "0011"]
+    assert q(runner.url, "SELECT count(*) FROM migrations.events WHERE action = 'restore'") == [(0,)]
+    name = runner.url.rsplit("/", 1)[1]
+    assert q(pg_cluster.url(), "SELECT count(*) FROM pg_database WHERE datname LIKE %s",
+             (name + "\\_%restore\\_%",)) == [(0,)]
+
+    # The printed command does what it says.
+    rc, out = runner.run("rollback.yml", *command.split(" -l rbdb ")[1].split())
+    assert rc == 0, out
+    assert history(runner.url) == []
+
+
+def test_on_failure_rollback_restores_the_runs_backup_when_allowed_to_lose_data(runner, pg_cluster):
+    next(runner.migrations.glob("0010_*.down.sql")).unlink()
+    rc, out = runner.run("migrate.yml", "-e", "on_failure=rollback", "-e", "precheck_rehearse=false",
+                         "-e", "rollback_allow_data_loss=true")
     assert rc != 0, out
     assert "SQLSTATE 22012" in out
     assert "no down script for 0010" in out and "restoring the backup this run took instead" in out

@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import psycopg2
+import psycopg2.extras
 import pytest
 
 from ansible.module_utils.ledger_common import LedgerError, ensure_records
@@ -255,10 +258,122 @@ def test_unverified_or_foreign_backups_are_refused(target, tmp_path):
     with pytest.raises(LedgerError) as err:
         target.restore(backup_file=taken["backup_file"])
     assert "failed its verification" in err.value.msg
-    Path(taken["manifest"]).write_text(json.dumps(dict(manifest, target_slug="elsewhere-5432-ledger")))
+    # Another server (its system_identifier) or another database of this one: not this target, whatever the
+    # slug says; never picked as "the newest", and refused as backup_file without the override.
+    for foreign in (dict(manifest, system_identifier="1234"), dict(manifest, database="another_ledger")):
+        Path(taken["manifest"]).write_text(json.dumps(foreign))
+        with pytest.raises(LedgerError) as err:
+            target.restore()
+        assert "no verified backup" in err.value.msg
+        with pytest.raises(LedgerError) as err:
+            target.restore(backup_file=taken["backup_file"])
+        assert "not restored over another database" in err.value.msg
+        assert "-e rollback_backup_other_target=true" in err.value.msg
+        assert err.value.fields["refused"] == "other_target"
+    # A manifest written before identities were recorded: the host-port-db slug decides.
+    old = dict((k, v) for k, v in manifest.items() if k != "system_identifier")
+    Path(taken["manifest"]).write_text(json.dumps(dict(old, target_slug="elsewhere-5432-ledger")))
     with pytest.raises(LedgerError) as err:
         target.restore(backup_file=taken["backup_file"])
     assert "not restored over another database" in err.value.msg
+    Path(taken["manifest"]).write_text(json.dumps(old))
+    assert target.restore(check_mode=True)["backup_file"] == taken["backup_file"]
+
+
+def test_a_backup_taken_through_another_hostname_is_of_this_target(target, tmp_path):
+    """localhost and 127.0.0.1 reach the same server: the manifest's system_identifier and database say so."""
+    via_localhost = target.url.replace("@127.0.0.1:", "@localhost:")
+    taken = backup.run_backup({"database_url": via_localhost, "backup_dir": str(target.backup_dir),
+                               "retention": 0, "run_id": "test-backup"})
+    manifest = json.loads(Path(taken["manifest"]).read_text())
+    assert manifest["target_slug"].startswith("localhost-")
+    assert manifest["system_identifier"] and manifest["database"] == target.name
+    revert_0011(target.url)
+    result = target.restore()
+    assert result["backup_file"] == taken["backup_file"] and result["other_target"] is False
+    assert history(target.url) == ["0008", "0009", "0010", "0011"]
+
+
+def test_a_backup_of_another_target_is_restored_only_when_asked(target):
+    taken = target.take_backup()
+    revert_0011(target.url)
+    manifest = json.loads(Path(taken["manifest"]).read_text())
+    Path(taken["manifest"]).write_text(json.dumps(dict(manifest, system_identifier="1234")))
+    result = target.restore(backup_file=taken["backup_file"], backup_other_target=True)
+    assert result["other_target"] is True and result["backup_system_identifier"] == "1234"
+    assert history(target.url) == ["0008", "0009", "0010", "0011"]
+
+
+def test_the_copy_is_checked_against_the_row_counts_of_a_read_verified_backup(target):
+    """backup_verify=read (the default) still records exact counts; a copy that differs is never swapped in."""
+    taken = target.take_backup()
+    manifest = json.loads(Path(taken["manifest"]).read_text())
+    assert "scratch database" not in manifest["verify_method"]
+    assert manifest["row_counts"]["public.credit_lots"] == 1
+    assert manifest["row_counts_method"] == "count(*) in the dump's snapshot"
+    revert_0011(target.url)
+    schema_before = schema_dump(target.cluster, target.url)
+    counts = dict(manifest["row_counts"], **{"public.credit_lots": 2})
+    Path(taken["manifest"]).write_text(json.dumps(dict(manifest, row_counts=counts)))
+    with pytest.raises(LedgerError) as err:
+        target.restore()
+    assert "public.credit_lots has 1 rows, the manifest 2" in err.value.msg
+    assert_unchanged(target, schema_before, ["0008", "0009", "0010"])
+
+
+def test_room_for_the_copy_is_checked_and_kept_copies_are_named_with_a_drop_command(target):
+    target.take_backup()
+    revert_0011(target.url)
+    plan = target.restore(check_mode=True)
+    space = plan["space"]
+    assert space["free_bytes"] > 0 and space["path"]
+    assert space["needed_bytes"] == int(plan["database_size_bytes"] * 1.2)
+    assert "the copy needs about" in plan["msg"] and "free" in plan["msg"]
+
+    result = target.restore()
+    # The kept database's drop command names host, port, user and databases: no URL.
+    assert "postgresql://" not in result["msg"] and "postgresql://" not in result["drop_previous"]
+    assert result["drop_previous"] in result["msg"]
+
+    # Not enough room (a margin no disk satisfies): refused before the copy, naming the copies kept so far.
+    schema_before = schema_dump(target.cluster, target.url)
+    with pytest.raises(LedgerError) as err:
+        target.restore(restore_space_margin=1e9)
+    msg = err.value.msg
+    assert "refusing to restore" in msg and "the copy needs about" in msg and "Nothing was changed" in msg
+    assert result["previous_database"] in msg and result["drop_previous"] in msg
+    assert err.value.fields["refused"] == "space"
+    assert schema_dump(target.cluster, target.url) == schema_before
+    assert databases(target.cluster, target.name + "\\_restore\\_%") == []
+
+    # The command works as printed.
+    argv = shlex.split(result["drop_previous"])
+    assert argv[0] == "psql"
+    subprocess.run([target.cluster.bin("psql")] + argv[1:], check=True, capture_output=True)
+    assert databases(target.cluster, target.name + "\\_pre\\_restore\\_%") == []
+
+
+def test_a_replication_sender_refuses_the_restore_and_is_never_terminated(target):
+    target.take_backup()
+    revert_0011(target.url)
+    schema_before = schema_dump(target.cluster, target.url)
+    sender = psycopg2.connect(target.url, connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    try:
+        pid = q(target.cluster.url(), "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender'"
+                                      " AND datname = %s", (target.name,))[0][0]
+        with pytest.raises(LedgerError) as err:
+            target.restore(terminate_connections=True)
+        assert "pid %d" % pid in err.value.msg and "walsender" in err.value.msg
+        assert err.value.fields["refused"] == "server_processes"
+        assert_unchanged(target, schema_before, ["0008", "0009", "0010"])
+        assert q(target.cluster.url(), "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))[0][0] == 1
+    finally:
+        sender.close()
+    deadline = time.time() + 10
+    while q(target.cluster.url(), "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))[0][0]:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert target.restore()["changed"] is True
 
 
 def test_connected_sessions_refuse_the_restore_unless_terminated(target):

@@ -6,9 +6,13 @@ plans (read-only: missing down scripts, rehearsal, rows that would be lost) and 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import psycopg2
@@ -277,3 +281,126 @@ def test_exact_versions_revert_what_a_run_applied(db):
     assert revert(db, versions=["0009", "0008"])["to_version"] == "base"
     assert history(db) == []
     assert "the run applied none of its migrations" in revert(db, step="plan", versions=[])["msg"]
+
+
+# --------------------------------------------------------------------------- rows written between the plan and the DROP
+
+def hold_the_lease(url):
+    """Another run's lease: the engine's revert waits for it (after the plan has counted), logging lock_wait."""
+    q(url, "INSERT INTO migrations.lock (id, run_id, holder, expires_at)"
+           " VALUES (1, 'other-run', 'someone else', now() + interval '1 hour')")
+
+
+def when_the_revert_waits(url, run_id, *statements):
+    """In a thread: once the revert of `run_id` waits for the lease (the plan is done), run the statements
+    (committed), then release the lease. Returns the thread; join it after the revert."""
+    errors = []
+
+    def act():
+        try:
+            deadline = time.time() + 30
+            while not q(url, "SELECT 1 FROM migrations.events WHERE action = 'lock_wait' AND outcome = 'waiting'"
+                             " AND run_id = %s", (run_id,)):
+                assert time.time() < deadline, "the revert never waited for the lease"
+                time.sleep(0.05)
+            for stmt in statements:
+                q(url, stmt)
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+        finally:
+            q(url, "DELETE FROM migrations.lock WHERE run_id = 'other-run'")
+
+    thread = threading.Thread(target=act)
+    thread.errors = errors
+    thread.start()
+    return thread
+
+
+SEED_SQL = ("INSERT INTO public.credit_lots (community_id, source, amount_micro)"
+            " VALUES ('55555555-5555-5555-5555-555555555555', 'seed', 1)")
+
+
+def test_a_row_written_after_the_plan_stops_the_revert_inside_its_transaction(db):
+    """The plan counts 0 rows; a row is committed before the DROP: the guard, under the DROP's own lock, sees it."""
+    hold_the_lease(db)
+    thread = when_the_revert_waits(db, "test-race", SEED_SQL)
+    with pytest.raises(LedgerError) as err:
+        revert(db, rollback_to="0008", run_id="test-race", lock_wait=30)
+    thread.join()
+    assert not thread.errors, thread.errors
+    msg = err.value.msg
+    assert "stopped the revert of 0009" in msg and "before its down script ran" in msg
+    assert "public.credit_lots: 1 row now, 0 allowed (the plan found none)" in msg
+    assert "reverted before it (committed): 0011, 0010" in msg and "0009 is still applied" in msg
+    assert err.value.fields["refused"] == "rows_since_plan" and err.value.fields["sqlstate"] == "LR001"
+    # 0011 and 0010 (their tables empty) are reverted; 0009 and its row are intact.
+    assert history(db) == ["0008", "0009"]
+    assert q(db, "SELECT count(*) FROM public.credit_lots")[0][0] == 1
+    failed = q(db, "SELECT version FROM migrations.events WHERE action = 'revert' AND outcome = 'failed'")
+    assert failed == [("0009",)]
+
+
+def test_rows_beyond_the_data_loss_backup_stop_the_revert(db, tmp_path):
+    """With rollback_allow_data_loss, a table may hold what the backup counted, not one row more."""
+    seed_lot(db)
+    taken = backup.run_backup({"database_url": db, "backup_dir": str(tmp_path), "retention": 0,
+                               "run_id": "test-rollback"})
+    assert json.loads(Path(taken["manifest"]).read_text())["row_counts"]["public.credit_lots"] == 1
+    hold_the_lease(db)
+    thread = when_the_revert_waits(db, "test-rollback", SEED_SQL)
+    with pytest.raises(LedgerError) as err:
+        revert(db, rollback_to="0008", allow_data_loss=True, data_loss_backup=taken["backup_file"], lock_wait=30)
+    thread.join()
+    assert not thread.errors, thread.errors
+    assert "public.credit_lots: 2 rows now, 1 in the backup %s" % taken["backup_file"] in err.value.msg
+    assert history(db) == ["0008", "0009"]
+    assert q(db, "SELECT count(*) FROM public.credit_lots")[0][0] == 2
+
+
+def test_a_version_applied_after_the_plan_is_not_reverted_unplanned(db, tmp_path):
+    work = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS, work)
+    (work / "0012_late.sql").write_text("CREATE TABLE public.rb_late (id int);\n")
+    (work / "0012_late.down.sql").write_text("DROP TABLE public.rb_late;\n")
+    checksum = hashlib.sha256((work / "0012_late.sql").read_bytes()).hexdigest()
+    hold_the_lease(db)
+    # Another run applies 0012 (and writes a row) while this one waits for the lease.
+    thread = when_the_revert_waits(
+        db, "test-rollback", "CREATE TABLE public.rb_late (id int); INSERT INTO public.rb_late VALUES (1)",
+        "INSERT INTO migrations.history (version, name, checksum, applied_by, execution_ms, run_id)"
+        " VALUES ('0012', 'late', '%s', 'test', 1, 'other-run')" % checksum)
+    with pytest.raises(LedgerError) as err:
+        revert(db, rollback_to="0010", directory=work, lock_wait=30)
+    thread.join()
+    assert not thread.errors, thread.errors
+    assert "0012 was applied after the plan" in err.value.msg
+    assert err.value.fields["refused"] == "unplanned_version"
+    assert history(db) == SET_0011 + ["0012"]
+    assert q(db, "SELECT count(*) FROM public.rb_late")[0][0] == 1
+
+
+def test_the_guard_runs_in_every_revert_that_drops_something(db):
+    result = revert(db, rollback_to="0009")
+    assert result["guarded"] == ["0011", "0010"]
+    assert result["reverted"] == ["0011", "0010"]
+
+
+def test_a_data_loss_backup_without_row_counts_is_refused(db, tmp_path):
+    seed_lot(db)
+    taken = backup.run_backup({"database_url": db, "backup_dir": str(tmp_path), "retention": 0,
+                               "run_id": "test-rollback", "row_counts": False})
+    assert json.loads(Path(taken["manifest"]).read_text())["row_counts"] is None
+    with pytest.raises(LedgerError) as err:
+        revert(db, rollback_to="0008", allow_data_loss=True, data_loss_backup=taken["backup_file"])
+    assert "no row counts" in err.value.msg
+    assert history(db) == SET_0011
+
+
+def test_an_engine_refusal_during_the_run_keeps_its_message(db):
+    """Another run holds the lease beyond lock_wait: the engine's refusal reaches the operator as it is."""
+    hold_the_lease(db)
+    with pytest.raises(LedgerError) as err:
+        revert(db, rollback_to="0009", lock_wait=0.5)
+    assert "someone else" in err.value.msg or "other-run" in err.value.msg
+    assert err.value.fields["plan_msg"].startswith("will revert 0011, 0010")
+    assert history(db) == SET_0011

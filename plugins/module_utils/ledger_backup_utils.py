@@ -18,6 +18,9 @@ What lives here:
   `verify_against_manifest`, `verify_backup`;
 * manifests: `write_manifest`, `read_manifest`, `list_manifests`,
   `find_newest_verified`;
+* which target a backup is of: `server_identity` (the server's
+  `system_identifier` and the database name) and `same_target` (that identity
+  when both the manifest and the caller know it, the host:port:db slug otherwise);
 * `apply_retention`, `check_backup_dir`, `count_rows`.
 """
 
@@ -72,6 +75,44 @@ def target_slug(url):
     slug = "%s-%s-%s" % (p["host"], p["port"], p["dbname"])
     slug = re.sub(r"[^A-Za-z0-9.-]+", "-", slug).strip("-.").lower()
     return slug or "target"
+
+
+# --------------------------------------------------------------------------- identity
+
+IDENTITY_SQL = (
+    "SELECT CASE WHEN has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')"
+    " THEN (SELECT system_identifier::text FROM pg_catalog.pg_control_system()) END, current_database()"
+)
+
+
+def server_identity(cur, dbname=None):
+    """{system_identifier, database} of the server a cursor is connected to.
+
+    `system_identifier` is set by initdb and stays with the cluster whatever
+    hostname, address or port reaches it (a physical copy made with
+    pg_basebackup keeps it too). `dbname` names the database when the cursor is
+    connected to another one (the maintenance database of a restore). The
+    identifier is a string (it does not fit a JSON number) or None when the role
+    may not read it.
+    """
+    cur.execute(IDENTITY_SQL)
+    sysid, current = cur.fetchone()
+    return {"system_identifier": sysid, "database": dbname or current}
+
+
+def same_target(manifest, slug, identity=None):
+    """Whether a manifest's backup is of the target (slug of its URL, identity from `server_identity`).
+
+    (system_identifier, database) decide when both the manifest and the caller
+    have them, so that a backup taken through another hostname, address or port
+    of the same server is recognised. Manifests written before identities were
+    recorded fall back to the `host-port-dbname` slug.
+    """
+    sysid = manifest.get("system_identifier")
+    if identity and identity.get("system_identifier") and sysid and manifest.get("database"):
+        return (str(sysid) == str(identity["system_identifier"])
+                and manifest.get("database") == identity.get("database"))
+    return manifest.get("target_slug") == slug
 
 
 def utc_stamp(when=None):
@@ -323,11 +364,12 @@ def read_manifest(path):
     return data
 
 
-def list_manifests(backup_dir, slug=None):
+def list_manifests(backup_dir, slug=None, identity=None):
     """Every readable manifest in `backup_dir` (of one target when `slug` is given), newest first.
 
-    Each is returned with `manifest_path` and `backup_path` added. Unreadable or
-    foreign JSON files are skipped.
+    With `identity` (`server_identity`), a manifest is of the target when
+    `same_target` says so. Each is returned with `manifest_path` and
+    `backup_path` added. Unreadable or foreign JSON files are skipped.
     """
     out = []
     for path in glob.glob(os.path.join(str(backup_dir), "*" + MANIFEST_SUFFIX)):
@@ -337,7 +379,7 @@ def list_manifests(backup_dir, slug=None):
             continue
         if data.get("kind") != "ledger-backup":
             continue
-        if slug is not None and data.get("target_slug") != slug:
+        if slug is not None and not same_target(data, slug, identity):
             continue
         data["manifest_path"] = path
         data["backup_path"] = path[: -len(MANIFEST_SUFFIX)]
@@ -346,23 +388,23 @@ def list_manifests(backup_dir, slug=None):
     return out
 
 
-def find_newest_verified(backup_dir, slug):
-    """The newest manifest of `slug` whose backup passed verification and whose file is present, or None."""
-    for manifest in list_manifests(backup_dir, slug):
+def find_newest_verified(backup_dir, slug, identity=None):
+    """The newest manifest of the target whose backup passed verification and whose file is present, or None."""
+    for manifest in list_manifests(backup_dir, slug, identity):
         if manifest.get("verified") is True and os.path.exists(manifest["backup_path"]):
             return manifest
     return None
 
 
-def apply_retention(backup_dir, slug, keep, check_mode=False):
-    """Keep the newest `keep` backups of `slug`; never delete the newest verified one.
+def apply_retention(backup_dir, slug, keep, check_mode=False, identity=None):
+    """Keep the newest `keep` backups of the target (`same_target`); never delete the newest verified one.
 
     Returns the list of removed (or, in check mode, to-be-removed) backup paths.
     `keep` of 0 or less keeps everything.
     """
     if not keep or keep <= 0:
         return []
-    manifests = list_manifests(backup_dir, slug)
+    manifests = list_manifests(backup_dir, slug, identity)
     newest_verified = next((m for m in manifests if m.get("verified") is True
                             and os.path.exists(m["backup_path"])), None)
     removed = []

@@ -11,11 +11,13 @@ short_description: Back up a PostgreSQL database with pg_dump, verify it, and wr
 description:
   - Dumps the whole database with C(pg_dump) (custom format, or directory format with parallel jobs)
     from a snapshot exported by a REPEATABLE READ transaction, so that the row counts taken in that
-    transaction and the dump agree.
+    transaction (O(row_counts), on by default) and the dump agree.
   - "Verifies the dump before reporting success: pg_dump's exit status, the sha256, a full read
     (C(pg_restore -f /dev/null)), and with O(verify=restore) a restore into a scratch database whose
     per-table row counts are compared with the source's."
-  - Writes C(<backup>.json) beside the backup (no password in it), applies O(retention), and records
+  - Writes C(<backup>.json) beside the backup (no password in it), with the server's C(system_identifier) and the
+    database name (what identifies the target, whatever hostname or port reached it) and the per-table row
+    counts, applies O(retention), and records
     a C(backup) event in C(migrations.events) (real runs only).
   - Files are created mode 0600 in a 0700 directory. A failed dump or verification leaves no backup
     file behind and fails the task.
@@ -27,6 +29,8 @@ options:
   compress: {description: gzip level 0-9 (on 2 cores compression dominates the dump time)., type: int, default: 1}
   lock_wait_timeout: {description: pg_dump --lock-wait-timeout; the dump fails rather than queue behind an exclusive lock., type: str, default: 10s}
   verify: {description: "C(read): sha256 and full read; C(restore): also restore into a scratch database and compare row counts.", type: str, choices: [read, restore], default: read}
+  row_counts: {description: "Count every table's rows (count(*)) in the dump's snapshot and record them in the manifest, so that a
+    restore can check its copy against them (one scan of every table, while pg_dump runs). Always done with O(verify=restore).", type: bool, default: true}
   retention: {description: Keep the newest N backups of this target (0 keeps all); the newest verified one is never deleted., type: int, default: 5}
   space_margin: {description: Free space needed in backup_dir as a multiple of the database size., type: float, default: 1.2}
   pg_bindir: {description: Directory of pg_dump/pg_restore (default the server's major version's)., type: path}
@@ -71,8 +75,8 @@ from ansible.module_utils.ledger_common import (
 )
 from ansible.module_utils.ledger_backup_utils import (
     FORMAT_SUFFIX, MANIFEST_FORMAT, apply_retention, backup_basename, check_backup_dir, count_rows,
-    ensure_backup_dir, find_bindir, full_read_check, human_bytes, libpq_env, path_size, sha256_path,
-    target_slug, tool_major, tool_version, utc_iso, utc_stamp, write_manifest,
+    ensure_backup_dir, find_bindir, full_read_check, human_bytes, libpq_env, path_size, server_identity,
+    sha256_path, target_slug, tool_major, tool_version, utc_iso, utc_stamp, write_manifest,
 )
 
 try:
@@ -88,6 +92,7 @@ ARGUMENT_SPEC = dict(
     compress=dict(type="int", default=1),
     lock_wait_timeout=dict(type="str", default="10s"),
     verify=dict(type="str", choices=["read", "restore"], default="read"),
+    row_counts=dict(type="bool", default=True),
     retention=dict(type="int", default=5),
     space_margin=dict(type="float", default=1.2),
     pg_bindir=dict(type="path"),
@@ -156,6 +161,7 @@ def _server_facts(url, connect_timeout):
                         " pg_database_size(current_database()), current_database(),"
                         " to_regclass('migrations.history') IS NOT NULL")
             version, version_num, size, dbname, has_records = cur.fetchone()
+            identity = server_identity(cur)
             applied = []
             if has_records:
                 cur.execute("SELECT version FROM migrations.history ORDER BY version")
@@ -163,7 +169,8 @@ def _server_facts(url, connect_timeout):
     finally:
         conn.close()
     return {"server_version": version, "server_major": version_num // 10000, "db_size": size,
-            "dbname": dbname, "applied": applied, "schema_version": applied[-1] if applied else None}
+            "dbname": dbname, "applied": applied, "schema_version": applied[-1] if applied else None,
+            "identity": identity}
 
 
 def _fail(msg, url, run_id, check_mode, started, fields):
@@ -274,7 +281,8 @@ def run_backup(params, check_mode=False):
     verify_method = "pg_dump exit status + sha256 + full read (pg_restore -f /dev/null)"
     if verify == "restore":
         verify_method += " + restore into a scratch database with per-table row counts compared"
-    base = {"target": target, "target_slug": slug, "schema_version": facts["schema_version"],
+    base = {"target": target, "target_slug": slug, "system_identifier": facts["identity"]["system_identifier"],
+            "database": facts["dbname"], "schema_version": facts["schema_version"],
             "server_version": facts["server_version"], "database_size_bytes": facts["db_size"],
             "format": fmt, "compress": compress, "jobs": jobs, "verify_method": verify_method}
 
@@ -319,6 +327,8 @@ def _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, 
     progress = Progress(params.get("progress_file"), facts["db_size"], partial).start()
     source_counts = None
     snap = None
+    # Exact counts in the dump's snapshot: what a restore checks its copy against (and verify=restore too).
+    want_counts = verify == "restore" or params.get("row_counts") is not False
     try:
         # The snapshot: a REPEATABLE READ transaction held open while pg_dump starts from it and
         # while the rows are counted in it, so the dump and the counts see the same data.
@@ -326,6 +336,9 @@ def _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, 
         snap.set_session(isolation_level="REPEATABLE READ", readonly=True)
         with snap.cursor() as cur:
             cur.execute("SELECT set_config('lock_timeout', %s, true)", (params.get("lock_wait_timeout") or "10s",))
+            # As pg_dump does: a row-level security policy that would hide rows makes the count fail
+            # rather than come out short (pg_dump fails on it too).
+            cur.execute("SELECT set_config('row_security', 'off', true)")
             cur.execute("SELECT pg_export_snapshot()")
             snapshot_id = cur.fetchone()[0]
         cmd = [pg_dump, "--no-password", "--format=%s" % fmt, "--file=%s" % partial, "--compress=%d" % compress,
@@ -339,16 +352,14 @@ def _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, 
             try:
                 proc = subprocess.Popen(cmd + ["--dbname=%s" % conninfo], stdout=subprocess.DEVNULL, stderr=errlog,
                                         env=env, cwd="/")
+                count_err = None
                 try:
-                    if verify == "restore":
+                    if want_counts:
                         try:
                             with snap.cursor() as cur:
                                 source_counts = count_rows(cur)
                         except psycopg2.Error as exc:
-                            proc.wait()
-                            err = pg_error(exc)
-                            raise LedgerError("cannot count the rows of %s in the dump's snapshot: %s"
-                                              % (target, format_pg_error(err)), sqlstate=err["sqlstate"])
+                            count_err = pg_error(exc)
                     rc = proc.wait()
                 except BaseException:
                     if proc.poll() is None:
@@ -374,6 +385,16 @@ def _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, 
                 raise LedgerError("pg_dump of %s failed (exit %d): %s.%s Nothing was kept; re-run: %s"
                                   % (target, rc, dump_err[-1500:] or "no message", hint, rerun),
                                   pg_dump_rc=rc, sqlstate=sqlstate)
+            if count_err is not None:
+                # pg_dump succeeded, the counts in its snapshot did not (a lock, a permission, a policy).
+                hint = ""
+                if count_err["sqlstate"] == "55P03":
+                    hint = (" Another session holds an exclusive lock on a table, and the count gave up after "
+                            "backup_lock_wait_timeout=%s rather than queue behind it (see the precheck's lock_waits "
+                            "and long transaction checks); retry when it is gone." % params.get("lock_wait_timeout"))
+                raise LedgerError("cannot count the rows of %s in the dump's snapshot (backup_row_counts): %s.%s "
+                                  "Nothing was kept; re-run: %s" % (target, format_pg_error(count_err), hint, rerun),
+                                  sqlstate=count_err["sqlstate"])
             if fmt == "directory":
                 os.chmod(partial, 0o700)
             # Verification, before anything depends on this backup.
@@ -405,7 +426,8 @@ def _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, 
             database=facts["dbname"], applied=facts["applied"], size_bytes=size, sha256=digest, files=files,
             started_at=started_at, finished_at=finished_at, duration_s=round(time.time() - started, 3),
             dump_seconds=dump_seconds, verified=True, full_read=read, restore_check=restore,
-            row_counts=source_counts, snapshot_consistent=True, run_id=run_id,
+            row_counts=source_counts, row_counts_method="count(*) in the dump's snapshot" if want_counts else None,
+            snapshot_consistent=True, run_id=run_id,
         )
         manifest_path = write_manifest(final_path, manifest)
     except LedgerError as exc:
@@ -423,7 +445,8 @@ def _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, 
         _fail("backup of %s failed: %s; re-run: %s" % (target, format_pg_error(err), rerun),
               url, run_id, False, started, dict(base, sqlstate=err["sqlstate"]))
     progress.stop("done")
-    removed = apply_retention(os.path.dirname(final_path), base["target_slug"], int(params.get("retention") or 0))
+    removed = apply_retention(os.path.dirname(final_path), base["target_slug"], int(params.get("retention") or 0),
+                              identity=facts["identity"])
     duration_ms = int((time.time() - started) * 1000)
     log_event_autonomous(url, run_id or "adhoc", "backup", "ok", version=facts["schema_version"],
                          duration_ms=duration_ms,

@@ -19,16 +19,26 @@ description:
   - "O(mode=revert) O(step=run): the same plan again (the rows may have changed), then, when rows would be lost,
     requires O(data_loss_backup): a verified backup of this target taken at its current version. Then the
     engine's revert: each down script newest first in its own transaction with the removal of its history row,
-    under the run lease, lock_timeout and retries of the migrate stage. In check mode the revert is rehearsed
-    in a rolled-back transaction and nothing changes."
+    under the run lease, lock_timeout and retries of the migrate stage. In that transaction, before the down
+    script, a guard locks the tables it drops (or drops columns of) IN ACCESS EXCLUSIVE MODE and counts their rows
+    again: rows the plan did not allow (any, without a data-loss backup; more than the backup counted, with one)
+    roll that revert back and stop the run. In check mode the revert is rehearsed in a rolled-back transaction
+    and nothing changes."
   - "O(mode=restore): restores the newest verified backup of this target (from the manifests in O(backup_dir))
-    or O(backup_file), after checking its sha256 against its manifest and reading it in full. The dump is
+    or O(backup_file), after checking its sha256 against its manifest and reading it in full. A backup is of this
+    target when its manifest names the same server C(system_identifier) and database (whatever hostname or port
+    reached it), or, for an older manifest without them, the same host-port-database; O(backup_file) of another
+    target is refused unless O(backup_other_target). Before the copy is created, its room is checked (refused
+    when the free space, measurable for a server on this machine, is below O(restore_space_margin) times the
+    database's size). The dump is
     restored into a new database C(<db>_restore_<ts>), checked (every table of the archive present,
     migrations.history equal to the manifest's applied versions, row counts when the manifest has them), then
     swapped in with two C(ALTER DATABASE ... RENAME) in one transaction; the old database is kept as
     C(<db>_pre_restore_<ts>). A failure before the swap drops the new database and leaves the original as it
-    was. The swap needs the original's connections closed: they are terminated only with
-    O(terminate_connections), otherwise the restore refuses before restoring anything, naming the sessions."
+    was. The swap needs the original's connections closed: client sessions are terminated only with
+    O(terminate_connections), otherwise the restore refuses before restoring anything, naming the sessions;
+    autovacuum workers are terminated; any other server process (a walsender, a background worker) refuses the
+    restore, naming it."
 options:
   database_url: {description: libpq URI of the target database., type: str, required: true}
   mode: {description: revert (down scripts) or restore (a backup)., type: str, choices: [revert, restore], default: revert}
@@ -41,9 +51,13 @@ options:
   data_loss_backup: {description: "The verified backup taken before a revert that loses rows (the backup role's backup_file).", type: path}
   backup_dir: {description: Where the backups and their manifests are (restore)., type: path}
   backup_file: {description: Restore this backup instead of the newest verified one (its manifest must be beside it)., type: path}
+  backup_other_target: {description: "Restore O(backup_file) even when its manifest is of another target (another server's
+    system_identifier or another database name).", type: bool, default: false}
   terminate_connections: {description: Terminate the sessions connected to the target so that the restored database can be swapped in., type: bool, default: false}
   maintenance_db: {description: Database to connect to for CREATE/ALTER DATABASE during a restore., type: str, default: postgres}
   restore_jobs: {description: Parallel pg_restore jobs into the new database., type: int, default: 1}
+  restore_space_margin: {description: "Free space the copy needs, as a multiple of the database's size (refused below it
+    when the free space is measurable: the server on this machine and data_directory readable).", type: float, default: 1.2}
   swap_timeout: {description: Seconds to wait for terminated sessions to go before the swap gives up., type: int, default: 15}
   pg_bindir: {description: Directory of pg_restore (default the server's major version's)., type: path}
   lock_timeout: {description: lock_timeout of each down script (and of the rehearsal)., type: str, default: 2s}
@@ -85,12 +99,17 @@ rehearsal: {description: "The rehearsal of the down scripts: per version {versio
 backup_file: {description: The backup restored (or that would be)., type: str, returned: restore}
 restored_database: {description: Name of the database after the swap (the target's name)., type: str, returned: restore}
 previous_database: {description: Name under which the database as it was before the restore is kept., type: str, returned: restore}
+drop_previous: {description: "psql command dropping the kept database (host, port, user, database names; no URL).", type: str, returned: restore}
+space: {description: "Room for the copy: {needed_bytes, margin, free_bytes (null when not measurable), path, why, previous_copies}.", type: dict, returned: restore}
+guarded: {description: Versions whose revert transaction locked and re-counted what they drop., type: list, returned: revert run}
 blocking_sessions: {description: Sessions connected to the target (they block the swap)., type: list, returned: restore}
 """
 
+import inspect
 import os
 import random
 import re
+import shlex
 import subprocess
 import time
 
@@ -101,7 +120,7 @@ from ansible.module_utils.ledger_common import (
 )
 from ansible.module_utils.ledger_backup_utils import (
     find_bindir, find_newest_verified, full_read_check, human_bytes, libpq_env, list_manifests,
-    manifest_path_for, read_manifest, target_slug, verify_against_manifest,
+    manifest_path_for, read_manifest, same_target, server_identity, target_slug, verify_against_manifest,
 )
 
 try:
@@ -129,9 +148,11 @@ ARGUMENT_SPEC = dict(
     data_loss_backup=dict(type="path"),
     backup_dir=dict(type="path"),
     backup_file=dict(type="path"),
+    backup_other_target=dict(type="bool", default=False),
     terminate_connections=dict(type="bool", default=False),
     maintenance_db=dict(type="str", default="postgres"),
     restore_jobs=dict(type="int", default=1),
+    restore_space_margin=dict(type="float", default=1.2),
     swap_timeout=dict(type="int", default=15),
     pg_bindir=dict(type="path"),
     lock_timeout=dict(type="str", default="2s"),
@@ -204,7 +225,7 @@ def _choose(applied, rollback_to, versions, host):
 
 
 _SNAPSHOT_SQL = """
-SELECT c.oid::bigint, n.nspname, c.relname,
+SELECT c.oid::bigint, n.nspname, c.relname, c.relkind::text,
        coalesce(array_agg(a.attname::text ORDER BY a.attnum) FILTER (WHERE a.attnum > 0), '{}')
   FROM pg_class c
   JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -212,15 +233,16 @@ SELECT c.oid::bigint, n.nspname, c.relname,
  WHERE c.relkind IN ('r', 'p')
    AND n.nspname <> ALL (%s)
    AND n.nspname NOT LIKE 'pg\\_toast%%' AND n.nspname NOT LIKE 'pg\\_temp%%'
- GROUP BY 1, 2, 3
+ GROUP BY 1, 2, 3, 4
 """
 
 
 def _snapshot(cur):
-    """{oid: {table, schema, name, columns}} of every user table (the records schema excluded)."""
+    """{oid: {table, schema, name, kind, columns}} of every user table (the records schema excluded)."""
     cur.execute(_SNAPSHOT_SQL, (list(SYSTEM_SCHEMAS),))
-    return dict((oid, {"table": "%s.%s" % (nsp, rel), "schema": nsp, "name": rel, "columns": list(cols)})
-                for oid, nsp, rel, cols in cur.fetchall())
+    return dict((oid, {"table": "%s.%s" % (nsp, rel), "schema": nsp, "name": rel, "kind": kind,
+                       "columns": list(cols)})
+                for oid, nsp, rel, kind, cols in cur.fetchall())
 
 
 class _RehearsalFailed(Exception):
@@ -345,6 +367,11 @@ def _describe_risk(at_risk):
 
 def plan_revert(params, check_mode=False, _migrations=None):
     """Read-only: what a revert would do, and whether it may (see DOCUMENTATION)."""
+    return _plan(params, check_mode, _migrations)[0]
+
+
+def _plan(params, check_mode=False, _migrations=None):
+    """(the plan's result, the rehearsal's steps with what each version drops, the tables before)."""
     p = _defaults(params)
     url = p["database_url"]
     target = describe_target(url)
@@ -396,7 +423,7 @@ def plan_revert(params, check_mode=False, _migrations=None):
         else:
             base["msg"] = "nothing to revert on %s: applied %s, target %s" % (
                 target, ", ".join(applied_versions) or "none", end)
-        return base
+        return base, [], {}
     steps, before = _rehearse_downs(url, plan_items, p)
     at_risk = _count_rows(url, steps, before, p)
     base["rehearsal"] = [dict((k, v) for k, v in st.items() if not k.startswith("_")) for st in steps]
@@ -414,13 +441,24 @@ def plan_revert(params, check_mode=False, _migrations=None):
         "would" if check_mode else "will", versions_txt, target, end,
         "; data loss allowed, a verified backup is taken first: %s" % _describe_risk(at_risk) if at_risk else
         "; no table or column they drop holds rows")
-    return base
+    return base, steps, before
 
 
 # =========================================================================== revert: the run
 
-def _check_data_loss_backup(path, url, applied, host, run_id):
-    """The backup taken before a revert that loses rows: verified, of this target, by this run, at its version."""
+def _target_identity(url, p):
+    """server_identity of the target (system_identifier + database), read on the target itself."""
+    conn = connect(url, autocommit=True, connect_timeout=p["connect_timeout"])
+    try:
+        with conn.cursor() as cur:
+            return server_identity(cur)
+    finally:
+        conn.close()
+
+
+def _check_data_loss_backup(path, url, applied, host, run_id, identity=None):
+    """The backup taken before a revert that loses rows: verified, of this target, by this run, at its version,
+    with the row counts the revert's guard compares against."""
     if not path:
         raise LedgerError("the revert would drop rows and no verified backup of them was given (data_loss_backup); "
                           "nothing was reverted. The rollback role takes one first: %s"
@@ -432,7 +470,7 @@ def _check_data_loss_backup(path, url, applied, host, run_id):
         raise LedgerError("the backup taken before the revert is not usable: %s. Nothing was reverted" % exc.msg)
     if manifest.get("verified") is not True:
         raise LedgerError("the backup %s failed its verification (its manifest says so): nothing was reverted" % path)
-    if manifest.get("target_slug") != target_slug(url):
+    if not same_target(manifest, target_slug(url), identity):
         raise LedgerError("the backup %s is of %s, not of this target (%s): nothing was reverted"
                           % (path, manifest.get("target"), describe_target(url)))
     if run_id and manifest.get("run_id") != run_id:
@@ -443,34 +481,236 @@ def _check_data_loss_backup(path, url, applied, host, run_id):
         raise LedgerError("the backup %s was taken at %s, the target is now at %s: it does not hold the rows the "
                           "revert would drop. Nothing was reverted; re-run to take a new one"
                           % (path, ", ".join(manifest.get("applied") or []) or "base", ", ".join(applied) or "base"))
+    if not isinstance(manifest.get("row_counts"), dict):
+        raise LedgerError("the backup %s has no row counts in its manifest (taken with backup_row_counts=false): the "
+                          "revert can't prove that every row it drops is in it. Nothing was reverted; re-run (the "
+                          "rollback role takes the backup with row counts): %s"
+                          % (path, _cmd(host, "-e rollback_to=<version>", "-e rollback_allow_data_loss=true")))
     return manifest
 
 
+# --------------------------------------------------------------------------- the guard inside each revert
+
+# SQLSTATE of the guard's refusal (class "LR": ledger rollback; never raised by PostgreSQL itself).
+GUARD_SQLSTATE = "LR001"
+_GUARD_TAG = "$ledger_rollback_guard$"
+
+
+def _qi(name):
+    return '"%s"' % name.replace('"', '""')
+
+
+def _ql(text):
+    return "'%s'" % str(text).replace("'", "''")
+
+
+def _leaves(cur, oid):
+    """schema.name of the leaf partitions of a partitioned table."""
+    cur.execute("SELECT n.nspname || '.' || c.relname FROM pg_partition_tree(%s::oid::regclass) t"
+                " JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE t.isleaf", (oid,))
+    return [r[0] for r in cur.fetchall()]
+
+
+def _guard_checks(url, steps, before, backup_counts, p):
+    """{version: {"lock": [tables], "checks": [{table, column, rows_sql, allowed, what}]}} of the plan.
+
+    Without a data-loss backup, nothing may be dropped: every table the version drops must be empty and every
+    column it drops NULL. With one (rollback_allow_data_loss), a table may hold at most the rows the backup
+    counted (its manifest's row_counts, taken in the dump's snapshot): more means rows written after it.
+    """
+    guards = {}
+    conn = None
+    try:
+        for step in steps:
+            lock = set()
+            checks = []
+            for oid in step["_gone"]:
+                t = before[oid]
+                lock.add((t["schema"], t["name"]))
+                # A partitioned table's rows are its leaves' (dropped with it, and counted one by one).
+                if t["kind"] != "r":
+                    continue
+                ident = "%s.%s" % (_qi(t["schema"]), _qi(t["name"]))
+                allowed = 0 if backup_counts is None else int(backup_counts.get(t["table"], 0))
+                checks.append({"what": t["table"], "sql": "SELECT count(*) FROM %s" % ident, "allowed": allowed,
+                               "unit": "row"})
+            for oid, col in step["_cols"]:
+                t = before[oid]
+                lock.add((t["schema"], t["name"]))
+                ident = "%s.%s" % (_qi(t["schema"]), _qi(t["name"]))
+                what = "column %s.%s" % (t["table"], col)
+                if backup_counts is None:
+                    checks.append({"what": what, "sql": "SELECT count(*) FROM %s WHERE %s IS NOT NULL"
+                                   % (ident, _qi(col)), "allowed": 0, "unit": "non-NULL value"})
+                    continue
+                if t["kind"] == "r":
+                    allowed = int(backup_counts.get(t["table"], 0))
+                else:
+                    if conn is None:
+                        conn = connect(url, autocommit=True, connect_timeout=p["connect_timeout"])
+                    with conn.cursor() as cur:
+                        allowed = sum(int(backup_counts.get(leaf, 0)) for leaf in _leaves(cur, oid))
+                checks.append({"what": what, "sql": "SELECT count(*) FROM %s" % ident, "allowed": allowed,
+                               "unit": "row"})
+            if lock:
+                guards[step["version"]] = {"lock": sorted(lock), "checks": checks}
+    finally:
+        if conn is not None:
+            conn.close()
+    return guards
+
+
+def _guard_sql(version, guard, backup):
+    """One DO block: LOCK what the version drops (ACCESS EXCLUSIVE, under the engine's lock_timeout), re-count
+    with row-level security off (a hidden row fails loudly instead of being missed), and RAISE GUARD_SQLSTATE when
+    rows the plan did not allow are there. Run first in the version's revert transaction, it holds the locks until
+    the down script has dropped the tables and the transaction commits: no row can slip in between."""
+    since = "in the backup %s" % backup if backup else "allowed (the plan found none)"
+    lines = [
+        "DO %s" % _GUARD_TAG,
+        "DECLARE",
+        "  n bigint;",
+        "  problems text[] := '{}';",
+        "  rs text := current_setting('row_security');",
+        "BEGIN",
+        "  -- ledger_rollback: lock what the down script of %s drops, re-count, refuse rows the plan did not allow"
+        % version,
+        "  LOCK TABLE %s IN ACCESS EXCLUSIVE MODE;" % ", ".join("%s.%s" % (_qi(a), _qi(b)) for a, b in guard["lock"]),
+        "  PERFORM set_config('row_security', 'off', true);",
+        "  BEGIN",
+    ]
+    for c in guard["checks"]:
+        lines += [
+            "    %s INTO n;" % c["sql"],
+            "    IF n > %d THEN" % c["allowed"],
+            "      problems := problems || format('%%s: %%s %s%%s now, %%s %s', %s, n,"
+            " CASE WHEN n = 1 THEN '' ELSE 's' END, %d);" % (c["unit"], since.replace("'", "''").replace("%", "%%"),
+                                                              _ql(c["what"]), c["allowed"]),
+            "    END IF;",
+        ]
+    lines += [
+        "  EXCEPTION WHEN insufficient_privilege THEN",
+        "    RAISE EXCEPTION USING ERRCODE = '%s', MESSAGE = 'cannot count the rows the down script of %s would drop:"
+        " ' || SQLERRM, HINT = 'run the rollback as the tables'' owner, a superuser or a BYPASSRLS role';"
+        % (GUARD_SQLSTATE, version),
+        "  END;",
+        "  PERFORM set_config('row_security', rs, true);",
+        "  IF cardinality(problems) > 0 THEN",
+        "    RAISE EXCEPTION USING ERRCODE = '%s', MESSAGE = array_to_string(problems, '; ');" % GUARD_SQLSTATE,
+        "  END IF;",
+        "END",
+        _GUARD_TAG,
+    ]
+    return "\n".join(lines)
+
+
+def _refusal_sql(version):
+    """The 'down script' of a version the plan did not cover (applied after it): refuse, change nothing."""
+    return ("DO %s BEGIN RAISE EXCEPTION USING ERRCODE = '%s', MESSAGE = '%s was applied after the plan and was "
+            "not planned or counted'; END %s" % (_GUARD_TAG, GUARD_SQLSTATE, version, _GUARD_TAG))
+
+
+def _statement(engine, text, line):
+    """An engine Statement of `text`, reported at `line` of the down script it precedes."""
+    st = engine.split_sql(text)[0]
+    return type(st)(st.text, line, st.offset, st.masked, [])
+
+
+class _GuardedSet(object):
+    """The migration set as the engine's revert sees it: each planned down script preceded by its guard.
+
+    engine.revert() has no hook inside its transactions (see the README); it reads each down script as
+    (path, filename, transactional, statements) from down_for() and runs the statements, in one transaction
+    with the removal of the history row. Prefixing the guard there puts the LOCK and the re-count in that very
+    transaction, under the engine's lock_timeout and retries. A version the plan did not cover gets a down
+    script that only refuses.
+    """
+
+    def __init__(self, inner, guard_sql, planned, engine):
+        self._inner = inner
+        self._guard_sql = guard_sql
+        self._planned = set(planned)
+        self._engine = engine
+
+    def down_for(self, version):
+        down = self._inner.down_for(version)
+        if down is None:
+            return None
+        path, filename, transactional, statements = down
+        statements = list(statements or [])
+        first_line = statements[0].line if statements else 1
+        if version not in self._planned:
+            return (path, filename, transactional, [_statement(self._engine, _refusal_sql(version), first_line)])
+        if version in self._guard_sql:
+            statements = [_statement(self._engine, self._guard_sql[version], first_line)] + statements
+        return (path, filename, transactional, statements)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __iter__(self):
+        return iter(self._inner)
+
+    def __len__(self):
+        return len(self._inner)
+
+
+def _engine_has_before_down(engine):
+    try:
+        return "before_down" in inspect.signature(engine.revert).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
 def run_revert(params, check_mode=False):
-    """The plan again (rows may have changed since the plan step), then the engine's revert."""
+    """The plan again (rows may have changed since the plan step), then the engine's revert, guarded."""
     p = _defaults(params)
     url = p["database_url"]
     target = describe_target(url)
     host = p.get("host_label")
     engine = _engine()
     migrations = engine.load_migration_set(p["migrations_dir"]) if p.get("migrations_dir") else None
-    plan = plan_revert(p, check_mode=check_mode, _migrations=migrations)
+    plan, steps, before = _plan(p, check_mode=check_mode, _migrations=migrations)
     plan["reverted"] = []
     if not plan["to_revert"]:
         return plan
     backup = None
     if plan["data_at_risk"] and not check_mode:
-        backup = _check_data_loss_backup(p.get("data_loss_backup"), url, plan["applied"], host, p.get("run_id"))
+        backup = _check_data_loss_backup(p.get("data_loss_backup"), url, plan["applied"], host, p.get("run_id"),
+                                         _target_identity(url, p))
+    planned = [i["version"] for i in plan["to_revert"]]
+    kwargs = {}
+    revert_set = migrations
+    if not check_mode:
+        guards = _guard_checks(url, steps, before, backup.get("row_counts") if backup else None, p)
+        guard_sql = dict((v, _guard_sql(v, g, p.get("data_loss_backup") if backup else None))
+                         for v, g in guards.items())
+        plan["guarded"] = sorted(guard_sql, reverse=True)
+        if _engine_has_before_down(engine):
+            def before_down(cur, migration, *_rest):
+                version = getattr(migration, "version", migration)
+                if version not in planned:
+                    cur.execute(_refusal_sql(version))
+                elif version in guard_sql:
+                    cur.execute(guard_sql[version])
+            kwargs["before_down"] = before_down
+        else:
+            revert_set = _GuardedSet(migrations, guard_sql, planned, engine)
     started = time.time()
     try:
-        answer = engine.revert(url, migrations, plan["to_version"], run_id=p.get("run_id"), limit=host,
+        answer = engine.revert(url, revert_set, plan["to_version"], run_id=p.get("run_id"), limit=host,
                                check=check_mode, lock_timeout=p.get("lock_timeout"),
                                statement_timeout=p.get("statement_timeout"), lock_retries=p.get("lock_retries"),
                                retry_backoff=p.get("retry_backoff"), lock_wait=p.get("lock_wait"),
-                               lock_ttl=p.get("lock_ttl"))
+                               lock_ttl=p.get("lock_ttl"), **kwargs)
     except LedgerError as exc:
         fields = dict(plan)
+        fields["plan_msg"] = fields.pop("msg", None)
         fields.update(exc.fields)
+        fields.pop("msg", None)
+        if exc.fields.get("sqlstate") == GUARD_SQLSTATE:
+            raise _guard_refusal(exc, fields, plan, target, host)
         fields.setdefault("next_command", _cmd(host, "-e rollback_mode=restore"))
         raise LedgerError(exc.msg, **fields)
     result = dict(plan)
@@ -493,6 +733,30 @@ def run_revert(params, check_mode=False):
             "; rows dropped (kept in the verified backup %s): %s" % (
                 p.get("data_loss_backup"), _describe_risk(plan["data_at_risk"])) if plan["data_at_risk"] else "")
     return result
+
+
+def _guard_refusal(exc, fields, plan, target, host):
+    """The operator's message when a revert's guard refused (rows the plan did not allow, or an unplanned version)."""
+    version = exc.fields.get("version")
+    reverted = list(exc.fields.get("reverted") or [])
+    still = [i["version"] for i in plan["to_revert"] if i["version"] not in reverted]
+    now_at = still[0] if still else plan["to_version"]
+    message = exc.fields.get("message") or exc.msg
+    unplanned = version not in [i["version"] for i in plan["to_revert"]]
+    fields.update(refused="unplanned_version" if unplanned else "rows_since_plan", guard_message=message,
+                  next_command=_cmd(host, "-e rollback_to=%s" % plan["to_version"]))
+    done = "; reverted before it (committed): %s" % ", ".join(reverted) if reverted else ""
+    if unplanned:
+        return LedgerError(
+            "stopped the revert on %s before %s: %s (another run applied it after the plan). Nothing of it was "
+            "dropped%s. Re-run, so that the plan covers and counts it: %s" % (
+                target, version, message, done, fields["next_command"]), **fields)
+    return LedgerError(
+        "stopped the revert of %s on %s before its down script ran: %s. These rows were written after the plan "
+        "counted them; nothing of %s was dropped (its transaction was rolled back)%s, and %s is still applied. "
+        "Stop the writers, then re-run: the plan counts again and refuses, or asks for rollback_allow_data_loss "
+        "(with a new backup): %s" % (
+            version, target, message, version, done, now_at, fields["next_command"]), **fields)
 
 
 # =========================================================================== restore
@@ -589,8 +853,12 @@ def _archive_tables(bindir, path):
     return tables
 
 
-def _locate_backup(p, url, host):
-    """(backup path, manifest) to restore, or raise before anything is touched."""
+def _locate_backup(p, url, host, identity=None):
+    """(backup path, manifest) to restore, or raise before anything is touched.
+
+    A backup is of this target when its manifest's (system_identifier, database) equal the target's (or, for a
+    manifest without them, when its host-port-dbname slug equals the URL's).
+    """
     slug = target_slug(url)
     target = describe_target(url)
     if p.get("backup_file"):
@@ -604,23 +872,34 @@ def _locate_backup(p, url, host):
             raise LedgerError("backup %s failed its verification when it was taken (its manifest %s says "
                               "verified=%s): it is not restored. Nothing was changed; choose another backup"
                               % (path, mpath, manifest.get("verified")))
-        if manifest.get("target_slug") and manifest.get("target_slug") != slug:
-            raise LedgerError("backup %s is of %s, not of %s: it is not restored over another database. Nothing "
-                              "was changed" % (path, manifest.get("target"), target))
-        manifest = dict(manifest, backup_path=path, manifest_path=mpath)
+        other = not same_target(manifest, slug, identity)
+        if other and not p.get("backup_other_target"):
+            how = ("server %s, database %s; this target is server %s, database %s" % (
+                manifest.get("system_identifier"), manifest.get("database"),
+                (identity or {}).get("system_identifier"), (identity or {}).get("database"))
+                if manifest.get("system_identifier") and (identity or {}).get("system_identifier")
+                else "its manifest names %s" % manifest.get("target_slug"))
+            raise LedgerError("backup %s is of %s, not of %s (%s): it is not restored over another database. Nothing "
+                              "was changed. If that is what you mean (e.g. a copy of production into a scratch "
+                              "database), say so: %s" % (
+                                  path, manifest.get("target"), target, how,
+                                  _cmd(host, "-e rollback_mode=restore", "-e backup_file=%s" % path,
+                                       "-e rollback_backup_other_target=true")),
+                              backup_file=path, refused="other_target")
+        manifest = dict(manifest, backup_path=path, manifest_path=mpath, other_target=other)
         return path, manifest
     backup_dir = p.get("backup_dir")
     if not backup_dir:
         raise LedgerError("no backup_dir to look for backups of %s in: set backup_dir, or give -e backup_file=PATH"
                           % target)
-    manifest = find_newest_verified(backup_dir, slug)
+    manifest = find_newest_verified(backup_dir, slug, identity)
     if manifest is None:
-        others = list_manifests(backup_dir, slug)
+        others = list_manifests(backup_dir, slug, identity)
         raise LedgerError("no verified backup of %s in %s (%d manifest(s) of this target, none verified with its file "
                           "present). Nothing was changed; give one with %s"
                           % (target, backup_dir, len(others), _cmd(host, "-e rollback_mode=restore",
                                                                     "-e backup_file=PATH")))
-    return manifest["backup_path"], manifest
+    return manifest["backup_path"], dict(manifest, other_target=False)
 
 
 def _short_name(dbname, suffix):
@@ -671,6 +950,97 @@ def _restore_failed(url, p, started, msg, fields):
     raise LedgerError(msg, **fields)
 
 
+# Backends a restore deals with: client sessions (terminated only with terminate_connections; a parallel worker
+# goes with its leader) and autovacuum workers (terminated at the swap: they restart on their own). Any other
+# process connected to the database (a walsender of logical replication, a background worker) refuses the restore.
+CLIENT_BACKENDS = ("client backend", "parallel worker")
+SELF_RESTARTING = ("autovacuum worker",)
+# Hosts whose server's data directory can be this machine's (free space measurable with statvfs).
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _restore_space(cur, url, props, margin):
+    """Room for the copy: {needed_bytes, margin, free_bytes (None when not measurable), path, why}.
+
+    Measured only when the server runs on this machine (the URL's host is a loopback name or a socket
+    directory) and the role may read data_directory (superuser or pg_read_all_settings): then the free space of
+    the filesystem holding the database's tablespace (statvfs). Otherwise the size needed is only reported.
+    """
+    needed = int(props["size"] * margin)
+    out = {"needed_bytes": needed, "margin": margin, "free_bytes": None, "path": None, "why": None}
+    host = parse_url(url)["host"] or ""
+    if host not in LOCAL_HOSTS and not host.startswith("/"):
+        out["why"] = "the server (%s) is not on this machine" % host
+        return out
+    cur.execute("SELECT CASE WHEN pg_has_role('pg_read_all_settings', 'USAGE')"
+                " THEN current_setting('data_directory') END,"
+                " (SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = %s)",
+                (props["tablespace"],))
+    datadir, location = cur.fetchone()
+    if not datadir:
+        out["why"] = "the role may not read data_directory (superuser or pg_read_all_settings needed)"
+        return out
+    path = location or datadir
+    out["path"] = path
+    if not os.path.isdir(path):
+        out["why"] = "%s is not a directory on this machine" % path
+        return out
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        out["why"] = "cannot read the free space of %s: %s" % (path, exc)
+        return out
+    out["free_bytes"] = st.f_bavail * st.f_frsize
+    return out
+
+
+def _previous_copies(cur, dbname):
+    """The <db>_pre_restore_* databases earlier restores kept: [{name, size_bytes}], oldest first."""
+    like = dbname.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "\\_pre\\_restore\\_%"
+    cur.execute("SELECT datname, CASE WHEN has_database_privilege(oid, 'CONNECT') THEN pg_database_size(oid) END"
+                "  FROM pg_database WHERE datname LIKE %s ORDER BY datname", (like,))
+    return [{"name": r[0], "size_bytes": r[1]} for r in cur.fetchall()]
+
+
+def _drop_how(admin_url):
+    """Where a kept database is dropped from: the maintenance database, named without any URL or password."""
+    parts = parse_url(admin_url)
+    return {"host": parts["host"], "port": parts["port"], "user": parts["user"], "dbname": parts["dbname"],
+            "target": describe_target(admin_url)}
+
+
+def _drop_command(how, name):
+    """psql command dropping a kept database (host, port, user and database names only: no URL, no password)."""
+    return "psql -h %s -p %s -U %s -d %s -c %s" % (
+        shlex.quote(str(how["host"])), how["port"], shlex.quote(str(how["user"])), shlex.quote(str(how["dbname"])),
+        shlex.quote('DROP DATABASE "%s"' % name.replace('"', '""')))
+
+
+def _copies_advice(copies, how):
+    if not copies:
+        return "Free space on the server (or restore on another one), then re-run"
+    total = sum(c["size_bytes"] or 0 for c in copies)
+    names = ", ".join("%s (%s)" % (c["name"], human_bytes(c["size_bytes"])) for c in copies[:5])
+    if len(copies) > 5:
+        names += " and %d more" % (len(copies) - 5)
+    return ("%d database(s) kept by earlier restores hold %s: %s. Drop those no longer needed (after checking "
+            "that nothing written to them is still wanted), e.g.: %s" % (
+                len(copies), human_bytes(total), names, _drop_command(how, copies[0]["name"])))
+
+
+def _describe_space(space, props):
+    text = "the copy needs about %s free on the server (%s database x %s)" % (
+        human_bytes(space["needed_bytes"]), human_bytes(props["size"]), space["margin"])
+    if space["free_bytes"] is not None:
+        text += ", %s has %s free" % (space["path"], human_bytes(space["free_bytes"]))
+    else:
+        text += "; free space not measured: %s" % space["why"]
+    if space.get("previous_copies"):
+        text += "; %d database(s) kept by earlier restores hold %s" % (
+            len(space["previous_copies"]), human_bytes(sum(c["size_bytes"] or 0 for c in space["previous_copies"])))
+    return text
+
+
 def run_restore(params, check_mode=False):
     p = _defaults(params)
     started = time.time()
@@ -682,13 +1052,16 @@ def run_restore(params, check_mode=False):
         raise LedgerError("the target database %s is also the maintenance database the restore connects to for the "
                           "swap: set rollback_maintenance_db to another one (e.g. template1). Nothing was changed"
                           % dbname)
-    path, manifest = _locate_backup(p, url, host)
-    # 1. The file is the one the manifest describes (sha256, size) and reads in full: before anything else.
-    verify_against_manifest(path, manifest)
     admin_url = url_with_database(url, p["maintenance_db"])
     admin = connect(admin_url, autocommit=True, connect_timeout=p["connect_timeout"])
     try:
         with admin.cursor() as cur:
+            # Which server this is, whatever name or port reached it: the backups of this target are those
+            # whose manifests name the same system_identifier and database.
+            identity = server_identity(cur, dbname)
+            path, manifest = _locate_backup(p, url, host, identity)
+            # 1. The file is the one the manifest describes (sha256, size) and reads in full: before anything else.
+            verify_against_manifest(path, manifest)
             cur.execute("SELECT current_setting('server_version_num')::int / 10000, rolsuper OR rolcreatedb"
                         "  FROM pg_roles WHERE rolname = current_user")
             major, can_create = cur.fetchone()
@@ -707,6 +1080,8 @@ def run_restore(params, check_mode=False):
                                   "database swapped in by name; grant CREATEDB (or run it as the database owner with "
                                   "CREATEDB). Nothing was changed" % target)
             sessions = _sessions(cur, dbname)
+            space = _restore_space(cur, url, props, float(p.get("restore_space_margin") or 1.2))
+            space["previous_copies"] = _previous_copies(cur, dbname)
             stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
             new_db = _short_name(dbname, "_restore_%s" % stamp)
             old_db = _short_name(dbname, "_pre_restore_%s" % stamp)
@@ -717,13 +1092,33 @@ def run_restore(params, check_mode=False):
                 n += 1
     finally:
         admin.close()
-    clients = [s for s in sessions if s["backend_type"] == "client backend"]
+    clients = [s for s in sessions if s["backend_type"] in CLIENT_BACKENDS]
+    others = [s for s in sessions if s["backend_type"] not in CLIENT_BACKENDS + SELF_RESTARTING]
+    drop_how = _drop_how(admin_url)
     base = {"target": target, "backup_file": path, "manifest": manifest.get("manifest_path"),
             "sha256": manifest.get("sha256"), "backup_taken_at": manifest.get("started_at"),
             "schema_version": manifest.get("schema_version"), "backup_applied": manifest.get("applied"),
             "restored_database": dbname, "staging_database": new_db, "previous_database": old_db,
             "blocking_sessions": sessions, "database_size_bytes": props["size"], "check_mode": check_mode,
+            "space": space, "other_target": bool(manifest.get("other_target")),
+            "backup_system_identifier": manifest.get("system_identifier"), "backup_database": manifest.get("database"),
             "strategy": "restore into a new database, check it, swap the names"}
+    if others:
+        raise LedgerError(
+            "refusing to restore %s: %d server process(es) that are not client sessions are connected to %s: %s. "
+            "The restore terminates client sessions (with rollback_terminate_connections) and autovacuum workers "
+            "only, never a replication sender or a background worker: stop them first (a logical replication "
+            "subscriber: ALTER SUBSCRIPTION ... DISABLE on the subscriber; a background worker: its extension's "
+            "own command), then re-run. Nothing was changed" % (target, len(others), dbname,
+                                                                 _describe_sessions(others)),
+            **dict(base, refused="server_processes", server_processes=others))
+    if space["free_bytes"] is not None and space["free_bytes"] < space["needed_bytes"]:
+        raise LedgerError(
+            "refusing to restore %s: the copy needs about %s free (%s database x %s) where the server keeps it (%s), "
+            "which has %s free. Nothing was changed. %s" % (
+                target, human_bytes(space["needed_bytes"]), human_bytes(props["size"]), space["margin"],
+                space["path"], human_bytes(space["free_bytes"]), _copies_advice(space["previous_copies"], drop_how)),
+            **dict(base, refused="space"))
     if clients and not p.get("terminate_connections"):
         raise LedgerError(
             "refusing to restore %s: %d session(s) are connected to %s and the restored database can only be swapped "
@@ -735,12 +1130,12 @@ def run_restore(params, check_mode=False):
     if check_mode:
         return dict(base, changed=True, msg=(
             "would restore %s (sha256 %s verified against its manifest, read in full; taken %s at version %s) into a "
-            "new database %s, check it, then swap it in for %s and keep the current one as %s; the server needs "
-            "about %s free for the copy%s" % (
+            "new database %s, check it, then swap it in for %s and keep the current one as %s; %s%s%s" % (
                 path, (manifest.get("sha256") or "")[:12], manifest.get("started_at"),
-                manifest.get("schema_version") or "base", new_db, dbname, old_db, human_bytes(props["size"]),
+                manifest.get("schema_version") or "base", new_db, dbname, old_db, _describe_space(space, props),
                 "; would terminate %d session(s): %s" % (len(clients), _describe_sessions(clients)) if clients else
-                "")))
+                "", "; the backup is of another target (%s), restored as asked" % manifest.get("target")
+                if manifest.get("other_target") else "")))
 
     admin = connect(admin_url, autocommit=True, connect_timeout=p["connect_timeout"])
     swapped = False
@@ -798,8 +1193,11 @@ def run_restore(params, check_mode=False):
             conn.close()
     except (LedgerError, psycopg2.Error) as exc:
         logged, log_error = False, redact(getattr(exc, "msg", None) or str(exc)).strip()
-    drop_cmd = "psql \"%s\" -c 'DROP DATABASE \"%s\"'" % (redact(admin_url), old_db)
+    drop_cmd = _drop_command(drop_how, old_db)
     warnings = [] if logged else ["the restore could not be logged in migrations.events: %s" % log_error]
+    if space["previous_copies"]:
+        warnings.append("%d earlier copies kept by restores are still on the server: %s" % (
+            len(space["previous_copies"]), _copies_advice(space["previous_copies"], drop_how)))
     return dict(base, changed=swapped, terminated=terminated, event_logged=logged, row_counts=counts,
                 warnings=warnings,
                 duration_s=round(duration_ms / 1000.0, 3), drop_previous=drop_cmd,
@@ -850,8 +1248,10 @@ def _swap(cur, dbname, new_db, old_db, p, base, url, started):
     """Rename the current database away and the copy into its place, in one transaction.
 
     ALTER DATABASE ... RENAME refuses while anyone is connected to the database (55006). With
-    terminate_connections, new connections are held off (ALLOW_CONNECTIONS false) while the sessions are
-    terminated; the setting is restored on the kept database whatever happens.
+    terminate_connections, new connections are held off (ALLOW_CONNECTIONS false) while the client sessions are
+    terminated; the setting is restored on the kept database whatever happens. Autovacuum workers are always
+    terminated (they restart on their own); any other server process (a walsender, a background worker) that
+    connected since the pre-check fails the swap, naming it: it is never terminated.
     """
     terminated = []
     deadline = time.time() + max(int(p.get("swap_timeout") or 15), 1)
@@ -862,12 +1262,22 @@ def _swap(cur, dbname, new_db, old_db, p, base, url, started):
             blocked = True
         while True:
             sessions = _sessions(cur, dbname)
-            # Autovacuum workers don't belong to anyone; they restart on their own.
+            others = [s for s in sessions if s["backend_type"] not in CLIENT_BACKENDS + SELF_RESTARTING]
+            if others:
+                _drop_db(cur, new_db)
+                _restore_failed(url, p, started, (
+                    "the restored copy could not be swapped in for %s: server process(es) that are not client "
+                    "sessions connected to it: %s. They are never terminated by the restore. The copy was dropped; "
+                    "%s is unchanged. Stop them, then re-run" % (dbname, _describe_sessions(others),
+                                                                   describe_target(url))),
+                    dict(base, refused="server_processes", server_processes=others))
             for s in sessions:
-                if s["backend_type"] == "client backend" and not p.get("terminate_connections"):
-                    continue
-                cur.execute("SELECT pg_terminate_backend(%s)", (s["pid"],))
-                if s["backend_type"] == "client backend":
+                if s["backend_type"] in SELF_RESTARTING:
+                    # Autovacuum workers don't belong to anyone; they restart on their own.
+                    cur.execute("SELECT pg_terminate_backend(%s)", (s["pid"],))
+                elif s["backend_type"] == "client backend" and p.get("terminate_connections"):
+                    # A parallel worker goes with its leader.
+                    cur.execute("SELECT pg_terminate_backend(%s)", (s["pid"],))
                     terminated.append(s)
             try:
                 cur.execute("BEGIN")

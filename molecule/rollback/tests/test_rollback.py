@@ -1,5 +1,7 @@
 """After converge: the restore brought back 0011 with the ledger row the revert had dropped."""
 
+import json
+
 URL = "postgresql://postgres@127.0.0.1:55631"
 
 
@@ -47,3 +49,7 @@ def test_the_backup_restored_is_the_one_the_override_took_at_0011(host):
     manifest = host.file(path + ".json")
     assert manifest.exists and manifest.mode == 0o600
     assert '"verified": true' in manifest.content_string
+    # The server's identity and the exact counts the revert's guard compared against.
+    data = json.loads(manifest.content_string)
+    assert data["system_identifier"] == sql(host, "SELECT system_identifier FROM pg_control_system()")
+    assert data["database"] == "ledger" and data["row_counts"]["public.credit_lots"] == 1
