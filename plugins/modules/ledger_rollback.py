@@ -66,6 +66,9 @@ options:
   retry_backoff: {description: First back-off in seconds before a retry (doubled each time, with jitter)., type: float}
   lock_wait: {description: Seconds to wait for another run's lease before failing., type: float}
   lock_ttl: {description: Seconds a lease lives without renewal (a killed run's lease expires after it)., type: float}
+  direct_url:
+    description: A URL of the same database that bypasses PgBouncer, used only for no-transaction down scripts.
+    type: str
   run_id: {description: The run id recorded in the events., type: str}
   host_label: {description: How the operator names this target with -l (used in the next commands)., type: str}
   connect_timeout: {description: Seconds to wait for a connection., type: int, default: 10}
@@ -161,6 +164,7 @@ ARGUMENT_SPEC = dict(
     retry_backoff=dict(type="float"),
     lock_wait=dict(type="float"),
     lock_ttl=dict(type="float"),
+    direct_url=dict(type="str", no_log=True),
     run_id=dict(type="str"),
     host_label=dict(type="str"),
     connect_timeout=dict(type="int", default=10),
@@ -703,7 +707,7 @@ def run_revert(params, check_mode=False):
                                check=check_mode, lock_timeout=p.get("lock_timeout"),
                                statement_timeout=p.get("statement_timeout"), lock_retries=p.get("lock_retries"),
                                retry_backoff=p.get("retry_backoff"), lock_wait=p.get("lock_wait"),
-                               lock_ttl=p.get("lock_ttl"), **kwargs)
+                               lock_ttl=p.get("lock_ttl"), direct_url=p.get("direct_url"), **kwargs)
     except LedgerError as exc:
         fields = dict(plan)
         fields["plan_msg"] = fields.pop("msg", None)
