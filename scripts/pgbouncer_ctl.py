@@ -282,8 +282,8 @@ def url(state: dict, user: str = "postgres", db: str = "ledger", password: str |
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["start", "stop", "status", "url"])
-    parser.add_argument("--dir", required=True, type=Path)
+    parser.add_argument("action", choices=["start", "stop", "status", "url", "install"])
+    parser.add_argument("--dir", type=Path, help="the pgbouncer's state directory (all actions but install)")
     parser.add_argument("--pg-host", default="127.0.0.1")
     parser.add_argument("--pg-port", type=int, default=int(os.environ.get("SANDBOX_PORT", "55432")))
     parser.add_argument("--port", type=int, default=0, help="listen port (default: a free one)")
@@ -296,8 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--install", action="store_true", help="apt-get install pgbouncer when missing (root)")
     parser.add_argument("--db", default="ledger", help="database name for the url action")
     args = parser.parse_args(argv)
+    if args.action != "install" and args.dir is None:
+        parser.error(f"{args.action} needs --dir")
     try:
-        if args.action == "start":
+        if args.action == "install":
+            # make test: the PgBouncer tests need the binary (installed as root, else a clear message).
+            print(f"pgbouncer: {find_binary(install=True)}")
+        elif args.action == "start":
             state = start(args.dir, args.pg_port, pg_host=args.pg_host, port=args.port or None,
                           pool_size=args.pool_size, auth=args.auth, users=parse_users(args.user),
                           install=args.install, pool_mode=args.pool_mode)
