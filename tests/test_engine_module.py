@@ -44,6 +44,11 @@ class FakeModule:
         self.check_mode = check_mode
 
 
+def _run(fake):
+    """The module's run() with what AnsibleModule would have validated."""
+    return ledger_migrate.run(fake.params, fake.check_mode)
+
+
 BROKEN = {
     "0004_broken.sql": """
         -- fails at line 4, after a statement that succeeded
@@ -56,18 +61,18 @@ BROKEN = {
 
 def test_module_check_mode_is_a_rehearsal_that_writes_nothing(tmp_path, empty_db):
     d = write_set(tmp_path / "m", BASIC)
-    res = ledger_migrate.run(FakeModule(check_mode=True, database_url=empty_db, migrations_dir=str(d)))
+    res = _run(FakeModule(check_mode=True, database_url=empty_db, migrations_dir=str(d)))
     assert res["changed"] is True and res["pending"] == ["0001", "0002", "0003"]
     assert [r["status"] for r in res["rehearsal"]] == ["would_apply"] * 3
     assert "rolled back, nothing written" in res["msg"]
     assert one(empty_db, "SELECT to_regclass('migrations.history') IS NULL")
 
     write_set(d, BROKEN)
-    ledger_migrate.run(FakeModule(database_url=empty_db, migrations_dir=str(d), target="0002"))
+    _run(FakeModule(database_url=empty_db, migrations_dir=str(d), target="0002"))
     # 0003 would apply, 0004 would fail: the rehearsal reports both, in order, and changes nothing.
     n = one(empty_db, "SELECT count(*) FROM migrations.events")
     with pytest.raises(LedgerError) as exc:
-        ledger_migrate.run(FakeModule(check_mode=True, database_url=empty_db, migrations_dir=str(d)))
+        _run(FakeModule(check_mode=True, database_url=empty_db, migrations_dir=str(d)))
     f = exc.value.fields
     assert (f["file"], f["line"], f["sqlstate"]) == ("0004_broken.sql", 3, "22012")
     assert [r["status"] for r in f["rehearsal"]] == ["would_apply", "would_fail"]
@@ -78,20 +83,20 @@ def test_module_check_mode_is_a_rehearsal_that_writes_nothing(tmp_path, empty_db
 
 def test_module_apply_status_and_record_rehearsal(tmp_path, empty_db):
     d = write_set(tmp_path / "m", BASIC)
-    res = ledger_migrate.run(FakeModule(database_url=empty_db, migrations_dir=str(d), record_rehearsal=True,
-                                        run_id="mod-run"))
+    res = _run(FakeModule(database_url=empty_db, migrations_dir=str(d), record_rehearsal=True,
+                          run_id="mod-run"))
     assert res["applied_versions"] == ["0001", "0002", "0003"] and len(res["rehearsal"]) == 3
     assert [e[2] for e in events(empty_db, "rehearse")] == ["ok"]
-    again = ledger_migrate.run(FakeModule(database_url=empty_db, migrations_dir=str(d)))
+    again = _run(FakeModule(database_url=empty_db, migrations_dir=str(d)))
     assert again["changed"] is False
-    st = ledger_migrate.run(FakeModule(database_url=empty_db, migrations_dir=str(d), action="status"))
+    st = _run(FakeModule(database_url=empty_db, migrations_dir=str(d), action="status"))
     assert [a["version"] for a in st["applied"]] == ["0001", "0002", "0003"] and st["pending"] == []
     (d / "0002_entries.sql").write_text("-- edited\n" + (d / "0002_entries.sql").read_text())
     with pytest.raises(LedgerError, match="drift on"):
-        ledger_migrate.run(FakeModule(database_url=empty_db, migrations_dir=str(d), action="status",
-                                      fail_on_drift=True))
-    rev = ledger_migrate.run(FakeModule(database_url=empty_db, migrations_dir=str(d), action="revert",
-                                        revert_to="0002"))
+        _run(FakeModule(database_url=empty_db, migrations_dir=str(d), action="status",
+                        fail_on_drift=True))
+    rev = _run(FakeModule(database_url=empty_db, migrations_dir=str(d), action="revert",
+                          revert_to="0002"))
     assert [r["version"] for r in rev["reverted"]] == ["0003"] and history(empty_db) == ["0001", "0002"]
 
 

@@ -126,16 +126,16 @@ def test_a_direct_url_to_another_database_is_refused(tmp_path, bouncer, pg_clust
 
 
 def test_the_modules_rehearsal_says_the_real_run_would_refuse(tmp_path, bouncer, empty_db):
-    from test_engine_module import FakeModule, ledger_migrate
+    from test_engine_module import FakeModule, _run
 
     d = write_set(tmp_path / "m", SET_WITH_INDEX)
     url = bouncer(dbname(empty_db))
     with pytest.raises(LedgerError) as exc:
-        ledger_migrate.run(FakeModule(check_mode=True, database_url=url, migrations_dir=str(d)))
+        _run(FakeModule(check_mode=True, database_url=url, migrations_dir=str(d)))
     assert "every file would apply, but the real run would refuse" in exc.value.msg
     assert "migrate_direct_url" in exc.value.fields["next_command"]
     assert [r["status"] for r in exc.value.fields["rehearsal"]] == ["would_apply"] * 3
-    ok = ledger_migrate.run(FakeModule(check_mode=True, database_url=url, migrations_dir=str(d),
-                                       direct_url=empty_db))
+    ok = _run(FakeModule(check_mode=True, database_url=url, migrations_dir=str(d),
+                         direct_url=empty_db))
     assert ok["changed"] is True and "rolled back, nothing written" in ok["msg"]
     assert one(empty_db, "SELECT to_regclass('migrations.history') IS NULL")  # --check wrote nothing

@@ -35,8 +35,8 @@ options:
   space_margin: {description: Free space needed in backup_dir as a multiple of the database size., type: float, default: 1.2}
   pg_bindir: {description: Directory of pg_dump/pg_restore (default the server's major version's)., type: path}
   run_id: {description: The run id recorded in the event and the manifest., type: str}
-  progress_file: {description: Internal. JSON progress written every second (read by the role's action plugin)., type: path}
-  progress_interval: {description: Seconds between progress lines (used by the backup role's action plugin)., type: float, default: 10}
+  progress_file: {description: Internal. JSON progress written every second (read by plugins/action/ledger_backup.py)., type: path}
+  progress_interval: {description: Seconds between progress lines (used by plugins/action/ledger_backup.py)., type: float, default: 10}
   rerun_command: {description: What the operator runs after fixing a failure (shown in the message)., type: str}
   connect_timeout: {description: Seconds to wait for a connection., type: int, default: 10}
 author: ledger-migrations
@@ -462,16 +462,31 @@ def _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, 
     )
 
 
-def main():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+SPEC_OPTIONS = {}
+
+
+def result_of(params, check_mode=False):
+    """The module's result for validated params, failures included (failed=True); never raises.
+
+    main() passes it to exit_json/fail_json; the action plugin (plugins/action/ledger_backup.py)
+    calls it in-process when the target runs on the controller's own Python.
+    """
     try:
-        result = run_backup(module.params, check_mode=module.check_mode)
+        return run_backup(params, check_mode=check_mode)
     except LedgerError as exc:
-        module.fail_json(msg=redact(exc.msg), **redact_obj(exc.fields))
+        return dict(redact_obj(exc.fields), failed=True, msg=redact(exc.msg))
     except Exception as exc:  # noqa: BLE001 - an operator gets a message, never a traceback
-        module.fail_json(msg="ledger_backup failed unexpectedly on %s: %s: %s (a bug: please report it with this "
-                             "message)" % (describe_target(module.params["database_url"]), type(exc).__name__,
-                                           redact(str(exc))), verified=False)
+        return dict(failed=True, verified=False,
+                    msg="ledger_backup failed unexpectedly on %s: %s: %s (a bug: please report it with this "
+                        "message)" % (describe_target(params["database_url"]), type(exc).__name__,
+                                      redact(str(exc))))
+
+
+def main():
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True, **SPEC_OPTIONS)
+    result = result_of(module.params, check_mode=module.check_mode)
+    if result.pop("failed", False):
+        module.fail_json(**result)
     module.exit_json(**result)
 
 

@@ -316,7 +316,7 @@ def _settings(p):
     }
 
 
-def _rehearsal(module, url, migrations, p, record):
+def _rehearsal(url, migrations, p, record):
     """Check mode (or record_rehearsal) of action=apply: the pending migrations in a rolled-back transaction."""
     info = inspect(url, migrations, p["target"], p["allow_out_of_order"])
     target = describe_target(url)
@@ -369,8 +369,7 @@ def failure_changed(action, check_mode, fields):
     return False
 
 
-def run(module):
-    p = module.params
+def run(p, check_mode=False):
     url = p["database_url"]
     action = p["action"]
     migrations = load_migration_set(p["migrations_dir"])
@@ -390,11 +389,11 @@ def run(module):
                               % (st["target_name"], "\n".join(st["lines"]), p["limit"] or "<limit>"), **fields)
         return result
     if action == "apply":
-        if module.check_mode:
-            return _rehearsal(module, url, migrations, p, record=False)
+        if check_mode:
+            return _rehearsal(url, migrations, p, record=False)
         rehearsal = None
         if p["record_rehearsal"]:
-            rehearsal = _rehearsal(module, url, migrations, p, record=True)["rehearsal"]
+            rehearsal = _rehearsal(url, migrations, p, record=True)["rehearsal"]
         result = apply(url, migrations, target=p["target"], allow_out_of_order=p["allow_out_of_order"],
                        **dict(common, **_settings(p)))
         result["applied_versions"] = [a["version"] for a in result["applied"]]
@@ -402,62 +401,77 @@ def run(module):
             result["rehearsal"] = rehearsal
         return result
     if action == "revert":
-        result = revert(url, migrations, p["revert_to"], check=module.check_mode, **dict(common, **_settings(p)))
+        result = revert(url, migrations, p["revert_to"], check=check_mode, **dict(common, **_settings(p)))
         return result
     if action == "baseline":
-        return baseline(url, migrations, p["baseline_version"], check=module.check_mode,
+        return baseline(url, migrations, p["baseline_version"], check=check_mode,
                         lock_wait=p.get("lock_wait"), lock_ttl=p["lock_ttl"], **common)
     if action == "accept_checksum":
-        return accept_checksum(url, migrations, p["accept_version"], check=module.check_mode,
+        return accept_checksum(url, migrations, p["accept_version"], check=check_mode,
                                lock_wait=p.get("lock_wait"), lock_ttl=p["lock_ttl"], **common)
     raise LedgerError("unknown action %s" % action)  # pragma: no cover - choices prevent it
 
 
-def main():
-    module = AnsibleModule(
-        argument_spec=dict(
-            database_url=dict(type="str", required=True, no_log=True),
-            migrations_dir=dict(type="path", required=True),
-            action=dict(type="str", default="apply",
-                        choices=["apply", "status", "baseline", "accept_checksum", "revert"]),
-            target=dict(type="str"),
-            run_id=dict(type="str"),
-            lock_timeout=dict(type="str", default="2s"),
-            statement_timeout=dict(type="str", default="0"),
-            lock_retries=dict(type="int", default=3),
-            lock_retry_backoff=dict(type="float", default=0.5),
-            lock_wait=dict(type="float"),
-            lock_ttl=dict(type="float", default=60.0),
-            direct_url=dict(type="str", no_log=True),
-            allow_out_of_order=dict(type="bool", default=False),
-            baseline_version=dict(type="str"),
-            accept_version=dict(type="str"),
-            revert_to=dict(type="str"),
-            limit=dict(type="str"),
-            fail_on_drift=dict(type="bool", default=False),
-            record_rehearsal=dict(type="bool", default=False),
-        ),
-        required_if=[
-            ("action", "baseline", ["baseline_version"]),
-            ("action", "accept_checksum", ["accept_version"]),
-            ("action", "revert", ["revert_to"]),
-        ],
-        supports_check_mode=True,
-    )
-    target = describe_target(module.params["database_url"])
+ARGUMENT_SPEC = dict(
+    database_url=dict(type="str", required=True, no_log=True),
+    migrations_dir=dict(type="path", required=True),
+    action=dict(type="str", default="apply",
+                choices=["apply", "status", "baseline", "accept_checksum", "revert"]),
+    target=dict(type="str"),
+    run_id=dict(type="str"),
+    lock_timeout=dict(type="str", default="2s"),
+    statement_timeout=dict(type="str", default="0"),
+    lock_retries=dict(type="int", default=3),
+    lock_retry_backoff=dict(type="float", default=0.5),
+    lock_wait=dict(type="float"),
+    lock_ttl=dict(type="float", default=60.0),
+    direct_url=dict(type="str", no_log=True),
+    allow_out_of_order=dict(type="bool", default=False),
+    baseline_version=dict(type="str"),
+    accept_version=dict(type="str"),
+    revert_to=dict(type="str"),
+    limit=dict(type="str"),
+    fail_on_drift=dict(type="bool", default=False),
+    record_rehearsal=dict(type="bool", default=False),
+)
+
+SPEC_OPTIONS = dict(
+    required_if=[
+        ("action", "baseline", ["baseline_version"]),
+        ("action", "accept_checksum", ["accept_version"]),
+        ("action", "revert", ["revert_to"]),
+    ],
+)
+
+
+def result_of(params, check_mode=False):
+    """The module's result for validated params, failures included (failed=True); never raises.
+
+    main() passes it to exit_json/fail_json; the action plugin (plugins/action/ledger_migrate.py)
+    calls it in-process when the target runs on the controller's own Python.
+    """
+    target = describe_target(params["database_url"])
     try:
-        result = run(module)
+        result = run(params, check_mode)
     except LedgerError as exc:
         fields = to_json(exc.fields)
         fields.setdefault("target", target)
         fields.pop("changed", None)
         fields.pop("failed", None)
-        changed = failure_changed(module.params["action"], module.check_mode, fields)
-        module.fail_json(msg=redact(exc.msg), changed=changed, **fields)
+        changed = failure_changed(params["action"], check_mode, fields)
+        return dict(fields, failed=True, msg=redact(exc.msg), changed=changed)
     except Exception as exc:  # noqa: BLE001 - never a bare traceback, never the password
-        module.fail_json(msg="ledger_migrate failed unexpectedly on %s: %s: %s" % (
-            target, type(exc).__name__, redact(str(exc))), target=target)
-    module.exit_json(**to_json(result))
+        return dict(failed=True, target=target, msg="ledger_migrate failed unexpectedly on %s: %s: %s" % (
+            target, type(exc).__name__, redact(str(exc))))
+    return to_json(result)
+
+
+def main():
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True, **SPEC_OPTIONS)
+    result = result_of(module.params, check_mode=module.check_mode)
+    if result.pop("failed", False):
+        module.fail_json(**result)
+    module.exit_json(**result)
 
 
 if __name__ == "__main__":

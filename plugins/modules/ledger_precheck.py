@@ -837,20 +837,34 @@ def run_precheck(params, check_mode=False, now_utc=None):
     return result
 
 
-def main():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+SPEC_OPTIONS = {}
+
+
+def result_of(params, check_mode=False):
+    """The module's result for validated params, failures included (failed=True); never raises.
+
+    main() passes it to exit_json/fail_json; the action plugin (plugins/action/ledger_precheck.py)
+    calls it in-process when the target runs on the controller's own Python.
+    """
     try:
-        result = run_precheck(module.params, check_mode=module.check_mode)
+        result = run_precheck(params, check_mode=check_mode)
     except LedgerError as exc:
-        module.fail_json(msg=redact(exc.msg), **redact_obj(exc.fields))
+        return dict(redact_obj(exc.fields), failed=True, msg=redact(exc.msg))
     except Exception as exc:  # noqa: BLE001 - an operator gets a message, never a traceback
-        module.fail_json(msg="ledger_precheck failed unexpectedly on %s: %s: %s (a bug: please report it with this "
-                             "message)" % (describe_target(module.params["database_url"]), type(exc).__name__,
-                                           redact(str(exc))))
-    if result["failed"]:
-        result.pop("failed")
+        return dict(failed=True,
+                    msg="ledger_precheck failed unexpectedly on %s: %s: %s (a bug: please report it with this "
+                        "message)" % (describe_target(params["database_url"]), type(exc).__name__,
+                                      redact(str(exc))))
+    if not result.pop("failed"):
+        return result
+    return dict(result, failed=True)
+
+
+def main():
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True, **SPEC_OPTIONS)
+    result = result_of(module.params, check_mode=module.check_mode)
+    if result.pop("failed", False):
         module.fail_json(**result)
-    result.pop("failed")
     module.exit_json(**result)
 
 

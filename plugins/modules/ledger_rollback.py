@@ -1331,22 +1331,37 @@ def run(params, check_mode=False):
     return run_revert(p, check_mode)
 
 
-def main():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True,
-                           mutually_exclusive=[("rollback_to", "versions")])
+SPEC_OPTIONS = dict(mutually_exclusive=[("rollback_to", "versions")])
+
+
+def result_of(params, check_mode=False):
+    """The module's result for validated params, failures included (failed=True); never raises.
+
+    main() passes it to exit_json/fail_json; the action plugin (plugins/action/ledger_rollback.py)
+    calls it in-process when the target runs on the controller's own Python.
+    """
     try:
-        result = run(module.params, check_mode=module.check_mode)
+        result = run(params, check_mode=check_mode)
     except LedgerError as exc:
-        module.fail_json(msg=redact(exc.msg), **redact_obj(exc.fields))
+        return dict(redact_obj(exc.fields), failed=True, msg=redact(exc.msg))
     except psycopg2.Error as exc:
         err = pg_error(exc)
-        module.fail_json(msg="rollback of %s failed: %s" % (describe_target(module.params["database_url"]),
-                                                            format_pg_error(err)), sqlstate=err["sqlstate"])
+        return dict(failed=True, sqlstate=err["sqlstate"],
+                    msg="rollback of %s failed: %s" % (describe_target(params["database_url"]), format_pg_error(err)))
     except Exception as exc:  # noqa: BLE001 - an operator gets a message, never a traceback
-        module.fail_json(msg="ledger_rollback failed unexpectedly on %s: %s: %s (a bug: please report it with this "
-                             "message)" % (describe_target(module.params["database_url"]), type(exc).__name__,
-                                           redact(str(exc))))
-    module.exit_json(**redact_obj(result))
+        return dict(failed=True,
+                    msg="ledger_rollback failed unexpectedly on %s: %s: %s (a bug: please report it with this "
+                        "message)" % (describe_target(params["database_url"]), type(exc).__name__,
+                                      redact(str(exc))))
+    return redact_obj(result)
+
+
+def main():
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True, **SPEC_OPTIONS)
+    result = result_of(module.params, check_mode=module.check_mode)
+    if result.pop("failed", False):
+        module.fail_json(**result)
+    module.exit_json(**result)
 
 
 if __name__ == "__main__":

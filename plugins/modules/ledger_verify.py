@@ -1471,17 +1471,16 @@ def format_failure(target, failed, total, versions, limit):
     return "\n".join(lines)
 
 
-def abort(module, p, url, run_id, result, msg, **extra):
+def abort(check_mode, p, url, run_id, result, msg, **extra):
     """verify could not finish: log that (real runs) and fail with the message."""
-    if not module.check_mode and p["record_event"]:
+    if not check_mode and p["record_event"]:
         result["event_logged"] = log_event_autonomous(url, run_id, "verify", "error",
                                                       detail={"target": result["target"], "error": msg})
-    module.fail_json(msg=msg, **dict(result, **extra))
+    raise LedgerError(msg, **dict(result, **extra))
 
 
-def run_module():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
-    p = module.params
+def run(p, check_mode=False):
+    """Every check on one target; the result, or LedgerError(msg, **result) when verification failed."""
     url = p["database_url"]
     target = describe_target(url)
     run_id = p["run_id"] or new_run_id()
@@ -1494,8 +1493,8 @@ def run_module():
     try:
         conn = connect(url, autocommit=True, connect_timeout=p["connect_timeout"])
     except LedgerError as exc:
-        module.fail_json(msg="%s. Next: check database_url and that the target is up ('ansible-playbook"
-                             " playbooks/precheck.yml -l %s')." % (exc.msg, p["limit"]), **result)
+        raise LedgerError("%s. Next: check database_url and that the target is up ('ansible-playbook"
+                          " playbooks/precheck.yml -l %s')." % (exc.msg, p["limit"]), **result)
     try:
         cur = conn.cursor()
         applied, source = applied_versions(cur)
@@ -1546,16 +1545,16 @@ def run_module():
                 "catalog counts before %s, after %s" % (objects_before, objects_after), "equal")
     except LedgerError as exc:
         conn.close()
-        abort(module, p, url, run_id, result, "verify could not run on %s: %s" % (target, exc.msg))
+        abort(check_mode, p, url, run_id, result, "verify could not run on %s: %s" % (target, exc.msg))
     except psycopg2.Error as exc:
         conn.close()
-        abort(module, p, url, run_id, result,
+        abort(check_mode, p, url, run_id, result,
               "verify could not run on %s: %s. Next: check the target's health, then re-run"
               " 'ansible-playbook playbooks/verify.yml -l %s'." % (target, err_text(exc), p["limit"]),
               sqlstate=exc.pgcode)
     except Exception as exc:  # noqa: BLE001 - an operator gets a message, never a traceback
         conn.close()
-        abort(module, p, url, run_id, result,
+        abort(check_mode, p, url, run_id, result,
               "verify could not run on %s: internal error %s: %s. Next: re-run with -vvv and report it"
               % (target, type(exc).__name__, redact(str(exc))))
     conn.close()
@@ -1565,7 +1564,7 @@ def run_module():
     result["passed"] = sum(1 for c in rep.checks if c["status"] == "passed")
     result["duration_ms"] = int((time.monotonic() - started) * 1000)
     outcome = "failed" if failed else "passed"
-    if not module.check_mode and p["record_event"]:
+    if not check_mode and p["record_event"]:
         result["event_logged"] = log_event_autonomous(
             url, run_id, "verify", outcome, duration_ms=result["duration_ms"],
             detail={"target": target, "versions": result["versions"], "passed": result["passed"],
@@ -1573,18 +1572,41 @@ def run_module():
                     "health_url": _safe_url(p["health_url"]) or None, "jwks_url": _safe_url(p["jwks_url"]) or None})
     result["verification_failed"] = bool(failed)
     if failed:
-        module.fail_json(msg=format_failure(target, failed, len(rep.checks), result["versions"], p["limit"]), **result)
+        raise LedgerError(format_failure(target, failed, len(rep.checks), result["versions"], p["limit"]), **result)
     if not result["versions"]:
         result["msg"] = "verify on %s: no ledger migration applied, nothing to verify (%d checks passed)" % (
             target, result["passed"])
     else:
         result["msg"] = "verify passed on %s: %d checks (versions %s%s)" % (
             target, result["passed"], ", ".join(result["versions"]), ", through PgBouncer too" if p["pgbouncer_url"] else "")
-    module.exit_json(**result)
+    return result
+
+
+SPEC_OPTIONS = {}
+
+
+def result_of(params, check_mode=False):
+    """The module's result for validated params, failures included (failed=True); never raises.
+
+    main() passes it to exit_json/fail_json; the action plugin (plugins/action/ledger_verify.py)
+    calls it in-process when the target runs on the controller's own Python.
+    """
+    try:
+        return run(params, check_mode=check_mode)
+    except LedgerError as exc:
+        return dict(exc.fields, failed=True, msg=exc.msg)
+    except Exception as exc:  # noqa: BLE001 - an operator gets a message, never a traceback
+        return dict(failed=True, changed=False,
+                    msg="verify could not run on %s: internal error %s: %s. Next: re-run with -vvv and report it"
+                        % (describe_target(params["database_url"]), type(exc).__name__, redact(str(exc))))
 
 
 def main():
-    run_module()
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True, **SPEC_OPTIONS)
+    result = result_of(module.params, check_mode=module.check_mode)
+    if result.pop("failed", False):
+        module.fail_json(**result)
+    module.exit_json(**result)
 
 
 if __name__ == "__main__":

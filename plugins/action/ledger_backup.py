@@ -1,0 +1,107 @@
+# -*- coding: utf-8 -*-
+"""Action plugin for ledger_backup: in-process when it can, and the dump's progress while it runs.
+
+The module runs in-process on the controller's own Python, else as a module (see
+plugins/action/ledger_inprocess.py). Either way it returns only once, at the end, and a dump
+of a large database takes minutes: on a local connection the module runs in a thread and
+writes a progress file every second; this plugin reads it and prints a line at least every
+`progress_interval` seconds (default 10) in ansible-playbook's output:
+
+    [staging-ledger] backup: dumping, 1.2 GiB written (compressed) of a 4.8 GiB database (25%), 40 s
+
+Short dumps print nothing; neither do check mode and remote connections.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+
+from ansible.utils.display import Display
+
+display = Display()
+
+
+def _base():
+    name = "ansible_ledger_inprocess"
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ledger_inprocess.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def _human(num):
+    num = float(num or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if num < 1024 or unit == "TiB":
+            return "%.1f %s" % (num, unit) if unit != "B" else "%d B" % num
+        num /= 1024.0
+    return "%.1f TiB" % num
+
+
+def progress_line(host, progress_file, elapsed):
+    """One progress line from the module's progress file (best effort)."""
+    try:
+        with open(progress_file) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        data = {}
+    size = data.get("db_size") or 0
+    written = data.get("bytes") or 0
+    phase = data.get("phase", "starting")
+    if phase == "dumping":
+        share = " (%d%%)" % (100 * written / size) if size else ""
+        detail = "%s written (compressed) of a %s database%s" % (_human(written), _human(size), share)
+    else:
+        detail = "dump of %s" % _human(written)
+    return "  [%s] backup: %s, %s, %d s" % (host, phase, detail, elapsed)
+
+
+class ActionModule(_base().LedgerAction):
+
+    MODULE = "ledger_backup"
+
+    def around(self, args, task_vars, execute):
+        if self._task.check_mode or self._connection.transport not in _base().LOCAL_TRANSPORTS:
+            return execute(args)
+        try:
+            interval = float(args.get("progress_interval") or 10)
+        except (TypeError, ValueError):
+            return execute(args)  # the module's validation says what is wrong
+        fd, progress_file = tempfile.mkstemp(prefix="ledger-backup-progress-", suffix=".json")
+        os.close(fd)
+        args = dict(args, progress_file=progress_file)
+        host = task_vars.get("inventory_hostname", "?")
+        outcome = {}
+
+        def work():
+            try:
+                outcome["result"] = execute(args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the task's thread below
+                outcome["error"] = exc
+
+        started = time.time()
+        worker = threading.Thread(target=work, name="ledger-backup-module", daemon=True)
+        worker.start()
+        try:
+            while True:
+                worker.join(interval)
+                if not worker.is_alive():
+                    break
+                display.display(progress_line(host, progress_file, time.time() - started))
+        finally:
+            try:
+                os.unlink(progress_file)
+            except OSError:
+                pass
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]

@@ -1,0 +1,204 @@
+# -*- coding: utf-8 -*-
+"""Shared base of the ledger_* action plugins: run the module in the worker process when it is safe.
+
+Not an action plugin itself (no task uses `ledger_inprocess`): plugins/action/ledger_<stage>.py
+load it by path and subclass LedgerAction.
+
+Every ledger target runs on the control node (playbooks/group_vars/all.yml: ansible_connection
+local, ansible_python_interpreter the controller's own Python). For such a task, packaging the
+module with AnsiballZ and starting a new interpreter that imports ansible.module_utils.basic and
+psycopg2 costs about 0.26 s; the module's work is often less. So when
+  - the connection is local, without become, delegate_to or a task `environment`, not async, and
+  - the task's ansible_python_interpreter resolves to this very Python (realpaths compared),
+the plugin imports plugins/modules/<name>.py (its `ansible.module_utils.ledger_*` imports resolve
+to plugins/module_utils/), validates the arguments with ArgumentSpecValidator and the module's
+ARGUMENT_SPEC/SPEC_OPTIONS (the same errors as AnsibleModule), calls the module's
+result_of(params, check_mode) (what main() hands to exit_json/fail_json), removes every no_log
+value from the result as AnsibleModule does, and passes it through the module JSON encoder and
+decoder so callbacks see the same types. Anything else runs the real module (_execute_module).
+
+Each task runs in its own forked worker process (also with forks=25), and every module opens and
+closes its own connections and stops its threads before returning: nothing is shared between
+tasks or hosts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+from ansible.module_utils.common.json import Direction, get_module_decoder, get_module_encoder
+from ansible.module_utils.common.parameters import remove_values
+from ansible.module_utils.errors import UnsupportedError
+from ansible.plugins.action import ActionBase
+from ansible.utils.display import Display
+from ansible.utils.vars import merge_hash
+from ansible.vars.clean import remove_internal_keys
+
+display = Display()
+
+PLUGINS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULES_DIR = os.path.join(PLUGINS, "modules")
+MODULE_UTILS_DIR = os.path.join(PLUGINS, "module_utils")
+LOCAL_TRANSPORTS = ("local", "ansible.builtin.local", "ansible.legacy.local")
+
+
+def _exec_file(name, path):
+    """Import the file at path as sys.modules[name] (once per process)."""
+    mod = sys.modules.get(name)
+    if mod is not None:
+        return mod
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod
+
+
+def load_module_utils():
+    """Expose plugins/module_utils/*.py as ansible.module_utils.<name>, as AnsiballZ does for a module."""
+    import ansible.module_utils as amu
+
+    names = sorted((f[:-3] for f in os.listdir(MODULE_UTILS_DIR) if f.endswith(".py") and not f.startswith("_")),
+                   key=lambda n: (n != "ledger_common", n))  # the others import ledger_common
+    for name in names:
+        mod = _exec_file("ansible.module_utils." + name, os.path.join(MODULE_UTILS_DIR, name + ".py"))
+        setattr(amu, name, mod)
+
+
+def load_module(name):
+    """The module plugins/modules/<name>.py, imported in this process."""
+    load_module_utils()
+    return _exec_file("ansible_ledger_inprocess_" + name, os.path.join(MODULES_DIR, name + ".py"))
+
+
+def _venv_of(path):
+    """The virtualenv an interpreter at `path` runs in (pyvenv.cfg beside or above it), else None."""
+    here = os.path.dirname(os.path.abspath(path))
+    for directory in (here, os.path.dirname(here)):
+        if os.path.isfile(os.path.join(directory, "pyvenv.cfg")):
+            return os.path.realpath(directory)
+    return None
+
+
+def same_python(interpreter):
+    """Whether `interpreter` is this very Python: same binary (realpaths) and same virtualenv.
+
+    A venv's bin/python resolves to the base interpreter, so the realpaths alone would also match
+    /usr/bin/python3, which has none of the venv's packages.
+    """
+    if os.path.realpath(interpreter) != os.path.realpath(sys.executable):
+        return False
+    return _venv_of(interpreter) == _venv_of(sys.executable)
+
+
+def validate(mod, name, args):
+    """(params, no_log_values, error message or None): AnsibleModule's validation, without AnsibleModule."""
+    validator = ArgumentSpecValidator(mod.ARGUMENT_SPEC, **getattr(mod, "SPEC_OPTIONS", {}))
+    outcome = validator.validate(args)
+    no_log_values = set(outcome._no_log_values)
+    try:
+        error = outcome.errors[0]
+    except IndexError:
+        error = None
+    if error:
+        msg = outcome.errors.msg
+        if isinstance(error, UnsupportedError):
+            msg = "Unsupported parameters for ({name}) {kind}: {msg}".format(name=name, kind="module", msg=msg)
+        return outcome.validated_parameters, no_log_values, msg
+    return outcome.validated_parameters, no_log_values, None
+
+
+def finish(result, params, no_log_values):
+    """What AnsibleModule.exit_json/fail_json print, then what _execute_module makes of it."""
+    result = dict(result)
+    result.setdefault("invocation", {"module_args": params})
+    preserved = dict((k, v) for k, v in result.items() if v is None or isinstance(v, bool))
+    result = remove_values(result, no_log_values)
+    result.update(preserved)
+    text = json.dumps(result, cls=get_module_encoder("legacy", Direction.MODULE_TO_CONTROLLER))
+    data = json.loads(text, cls=get_module_decoder("legacy", Direction.MODULE_TO_CONTROLLER))
+    remove_internal_keys(data)
+    return data
+
+
+def call(name, args, check_mode):
+    """Run module `name` in this process: the result dict _execute_module would have returned."""
+    mod = load_module(name)
+    args = json.loads(json.dumps(args, cls=get_module_encoder("legacy", Direction.CONTROLLER_TO_MODULE)))
+    params, no_log_values, error = validate(mod, name, args)
+    if error:
+        result = {"failed": True, "msg": error}
+    else:
+        try:
+            result = mod.result_of(params, check_mode=check_mode)
+        except Exception as exc:  # noqa: BLE001 - result_of never raises; this is the last guard
+            result = {"failed": True,
+                      "msg": "%s failed unexpectedly: %s (a bug: please report it with this message)"
+                             % (name, type(exc).__name__)}
+    return finish(result, params, no_log_values)
+
+
+class LedgerAction(ActionBase):
+    """Base of plugins/action/ledger_<stage>.py; MODULE is the module's name."""
+
+    MODULE = None
+    _supports_check_mode = True
+    _supports_async = True
+
+    def _in_process(self, task_vars):
+        """Why the module must run the usual way, or None when it may run in this process."""
+        if self._connection.transport not in LOCAL_TRANSPORTS:
+            return "connection %s" % self._connection.transport
+        if self._play_context.become:
+            return "become"
+        if self._task.delegate_to:
+            return "delegate_to"
+        if any(self._task.environment or []):
+            return "a task environment"
+        if not os.path.isfile(os.path.join(MODULES_DIR, self.MODULE + ".py")):
+            return "no module file"
+        try:
+            interpreter = self._templar.template(task_vars.get("ansible_python_interpreter"))
+        except Exception as exc:  # noqa: BLE001 - anything unclear: run the module the usual way
+            return "interpreter not resolved: %s" % type(exc).__name__
+        if not isinstance(interpreter, str) or not os.path.isabs(interpreter):
+            return "interpreter %r" % (interpreter,)
+        if not same_python(interpreter):
+            return "interpreter %s is not %s" % (interpreter, sys.executable)
+        return None
+
+    def around(self, args, task_vars, execute):
+        """Run execute(args) -> result; ledger_backup overrides it to report progress meanwhile."""
+        return execute(args)
+
+    def run(self, tmp=None, task_vars=None):
+        result = super(LedgerAction, self).run(tmp, task_vars)
+        del tmp
+        task_vars = task_vars or {}
+        args = dict(self._task.args)
+        if self._task.async_val:
+            wrap_async = not self._connection.has_native_async
+            result = merge_hash(result, self._execute_module(module_args=args, task_vars=task_vars,
+                                                             wrap_async=wrap_async))
+            if not wrap_async:
+                self._remove_tmp_path(self._connection._shell.tmpdir)
+            return result
+        why_not = self._in_process(task_vars)
+        if why_not:
+            display.vvv("%s: running the module (%s)" % (self.MODULE, why_not))
+            try:
+                return merge_hash(result, self.around(
+                    args, task_vars, lambda a: self._execute_module(module_args=a, task_vars=task_vars)))
+            finally:
+                self._remove_tmp_path(self._connection._shell.tmpdir)
+        display.vvv("%s: running the module in-process (local connection, controller's Python)" % self.MODULE)
+        check_mode = bool(self._task.check_mode)
+        return merge_hash(result, self.around(args, task_vars, lambda a: call(self.MODULE, a, check_mode)))
