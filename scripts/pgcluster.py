@@ -129,11 +129,12 @@ def server_home(base: Path) -> Path:
         return Path(state["home"])
     if _owner_env() is None:
         return base
-    probe = base if base.exists() else base.parent
+    # start() creates `base` and gives it to `postgres`: what matters is whether that
+    # user can pass through every directory above it.
+    probe = base.parent
     while not probe.exists():
         probe = probe.parent
-    res = subprocess.run(["runuser", "-u", RUN_AS, "--", "test", "-w", str(probe), "-a", "-x", str(probe)],
-                         capture_output=True, check=False)
+    res = subprocess.run(["runuser", "-u", RUN_AS, "--", "test", "-x", str(probe)], capture_output=True, check=False)
     if res.returncode == 0:
         return base
     digest = hashlib.sha256(str(base).encode()).hexdigest()[:12]
