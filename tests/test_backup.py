@@ -6,7 +6,6 @@ plugins/module_utils/ledger_backup_utils.py that the rollback stage reuses.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,18 +21,13 @@ import pytest
 
 from ansible.module_utils import ledger_backup_utils as bu
 from ansible.module_utils.ledger_common import LedgerError
+from pghelpers import load_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "plugins" / "modules" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
-
-backup = _load("ledger_backup")
+backup = load_module("ledger_backup", prefix="")
 
 
 def run(url, backup_dir, check_mode=False, **params):

@@ -17,6 +17,7 @@ import pytest
 
 from ansible.module_utils import ledger_engine as engine
 from ansible.module_utils.ledger_common import LedgerError
+from pghelpers import history, q
 
 
 # --------------------------------------------------------------------------- helpers
@@ -29,23 +30,10 @@ def write_set(directory, files):
     return directory
 
 
-def q(url, sql, params=None):
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description else None
-    finally:
-        conn.close()
-
 
 def one(url, sql, params=None):
     return q(url, sql, params)[0][0]
 
-
-def history(url):
-    return [r[0] for r in q(url, "SELECT version FROM migrations.history ORDER BY version")]
 
 
 def events(url, action=None):

@@ -8,7 +8,6 @@ function AnsibleModule calls); tests/test_precheck_playbook.py runs it through a
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import os
 import subprocess
 import threading
@@ -18,19 +17,14 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+from pghelpers import load_module
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = ROOT / "files" / "migrations"
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "plugins" / "modules" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
-
-precheck = _load("ledger_precheck")
+precheck = load_module("ledger_precheck", prefix="")
 
 
 def run(url, check_mode=False, **params):

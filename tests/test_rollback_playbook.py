@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psycopg2
 import pytest
+from pghelpers import history, q
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = ROOT / "files" / "migrations"
@@ -22,19 +22,6 @@ PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 FAILING_0012 = "-- 0012: fails at apply time, on purpose\nCREATE TABLE public.rb_probe (id int);\nSELECT 1 / 0;\n"
 
 
-def q(url, query, args=None):
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, args)
-            return cur.fetchall() if cur.description else None
-    finally:
-        conn.close()
-
-
-def history(url):
-    return [r[0] for r in q(url, "SELECT version FROM migrations.history ORDER BY version")]
 
 
 class Runner:

@@ -8,7 +8,6 @@ must leave the target exactly as it was (schema, rows, history) and no stray dat
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shlex
 import subprocess
@@ -20,34 +19,19 @@ import psycopg2.extras
 import pytest
 
 from ansible.module_utils.ledger_common import LedgerError, ensure_records
+from pghelpers import history, load_module, q
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = ROOT / "files" / "migrations"
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location("test_" + name, ROOT / "plugins" / "modules" / (name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
-
-rollback = _load("ledger_rollback")
-backup = _load("ledger_backup")
-verify = _load("ledger_verify")
+rollback = load_module("ledger_rollback")
+backup = load_module("ledger_backup")
+verify = load_module("ledger_verify")
 
 
 # --------------------------------------------------------------------------- helpers
-
-def q(url, query, args=None):
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, args)
-            return cur.fetchall() if cur.description else None
-    finally:
-        conn.close()
 
 
 def record_history(url, versions=("0008", "0009", "0010", "0011")):
@@ -65,9 +49,6 @@ def record_history(url, versions=("0008", "0009", "0010", "0011")):
     finally:
         conn.close()
 
-
-def history(url):
-    return [r[0] for r in q(url, "SELECT version FROM migrations.history ORDER BY version")]
 
 
 def schema_dump(cluster, url):

@@ -7,7 +7,6 @@ plans (read-only: missing down scripts, rehearsal, rows that would be lost) and 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -15,11 +14,11 @@ import threading
 import time
 from pathlib import Path
 
-import psycopg2
 import pytest
 
 from ansible.module_utils import ledger_engine
 from ansible.module_utils.ledger_common import LedgerError
+from pghelpers import history, load_module, q
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = ROOT / "files" / "migrations"
@@ -29,30 +28,11 @@ LEDGER_TABLES = ["public.credit_lots", "public.crypto_payments", "public.lot_ent
                  "public.webhook_events"]
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location("test_" + name, ROOT / "plugins" / "modules" / (name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+
+rollback = load_module("ledger_rollback")
+backup = load_module("ledger_backup")
 
 
-rollback = _load("ledger_rollback")
-backup = _load("ledger_backup")
-
-
-def q(url, query, args=None):
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, args)
-            return cur.fetchall() if cur.description else None
-    finally:
-        conn.close()
-
-
-def history(url):
-    return [r[0] for r in q(url, "SELECT version FROM migrations.history ORDER BY version")]
 
 
 def tables(url):
