@@ -22,6 +22,7 @@ import pytest
 from ansible.module_utils import ledger_backup_utils as bu
 from ansible.module_utils.ledger_common import LedgerError
 from pghelpers import load_module
+from pghelpers import q as sql
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,17 +35,6 @@ def run(url, backup_dir, check_mode=False, **params):
     full = {k: v.get("default") for k, v in backup.ARGUMENT_SPEC.items()}
     full.update(database_url=url, backup_dir=str(backup_dir), run_id="test-" + uuid.uuid4().hex[:6], **params)
     return backup.run_backup(full, check_mode=check_mode)
-
-
-def sql(url, query, args=None):
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, args)
-            return cur.fetchall() if cur.description else None
-    finally:
-        conn.close()
 
 
 def backup_events(url):
