@@ -60,8 +60,11 @@ pytest: setup
 	@$(PYTHON) scripts/pgbouncer_ctl.py install || echo "note: without pgbouncer, the PgBouncer tests are skipped (CI fails them)"
 	$(BIN)/pytest
 
+# Each run takes its own block of free ports (scenario ports are base + offset):
+# no fixed port, so two checkouts or a busy machine never collide.
 molecule: setup
-	$(BIN)/molecule test --all
+	LEDGER_MOLECULE_PORT_BASE=$${LEDGER_MOLECULE_PORT_BASE:-$$($(PYTHON) scripts/port_block.py --size 100)} \
+	  $(BIN)/molecule test --all
 
 test: lint pytest molecule
 

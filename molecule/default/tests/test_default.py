@@ -4,11 +4,13 @@ testinfra runs these on the control node (local://), where the scenario's
 PostgreSQL listens; every assertion reads the real database through psql.
 """
 
+import os
 import json
 
 import pytest
 
-URL = "postgresql://postgres@127.0.0.1:55611/ledger"
+PORT_BASE = int(os.environ.get("LEDGER_MOLECULE_PORT_BASE", "55600"))
+URL = f"postgresql://postgres@127.0.0.1:{PORT_BASE + 11}/ledger"
 LEDGER_TABLES = {
     "credit_lots", "lot_entries", "webhook_events", "crypto_payments",
     "usage_events", "s2s_jwks_public_keys", "reconciliation_cursor",

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-PORTS = {"fleet-1": 55641, "fleet-2": 55642, "fleet-3": 55643, "fleet-4": 55644}
+PORT_BASE = int(os.environ.get("LEDGER_MOLECULE_PORT_BASE", "55600"))
+PORTS = {"fleet-1": PORT_BASE + 41, "fleet-2": PORT_BASE + 42, "fleet-3": PORT_BASE + 43, "fleet-4": PORT_BASE + 44}
 REPORTS = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent")) / "reports"
 
 

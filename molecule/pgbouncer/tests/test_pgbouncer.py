@@ -1,10 +1,12 @@
 """After migrate.yml converged with pgbouncer_url set: verify passed through PgBouncer."""
 
+import os
 import json
 
-DIRECT = "postgresql://postgres@127.0.0.1:55651/ledger"
-POOLED = "postgresql://postgres@127.0.0.1:55652/ledger"
-ADMIN = "postgresql://postgres@127.0.0.1:55652/pgbouncer"
+PORT_BASE = int(os.environ.get("LEDGER_MOLECULE_PORT_BASE", "55600"))
+DIRECT = f"postgresql://postgres@127.0.0.1:{PORT_BASE + 51}/ledger"
+POOLED = f"postgresql://postgres@127.0.0.1:{PORT_BASE + 52}/ledger"
+ADMIN = f"postgresql://postgres@127.0.0.1:{PORT_BASE + 52}/pgbouncer"
 
 
 def sql(host, url, query):
@@ -33,7 +35,7 @@ def test_context_is_transaction_local_through_pgbouncer(host):
     assert out.rc != 0 and "P0001" in out.stderr
 
 
-RACE = "postgresql://postgres@127.0.0.1:55651/ledger_race"
+RACE = f"postgresql://postgres@127.0.0.1:{PORT_BASE + 51}/ledger_race"
 
 
 def test_migrations_went_through_pgbouncer(host):

@@ -1,8 +1,10 @@
 """After converge: the restore brought back 0011 with the ledger row the revert had dropped."""
 
+import os
 import json
 
-URL = "postgresql://postgres@127.0.0.1:55631"
+PORT_BASE = int(os.environ.get("LEDGER_MOLECULE_PORT_BASE", "55600"))
+URL = f"postgresql://postgres@127.0.0.1:{PORT_BASE + 31}"
 
 
 def sql(host, query, db="ledger"):
