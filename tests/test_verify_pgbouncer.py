@@ -120,9 +120,9 @@ def test_verify_through_pgbouncer_passes(bouncer, ledger_db):
     for cid in ("pgbouncer.guard_raises_p0001:app.current_community_id()",
                 "pgbouncer.tenant_isolation:public.credit_lots",
                 "pgbouncer.tenant_isolation:public.lot_balances",
-                "pgbouncer.no_context_sees_nothing:public.usage_events",
+                "pgbouncer.no_context_raises:public.usage_events",
                 "pgbouncer.cross_tenant_insert_refused:public.crypto_payments",
-                "pgbouncer.insert_without_context_refused:public.reconciliation_cursor",
+                "pgbouncer.insert_without_context_refused:public.usage_events",
                 "pgbouncer.context_does_not_leak:app.community_id"):
         assert pgb[cid]["status"] == "passed", pgb.get(cid)
     leak = pgb["pgbouncer.context_does_not_leak:app.community_id"]["observed"]
