@@ -63,6 +63,10 @@ SELECT md5('lot' || l)::uuid, md5('tenant' || (l % {tenants}))::uuid,
        CASE WHEN e = 0 THEN NULL ELSE 'r-' || l || '-' || e END,
        timestamptz '2024-01-01' + (e * {lots} + l) * interval '1 second'
   FROM generate_series(0, {per_lot} - 1) e, generate_series(0, {lots} - 1) l;
+-- The balance rows the journal trigger would have maintained.
+INSERT INTO public.credit_lot_balances (lot_id, community_id, amount_micro, credit_micro, debited_micro)
+SELECT l.id, l.community_id, l.amount_micro, 1000000000000, ({per_lot} - 1) * 1000
+  FROM public.credit_lots l;
 RESET session_replication_role;
 CREATE SCHEMA bench_plain;
 CREATE TABLE bench_plain.lot_entries (LIKE public.lot_entries INCLUDING ALL);
@@ -107,7 +111,8 @@ def seed(ctx, db: str, entries: int) -> dict:
     conn = cl.connect(db)
     with conn.cursor() as cur:
         cur.execute(SEED.format(tenants=TENANTS, lots=LOTS, per_lot=per_lot))
-        cur.execute("VACUUM (ANALYZE) public.credit_lots, public.lot_entries, bench_plain.lot_entries, "
+        cur.execute("VACUUM (ANALYZE) public.credit_lots, public.lot_entries, public.credit_lot_balances, "
+                    "bench_plain.lot_entries, "
                     "bench_plain.lot_entries_fk, bench_plain.lot_entries_rls")
         cur.execute("SELECT count(*), pg_total_relation_size('public.lot_entries') FROM public.lot_entries")
         count, size = cur.fetchone()
