@@ -333,14 +333,19 @@ CREATE TRIGGER credit_lot_balances_no_truncate
     BEFORE TRUNCATE ON public.credit_lot_balances
     FOR EACH STATEMENT EXECUTE FUNCTION public.prevent_mutation('balance');
 
--- Without a context, an INSERT raises P0001 even when it inserts nothing.
+-- Without a context, an INSERT raises P0001 even when it inserts nothing. The WHEN
+-- clause keeps the function call off the path of every INSERT that has a context.
 CREATE TRIGGER credit_lots_requires_context
     BEFORE INSERT ON public.credit_lots
-    FOR EACH STATEMENT EXECUTE FUNCTION public.require_tenant_context();
+    FOR EACH STATEMENT
+    WHEN (NULLIF(pg_catalog.current_setting('app.community_id', true), '') IS NULL)
+    EXECUTE FUNCTION public.require_tenant_context();
 
 CREATE TRIGGER lot_entries_requires_context
     BEFORE INSERT ON public.lot_entries
-    FOR EACH STATEMENT EXECUTE FUNCTION public.require_tenant_context();
+    FOR EACH STATEMENT
+    WHEN (NULLIF(pg_catalog.current_setting('app.community_id', true), '') IS NULL)
+    EXECUTE FUNCTION public.require_tenant_context();
 
 ALTER TABLE public.credit_lots ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.credit_lots FORCE ROW LEVEL SECURITY;

@@ -196,7 +196,9 @@ CREATE TRIGGER crypto_payments_status_monotonicity
 
 CREATE TRIGGER crypto_payments_requires_context
     BEFORE INSERT ON public.crypto_payments
-    FOR EACH STATEMENT EXECUTE FUNCTION public.require_tenant_context();
+    FOR EACH STATEMENT
+    WHEN (NULLIF(pg_catalog.current_setting('app.community_id', true), '') IS NULL)
+    EXECUTE FUNCTION public.require_tenant_context();
 
 ALTER TABLE public.crypto_payments ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.crypto_payments FORCE ROW LEVEL SECURITY;

@@ -87,7 +87,9 @@ CREATE TRIGGER usage_events_no_truncate
 
 CREATE TRIGGER usage_events_requires_context
     BEFORE INSERT ON public.usage_events
-    FOR EACH STATEMENT EXECUTE FUNCTION public.require_tenant_context();
+    FOR EACH STATEMENT
+    WHEN (NULLIF(pg_catalog.current_setting('app.community_id', true), '') IS NULL)
+    EXECUTE FUNCTION public.require_tenant_context();
 
 CREATE FUNCTION public.guard_jwks_key()
     RETURNS trigger
