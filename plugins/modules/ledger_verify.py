@@ -169,7 +169,7 @@ RLS_TABLES = TENANT_TABLES + ["public.credit_lot_balances"]
 # Keyed by community but kept by a service without a tenant (no RLS, by design).
 SERVICE_TABLES = ["public.reconciliation_cursor"]
 KEY_COLUMN = {"public.credit_lots": "id", "public.lot_entries": "id", "public.crypto_payments": "id",
-              "public.usage_events": "event_id", "public.reconciliation_cursor": "community_id",
+              "public.usage_events": "event_id",
               "public.lot_balances": "lot_id"}
 # Append-only tables and a column whose change must be refused.
 APPEND_ONLY = {"public.credit_lots": "amount_micro", "public.lot_entries": "amount_micro",
@@ -794,10 +794,6 @@ class Behaviour:
                  " VALUES (gen_random_uuid(), %(t)s, 'verify-nft', 'verify-pool', 100, 50, 1500, %(pid)s,"
                  " %(pid)s, 1) RETURNING event_id", {}),
             ],
-            "public.reconciliation_cursor": [
-                ("INSERT INTO public.reconciliation_cursor (community_id, last_fence_token) VALUES (%(t)s, 1)"
-                 " RETURNING community_id", {}),
-            ],
         }
         amounts = {"A": 10000000, "B": 7000000}
         for rel in self.tables():
@@ -913,8 +909,6 @@ class Behaviour:
         if rel == "public.usage_events":
             return ("INSERT INTO public.usage_events (community_id, amount_micro, finalization_id)"
                     " VALUES (%s, 1, %s)", (community, m))
-        if rel == "public.reconciliation_cursor":
-            return ("INSERT INTO public.reconciliation_cursor (community_id) VALUES (%s)", (community,))
         raise ValueError(rel)
 
     def cross_tenant_inserts(self):
