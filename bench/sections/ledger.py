@@ -8,7 +8,7 @@ As arrakis_app, with its tenant context, RLS applying:
     (goal < 1 ms), and the server's execution time from EXPLAIN ANALYZE;
   * a tenant's 20 newest lots with their balances, and the tenant's total balance;
   * the insert rate into lot_entries (RLS WITH CHECK, tenant-agreeing foreign key,
-    append-only triggers) against the same inserts into bench_plain.lot_entries, a copy
+    append-only triggers, the balance trigger) against the same inserts into bench_plain.lot_entries, a copy
     made with LIKE ... INCLUDING ALL (same columns, checks and indexes; no RLS, triggers
     or foreign key), in application-shaped transactions (BEGIN; set context; INSERT;
     COMMIT) and in bulk (one INSERT ... SELECT of 20,000 rows); goal overhead <= 1.3x.
