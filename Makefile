@@ -17,7 +17,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # Keep ansible-lint/molecule caches inside the project, not in $HOME.
 export ANSIBLE_HOME := $(CURDIR)/.ansible
 
-.PHONY: help setup sandbox sandbox-stop migrate lint test pytest molecule bench clean
+.PHONY: help setup collection-link sandbox sandbox-stop migrate lint test pytest molecule bench clean
 
 help:
 	@echo "make migrate       set up, start the PostgreSQL 15 sandbox, run playbooks/migrate.yml -l local"
@@ -27,7 +27,14 @@ help:
 	@echo "make lint          ansible-lint (production), yamllint, squawk"
 	@echo "make bench         benchmarks (BENCH_ARGS='--sizes 0,1.5')"
 
-setup: $(VENV)/.installed .collections/.installed
+setup: $(VENV)/.installed .collections/.installed collection-link
+
+# The checkout is the collection arrakis.ledger: Ansible (and pytest) find it by FQCN
+# through this link, the same path an installed artifact has.
+COLLECTION_LINK := .collections/ansible_collections/arrakis/ledger
+collection-link:
+	@mkdir -p $(dir $(COLLECTION_LINK))
+	@test "$$(readlink $(COLLECTION_LINK) 2>/dev/null)" = ../../.. || ln -sfn ../../.. $(COLLECTION_LINK)
 
 # Re-running is fast: both steps are skipped while their inputs are unchanged.
 $(VENV)/.installed: requirements.txt constraints.txt

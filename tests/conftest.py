@@ -7,7 +7,6 @@ at the end of the session. Tests never touch the sandbox or any real target.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import tempfile
@@ -25,26 +24,6 @@ import pgcluster  # noqa: E402
 
 # Playbook runs from tests write their reports here, not into the checkout's reports/.
 os.environ.setdefault("LEDGER_REPORT_DIR", tempfile.mkdtemp(prefix="ledger-test-reports-"))
-
-
-def _load_module_utils():
-    """Expose plugins/module_utils/*.py as ansible.module_utils.* (as Ansible does at run time)."""
-    import ansible.module_utils as amu
-
-    # ledger_common first: the others import it.
-    paths = sorted((ROOT / "plugins" / "module_utils").glob("*.py"), key=lambda p: (p.stem != "ledger_common", p.stem))
-    for path in paths:
-        name = "ansible.module_utils." + path.stem
-        if name in sys.modules:
-            continue
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        setattr(amu, path.stem, mod)
-
-
-_load_module_utils()
 
 
 class Cluster:

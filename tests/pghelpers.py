@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from pathlib import Path
 
 import psycopg2
@@ -11,11 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_module(name: str, prefix: str = "test_"):
-    """plugins/modules/<name>.py as a Python module, to call its functions directly."""
-    spec = importlib.util.spec_from_file_location(prefix + name, ROOT / "plugins" / "modules" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The module arrakis.ledger.ledger_<name> as a Python module, to call its functions directly."""
+    del prefix
+    return importlib.import_module("ansible_collections.arrakis.ledger.plugins.modules." + name)
 
 
 def q(url: str, query: str, args=None):

@@ -19,8 +19,8 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from ansible.module_utils import ledger_backup_utils as bu
-from ansible.module_utils.ledger_common import LedgerError
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_backup_utils as bu
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
 from pghelpers import load_module
 from pghelpers import q as sql
 

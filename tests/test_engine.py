@@ -15,8 +15,11 @@ import time
 import psycopg2
 import pytest
 
-from ansible.module_utils import ledger_engine as engine
-from ansible.module_utils.ledger_common import LedgerError
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine as engine
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_migration_set import parse_directives
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_runner import run_settings
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
 from pghelpers import history, q
 
 
@@ -48,7 +51,7 @@ def load(directory):
 
 
 def run(url, directory, **kw):
-    kw.setdefault("limit", "testenv")
+    kw.setdefault("advice", PlaybookAdvice("testenv"))
     kw.setdefault("lock_timeout", "1s")
     return engine.apply(url, load(directory), **kw)
 
@@ -175,7 +178,7 @@ def test_down_scripts_are_never_up_migrations_and_the_directive_is_read(tmp_path
     assert ms[1].transactional is False
     assert "0002" in ms.orphan_downs and ms.down_for("0002")[1] == "0002_b.down.sql"
     # A comment that merely mentions the directive later in a statement's text is not a directive.
-    assert engine.parse_directives("SELECT '-- ledger:no-transaction';\n", "x.sql") == []
+    assert parse_directives("SELECT '-- ledger:no-transaction';\n", "x.sql") == []
 
 
 # --------------------------------------------------------------------------- apply, history, events
@@ -434,7 +437,7 @@ def test_revert_refuses_before_any_change_when_a_down_script_is_missing(tmp_path
     run(empty_db, d)
     (d / "0002_entries.down.sql").unlink()
     with pytest.raises(LedgerError) as exc:
-        engine.revert(empty_db, load(d), "base", limit="testenv")
+        engine.revert(empty_db, load(d), "base", advice=PlaybookAdvice("testenv"))
     assert exc.value.fields["missing_down"] == ["0002"]
     assert "rollback_mode=restore" in exc.value.fields["next_command"]
     assert history(empty_db) == ["0001", "0002", "0003"]  # 0003 was not reverted first
@@ -458,7 +461,7 @@ def test_revert_refuses_when_an_up_file_to_revert_drifted(tmp_path, empty_db):
     (d / "0002_entries.sql").write_text("CREATE TABLE entries (id integer PRIMARY KEY, note text);\n")
     for check in (True, False):
         with pytest.raises(LedgerError) as exc:
-            engine.revert(empty_db, load(d), "0001", check=check, limit="testenv")
+            engine.revert(empty_db, load(d), "0001", check=check, advice=PlaybookAdvice("testenv"))
         assert "refusing to revert" in exc.value.msg and "before any change" in exc.value.msg
         assert "0002 (0002_entries.sql) was edited" in exc.value.msg
         assert "accept_checksum.yml -l testenv -e migrate_accept_version=0002" in exc.value.fields["next_command"]
@@ -482,7 +485,7 @@ def test_revert_refuses_a_version_without_down_script_found_under_the_lease(tmp_
 
     def go():
         try:
-            box["result"] = engine.revert(empty_db, load(d), "0002", run_id="rev", lock_wait=20, limit="testenv")
+            box["result"] = engine.revert(empty_db, load(d), "0002", run_id="rev", lock_wait=20, advice=PlaybookAdvice("testenv"))
         except BaseException as exc:  # noqa: BLE001 - inspected below
             box["error"] = exc
 
@@ -558,9 +561,9 @@ def test_transaction_scoped_settings_are_accepted(tmp_path, empty_db):
 
 def test_lock_wait_defaults_to_lock_ttl_plus_30_seconds():
     """A re-run started right after a killed run must outwait the dead run's lease (at most lock_ttl)."""
-    assert engine._settings({})["lock_wait"] == 90.0
-    assert engine._settings({"lock_ttl": 10})["lock_wait"] == 40.0
-    assert engine._settings({"lock_ttl": 10, "lock_wait": 3})["lock_wait"] == 3.0
+    assert run_settings({})["lock_wait"] == 90.0
+    assert run_settings({"lock_ttl": 10})["lock_wait"] == 40.0
+    assert run_settings({"lock_ttl": 10, "lock_wait": 3})["lock_wait"] == 3.0
     assert engine.Lease("postgresql://x@h/d", None, "r", ttl=20).wait == 50.0
 
 

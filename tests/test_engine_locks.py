@@ -20,8 +20,11 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from ansible.module_utils import ledger_engine as engine
-from ansible.module_utils.ledger_common import LedgerError
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine as engine
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import create_records
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_runner import Runner, run_settings
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
 
 from test_engine import events, history, load, one, q, write_set
 
@@ -29,13 +32,14 @@ TESTS = Path(__file__).resolve().parent
 
 RUNNER = """
 import json, sys
-sys.path.insert(0, %r)
-import conftest  # exposes plugins/module_utils as ansible.module_utils, as Ansible does
-from ansible.module_utils import ledger_engine as e
+sys.path.insert(0, %r)  # the checkout as ansible_collections/arrakis/ledger (make setup)
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine as e
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice
 url, directory = sys.argv[1], sys.argv[2]
-res = e.apply(url, e.load_migration_set(directory), run_id="doomed-run", lock_ttl=2, limit="testenv")
+res = e.apply(url, e.load_migration_set(directory), run_id="doomed-run", lock_ttl=2,
+              advice=PlaybookAdvice("testenv"))
 print(json.dumps(res, default=str))
-""" % str(TESTS)
+""" % str(TESTS.parent / ".collections")
 
 # pg_sleep only when the session says so (the killed run's URL sets ledger.sleep).
 SLOW = {
@@ -77,7 +81,7 @@ def wait_for(predicate, timeout=10.0, step=0.05):
 
 
 def apply(url, directory, **kw):
-    kw.setdefault("limit", "testenv")
+    kw.setdefault("advice", PlaybookAdvice("testenv"))
     return engine.apply(url, load(directory), **kw)
 
 
@@ -125,7 +129,7 @@ def test_two_concurrent_runs_never_interleave(tmp_path, empty_db):
         "0001_slow.sql": "CREATE TABLE c (i int);\nSELECT pg_sleep(1);",
         "0002_row.sql": "INSERT INTO c VALUES (1);",
     })
-    engine._ensure_records(psycopg2.connect(empty_db))  # both runs then race on the lease, not on the schema
+    create_records(psycopg2.connect(empty_db))  # both runs then race on the lease, not on the schema
     a = Bg(apply, empty_db, d, run_id="run-a", lock_wait=20)
     b = Bg(apply, empty_db, d, run_id="run-b", lock_wait=20)
     a.start()
@@ -144,7 +148,7 @@ def test_two_concurrent_runs_never_interleave(tmp_path, empty_db):
 
 def test_a_run_that_waits_too_long_fails_naming_the_holder(tmp_path, empty_db):
     d = write_set(tmp_path / "m", {"0001_slow.sql": "SELECT pg_sleep(2);"})
-    engine._ensure_records(psycopg2.connect(empty_db))
+    create_records(psycopg2.connect(empty_db))
     holder = Bg(apply, empty_db, d, run_id="holder-run")
     holder.start()
     wait_for(lambda: q(empty_db, "SELECT 1 FROM migrations.lock"))
@@ -165,7 +169,7 @@ def test_a_waiting_run_never_blocks_the_holders_create_index_concurrently(tmp_pa
         "0001_t.sql": "CREATE TABLE big AS SELECT g AS i FROM generate_series(1, 20000) g;\nSELECT pg_sleep(0.7);",
         "0002_idx.sql": "-- ledger:no-transaction\nCREATE INDEX CONCURRENTLY big_i_idx ON big (i);\n",
     })
-    engine._ensure_records(psycopg2.connect(empty_db))
+    create_records(psycopg2.connect(empty_db))
     a = Bg(apply, empty_db, d, run_id="cic-run", lock_wait=20)
     a.start()
     wait_for(lambda: q(empty_db, "SELECT 1 FROM migrations.lock"))
@@ -269,7 +273,7 @@ def test_the_lease_works_through_pgbouncer_transaction_pooling(tmp_path, pg_clus
             "0001_slow.sql": "CREATE TABLE c (i int);\nSELECT pg_sleep(0.8);",
             "0002_row.sql": "INSERT INTO c VALUES (1);",
         })
-        engine._ensure_records(psycopg2.connect(empty_db))
+        create_records(psycopg2.connect(empty_db))
         a = Bg(apply, url, d, run_id="bouncer-a", lock_wait=20)
         b = Bg(apply, url, d, run_id="bouncer-b", lock_wait=20)
         a.start()
@@ -289,7 +293,7 @@ def test_the_lease_works_through_pgbouncer_transaction_pooling(tmp_path, pg_clus
 
 def test_two_leases_with_one_run_id_never_both_hold_the_target(empty_db):
     """Every host of one playbook run shares ledger_run_id: the lease belongs to a Lease object, not a run id."""
-    engine._ensure_records(psycopg2.connect(empty_db))
+    create_records(psycopg2.connect(empty_db))
     c1, c2 = psycopg2.connect(empty_db), psycopg2.connect(empty_db)
     c1.autocommit = c2.autocommit = True
     first = engine.Lease(empty_db, c1, "shared-run", ttl=30, wait=0.5).acquire()
@@ -329,7 +333,7 @@ def test_two_hosts_of_one_playbook_run_on_one_database_never_apply_together(tmp_
         "0003_idx.sql": "-- ledger:no-transaction\nINSERT INTO c VALUES (2);\nSELECT pg_sleep(1.5);\n"
                         "CREATE INDEX CONCURRENTLY IF NOT EXISTS c_i_idx ON c (i);\n",
     })
-    engine._ensure_records(psycopg2.connect(empty_db))
+    create_records(psycopg2.connect(empty_db))
     a = Bg(apply, empty_db, d, run_id="one-playbook-run", lock_wait=20)
     a.start()
     wait_for(lambda: q(empty_db, "SELECT 1 FROM migrations.lock"))
@@ -352,7 +356,7 @@ def test_a_runner_never_takes_another_runners_commit_for_its_own(tmp_path, empty
     d = write_set(tmp_path / "m", {"0001_a.sql": "CREATE TABLE a (i int);"})
     res = apply(empty_db, d, run_id="one-playbook-run")
     assert [x["version"] for x in res["applied"]] == ["0001"]
-    r = engine._Runner(empty_db, load(d), "one-playbook-run", engine._settings({}), "testenv", "apply")
+    r = Runner(empty_db, load(d), "one-playbook-run", run_settings({}), "testenv", "apply")
     try:
         r.lease = engine.Lease(empty_db, r.conn, "one-playbook-run")  # another runner of the same run
         assert engine._recorded(r, "0001") is False

@@ -3,7 +3,7 @@ and through real ansible-playbook runs (the role, playbooks/status.yml) against 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ansible.module_utils.ledger_common import LedgerError
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
 
 from test_engine import BASIC, events, history, one, write_set
 
@@ -20,15 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("ledger_migrate_module", ROOT / "plugins" / "modules" /
-                                                  "ledger_migrate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ledger_migrate = _load_module()
+ledger_migrate = importlib.import_module("ansible_collections.arrakis.ledger.plugins.modules.ledger_migrate")
 
 
 class FakeModule:
@@ -154,7 +146,7 @@ def inventory(tmp_path, empty_db):
             ansible_connection: local
             ansible_python_interpreter: "{{ ansible_playbook_python }}"
           roles:
-            - role: migrate
+            - role: arrakis.ledger.migrate
         """))
     return inv, play, d
 
@@ -212,7 +204,7 @@ def test_the_role_reports_a_failed_migration_and_status_exits_non_zero_on_drift(
 
 
 def test_ansible_doc_renders_the_module_documentation():
-    res = subprocess.run([str(BIN / "ansible-doc"), "-M", str(ROOT / "plugins" / "modules"), "ledger_migrate"],
+    res = subprocess.run([str(BIN / "ansible-doc"), "arrakis.ledger.ledger_migrate"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
                          env=dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1"))
     assert res.returncode == 0, res.stderr

@@ -15,8 +15,10 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from ansible.module_utils import ledger_engine as engine
-from ansible.module_utils.ledger_common import LedgerError
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine as engine
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import create_records
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
 
 from test_engine import events, history, load, one, q, write_set
 
@@ -72,10 +74,10 @@ def test_connection_route_tells_a_pooler_from_a_direct_connection(bouncer, empty
 
 def test_a_no_transaction_file_through_pgbouncer_is_refused_before_any_change(tmp_path, bouncer, empty_db):
     d = write_set(tmp_path / "m", SET_WITH_INDEX)
-    engine._ensure_records(psycopg2.connect(empty_db))
+    create_records(psycopg2.connect(empty_db))
     url = bouncer(dbname(empty_db))
     with pytest.raises(LedgerError) as exc:
-        engine.apply(url, load(d), run_id="via-bouncer", limit="staging")
+        engine.apply(url, load(d), run_id="via-bouncer", advice=PlaybookAdvice("staging"))
     msg = exc.value.msg
     assert "refusing to apply" in msg and "before any change" in msg and "0002_t_idx.sql" in msg
     assert "connection pooler" in msg and "migrate_direct_url" in exc.value.fields["next_command"]
@@ -95,7 +97,7 @@ def test_a_no_transaction_file_through_pgbouncer_is_refused_before_any_change(tm
 def test_with_direct_url_no_transaction_files_run_direct_and_leave_no_setting_behind(tmp_path, bouncer, empty_db):
     d = write_set(tmp_path / "m", SET_WITH_INDEX)
     url = bouncer(dbname(empty_db))
-    res = engine.apply(url, load(d), run_id="split-route", direct_url=empty_db, limit="staging")
+    res = engine.apply(url, load(d), run_id="split-route", direct_url=empty_db, advice=PlaybookAdvice("staging"))
     assert [a["version"] for a in res["applied"]] == ["0001", "0002", "0003"]
     assert one(empty_db, "SELECT indisvalid FROM pg_index WHERE indexrelid = 't_i_idx'::regclass")
     # The file's own plain SET ended with its connection: 0003 (the runner's connection) saw the default.
@@ -118,7 +120,7 @@ def test_a_direct_url_to_another_database_is_refused(tmp_path, bouncer, pg_clust
     other_name = pg_cluster.create_db()
     try:
         with pytest.raises(LedgerError) as exc:
-            engine.apply(bouncer(dbname(empty_db)), load(d), direct_url=pg_cluster.url(other_name), limit="staging")
+            engine.apply(bouncer(dbname(empty_db)), load(d), direct_url=pg_cluster.url(other_name), advice=PlaybookAdvice("staging"))
     finally:
         pg_cluster.drop_db(other_name)
     assert "does not reach the same database" in exc.value.msg

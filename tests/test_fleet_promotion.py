@@ -19,7 +19,7 @@ import psycopg2
 import pytest
 import yaml
 
-from ansible.module_utils.ledger_common import ensure_records, log_event
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import ensure_records, log_event
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = ROOT / "files" / "migrations"
@@ -99,7 +99,7 @@ class Runner:
             "ansible_python_interpreter": sys.executable}}}}))
         playbook = self.tmp / f"{step}.yml"
         playbook.write_text(yaml.safe_dump([{"name": step, "hosts": "all", "gather_facts": False, "tasks": [
-            {"name": "Promotion " + step, "ansible.builtin.import_role": {"name": "promotion", "tasks_from": step}}]}]))
+            {"name": "Promotion " + step, "ansible.builtin.import_role": {"name": "arrakis.ledger.promotion", "tasks_from": step}}]}]))
         cmd = [ANSIBLE_PLAYBOOK, str(playbook), "-i", str(inventory), "-e", f"promotion_dir={self.stamps}",
                "-e", f"migrations_dir={migrations_dir}", "-e", f"report_dir={self.reports}",
                "-e", "ledger_run_id=run-" + step, "-v", *extra]
@@ -201,7 +201,7 @@ def test_the_bare_role_refuses_and_names_its_two_steps(runner, staging_url):
     staged(staging_url)
     playbook = runner.tmp / "bare.yml"
     playbook.write_text(yaml.safe_dump([{"name": "bare", "hosts": "all", "gather_facts": False, "tasks": [
-        {"name": "Promotion", "ansible.builtin.import_role": {"name": "promotion"}}]}]))
+        {"name": "Promotion", "ansible.builtin.import_role": {"name": "arrakis.ledger.promotion"}}]}]))
     runner.run("record", staging_url, "staging", check=True)  # writes the inventory
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
     res = subprocess.run([ANSIBLE_PLAYBOOK, str(playbook), "-i", str(runner.tmp / "inv-record.yml"),

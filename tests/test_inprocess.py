@@ -10,7 +10,7 @@ no thread or connection left behind. Each property is compared with the module's
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import io
 import json
 import os
@@ -29,15 +29,7 @@ BIN = Path(sys.executable).parent
 SECRET = "Inproc-s3cr3t-42"
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-inprocess = _load("ansible_ledger_inprocess", ROOT / "plugins" / "action" / "ledger_inprocess.py")
+inprocess = importlib.import_module("ansible_collections.arrakis.ledger.plugins.plugin_utils.ledger_inprocess")
 
 
 def module(name):
@@ -252,7 +244,7 @@ def test_in_process_and_module_runs_give_the_same_result(tmp_path, pg_cluster, w
                 inprocess.call("ledger_migrate", args, check_mode=False)
                 Path(d, "0002_two.sql").write_text("CREATE TABLE two (i bigint);\n")
                 args.update(action="status", fail_on_drift=True)
-            result, output = _ansible(tmp_path, "ledger_migrate", args, interpreter, check=case == "check_mode")
+            result, output = _ansible(tmp_path, "arrakis.ledger.ledger_migrate", args, interpreter, check=case == "check_mode")
             in_process = "ledger_migrate: running the module in-process" in output
             assert in_process == (interpreter == sys.executable), output[-2000:]
             assert ("AnsiballZ_ledger_migrate" in output) == (interpreter != sys.executable)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from ansible.module_utils.ledger_common import RECORDS_DDL
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import RECORDS_DDL
 
 from test_ledger_sql import Session, Tenant, seed_tenant
 

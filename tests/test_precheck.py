@@ -17,6 +17,9 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_precheck_migrations import tables_in_sql
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_precheck_server import (
+    check_maintenance, window_contains)
 from pghelpers import load_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +236,7 @@ def test_sql_tables_are_derived_roughly():
     CREATE INDEX CONCURRENTLY lots_idx ON public.lot_entries (lot_id);
     ALTER TABLE ONLY "public"."usage_events" ADD COLUMN x int;
     INSERT INTO app.audit VALUES (1) ON CONFLICT DO NOTHING;"""
-    assert precheck.tables_in_sql(sql) == {"public.credit_lots", "app.communities", "public.lot_entries",
+    assert tables_in_sql(sql) == {"public.credit_lots", "app.communities", "public.lot_entries",
                                            "public.usage_events", "app.audit"}
 
 
@@ -384,12 +387,12 @@ def test_window_across_midnight_and_days():
     window = {"start": "22:00", "end": "02:00", "days": ["sat"], "timezone": "Europe/Paris"}
     utc = datetime.timezone.utc
     # Saturday 23:30 Paris (21:30 UTC in winter) is inside; Sunday 01:30 Paris too (opened Saturday).
-    assert precheck.window_contains(window, datetime.datetime(2025, 1, 4, 22, 30, tzinfo=utc))[0]
-    assert precheck.window_contains(window, datetime.datetime(2025, 1, 5, 0, 30, tzinfo=utc))[0]
+    assert window_contains(window, datetime.datetime(2025, 1, 4, 22, 30, tzinfo=utc))[0]
+    assert window_contains(window, datetime.datetime(2025, 1, 5, 0, 30, tzinfo=utc))[0]
     # Sunday 23:30 Paris is outside (Sunday is not a window day); Saturday 21:00 Paris too.
-    assert not precheck.window_contains(window, datetime.datetime(2025, 1, 5, 22, 30, tzinfo=utc))[0]
-    assert not precheck.window_contains(window, datetime.datetime(2025, 1, 4, 20, 0, tzinfo=utc))[0]
-    bad = precheck.check_maintenance("production", False, {"start": "25:00", "end": "01:00"})
+    assert not window_contains(window, datetime.datetime(2025, 1, 5, 22, 30, tzinfo=utc))[0]
+    assert not window_contains(window, datetime.datetime(2025, 1, 4, 20, 0, tzinfo=utc))[0]
+    bad = check_maintenance("production", False, {"start": "25:00", "end": "01:00"})
     assert bad["passed"] is False and "not HH:MM" in bad["message"]
 
 
@@ -430,8 +433,8 @@ def test_terminate_idle_does_nothing_when_the_run_is_refused_anyway(empty_db, se
 
 def _record_applied(url, versions, checksum=None):
     """History rows as the engine writes them, without running the files."""
-    from ansible.module_utils import ledger_engine
-    from ansible.module_utils.ledger_common import ensure_records
+    from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import ensure_records
 
     by_version = ledger_engine.load_migration_set(str(MIGRATIONS)).by_version()
     conn = psycopg2.connect(url)

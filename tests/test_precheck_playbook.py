@@ -56,8 +56,8 @@ def stages_playbook(tmp_path):
   gather_facts: false
   vars: *local
   roles:
-    - role: precheck
-    - role: backup
+    - role: arrakis.ledger.precheck
+    - role: arrakis.ledger.backup
 """)
     return path
 

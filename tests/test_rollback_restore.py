@@ -18,7 +18,7 @@ import psycopg2
 import psycopg2.extras
 import pytest
 
-from ansible.module_utils.ledger_common import LedgerError, ensure_records
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, ensure_records
 from pghelpers import history, load_module, q
 
 ROOT = Path(__file__).resolve().parent.parent

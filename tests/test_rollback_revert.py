@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ansible.module_utils import ledger_engine
-from ansible.module_utils.ledger_common import LedgerError
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
 from pghelpers import history, load_module, q
 
 ROOT = Path(__file__).resolve().parent.parent

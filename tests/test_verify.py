@@ -8,7 +8,7 @@ the session's ledger template (0008-0011 applied with plain psycopg2, no history
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import io
 import json
 import uuid
@@ -18,12 +18,13 @@ import psycopg2
 import pytest
 from ansible.module_utils.testing import patch_module_args
 
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_probes import leftover_rows
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_schema import (
+    KNOWN_VERSIONS, jwks_kid, webhook_event_ids)
 from conftest import apply_sql_files
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("ledger_verify", ROOT / "plugins" / "modules" / "ledger_verify.py")
-ledger_verify = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ledger_verify)
+ledger_verify = importlib.import_module("ansible_collections.arrakis.ledger.plugins.modules.ledger_verify")
 
 LEDGER_TABLES = ["credit_lots", "lot_entries", "webhook_events", "crypto_payments", "usage_events",
                  "s2s_jwks_public_keys", "reconciliation_cursor"]
@@ -212,7 +213,7 @@ def test_no_session_left_in_a_transaction(seeded_db):
 # --------------------------------------------------------------------------- what is applied
 
 def _history(url: str, versions: list[str]) -> None:
-    from ansible.module_utils.ledger_common import ensure_records
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import ensure_records
 
     conn = psycopg2.connect(url)
     try:
@@ -396,24 +397,24 @@ def test_proving_nothing_is_left_reads_no_table_in_full(pg_cluster, ledger_templ
 def test_leftover_check_finds_verifys_rows_by_tenant_and_key(ledger_db):
     """The proof is not vacuous: rows of verify's tenants or keys that survived are found and named."""
     tenant, other, marker = str(uuid.uuid4()), str(uuid.uuid4()), uuid.uuid4().hex[:12]
-    applied = list(ledger_verify.KNOWN_VERSIONS)
+    applied = list(KNOWN_VERSIONS)
     conn = psycopg2.connect(ledger_db)
     conn.autocommit = True
     try:
-        assert ledger_verify.leftover_rows(conn, [tenant, other], [marker], applied, 30000) == {}
+        assert leftover_rows(conn, [tenant, other], [marker], applied, 30000) == {}
         with conn.cursor() as cur:
             cur.execute("BEGIN; SELECT app.set_community_context(%s);"
                         " INSERT INTO public.credit_lots (community_id, source, amount_micro) VALUES (%s, 'seed', 1);"
                         " INSERT INTO public.reconciliation_cursor (community_id) VALUES (%s); COMMIT",
                         (tenant, tenant, tenant))
             cur.execute("INSERT INTO public.webhook_events (provider, event_id) VALUES ('nowpayments', %s)",
-                        (ledger_verify.webhook_event_ids(marker)[1],))
+                        (webhook_event_ids(marker)[1],))
             cur.execute("INSERT INTO public.s2s_jwks_public_keys (kid, x, y, issuer) VALUES (%s, 'x', 'y', 'finn')",
-                        (ledger_verify.jwks_kid(marker),))
-        found = ledger_verify.leftover_rows(conn, [tenant, other], [marker], applied, 30000)
+                        (jwks_kid(marker),))
+        found = leftover_rows(conn, [tenant, other], [marker], applied, 30000)
         assert found == {"credit_lots": 1, "reconciliation_cursor": 1, "webhook_events": 1,
                          "s2s_jwks_public_keys": 1}
         # Another run's marker and tenants see none of them.
-        assert ledger_verify.leftover_rows(conn, [other], [uuid.uuid4().hex[:12]], applied, 30000) == {}
+        assert leftover_rows(conn, [other], [uuid.uuid4().hex[:12]], applied, 30000) == {}
     finally:
         conn.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.server
-import importlib.util
+import importlib
 import io
 import json
 import socket
@@ -20,9 +20,7 @@ import pytest
 from ansible.module_utils.testing import patch_module_args
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("ledger_verify_http", ROOT / "plugins" / "modules" / "ledger_verify.py")
-ledger_verify = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ledger_verify)
+ledger_verify = importlib.import_module("ansible_collections.arrakis.ledger.plugins.modules.ledger_verify")
 
 
 def run_verify(url: str, **args) -> dict:

@@ -8,7 +8,7 @@ the leak check can fail."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import io
 import json
 from pathlib import Path
@@ -20,9 +20,7 @@ from ansible.module_utils.testing import patch_module_args
 import pgbouncer_ctl
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("ledger_verify_pgb", ROOT / "plugins" / "modules" / "ledger_verify.py")
-ledger_verify = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ledger_verify)
+ledger_verify = importlib.import_module("ansible_collections.arrakis.ledger.plugins.modules.ledger_verify")
 
 
 def run_verify(url: str, **args) -> dict:

@@ -42,20 +42,7 @@ try:
 except ImportError:  # pragma: no cover
     raise
 
-try:
-    from ansible.module_utils.ledger_common import LedgerError, parse_url, redact
-except ImportError:  # pragma: no cover - loaded before its sibling by a test harness (alphabetical order)
-    import importlib.util as _ilu
-    import sys as _sys
-
-    _spec = _ilu.spec_from_file_location("ansible.module_utils.ledger_common",
-                                         os.path.join(os.path.dirname(os.path.abspath(__file__)), "ledger_common.py"))
-    _mod = _ilu.module_from_spec(_spec)
-    _sys.modules[_spec.name] = _mod
-    _spec.loader.exec_module(_mod)
-    import ansible.module_utils as _amu
-    _amu.ledger_common = _mod
-    from ansible.module_utils.ledger_common import LedgerError, parse_url, redact
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, parse_url, redact
 
 MANIFEST_SUFFIX = ".json"
 FORMAT_SUFFIX = {"custom": ".dump", "directory": ".dir"}

@@ -68,12 +68,12 @@ import threading
 import time
 import uuid
 
-from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ledger_common import (
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
     LedgerError, connect, describe_target, format_pg_error, log_event_autonomous, pg_error, redact,
     redact_obj, url_with_database,
 )
-from ansible.module_utils.ledger_backup_utils import (
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import (
     FORMAT_SUFFIX, MANIFEST_FORMAT, apply_retention, backup_basename, check_backup_dir, count_rows,
     ensure_backup_dir, find_bindir, full_read_check, human_bytes, libpq_env, path_size, server_identity,
     sha256_path, target_slug, tool_major, tool_version, utc_iso, utc_stamp, write_manifest,
@@ -471,23 +471,11 @@ def result_of(params, check_mode=False):
     main() passes it to exit_json/fail_json; the action plugin (plugins/action/ledger_backup.py)
     calls it in-process when the target runs on the controller's own Python.
     """
-    try:
-        return run_backup(params, check_mode=check_mode)
-    except LedgerError as exc:
-        return dict(redact_obj(exc.fields), failed=True, msg=redact(exc.msg))
-    except Exception as exc:  # noqa: BLE001 - an operator gets a message, never a traceback
-        return dict(failed=True, verified=False,
-                    msg="ledger_backup failed unexpectedly on %s: %s: %s (a bug: please report it with this "
-                        "message)" % (describe_target(params["database_url"]), type(exc).__name__,
-                                      redact(str(exc))))
+    return module_result("ledger_backup", run_backup, params, check_mode, unexpected_fields={"verified": False})
 
 
 def main():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True, **SPEC_OPTIONS)
-    result = result_of(module.params, check_mode=module.check_mode)
-    if result.pop("failed", False):
-        module.fail_json(**result)
-    module.exit_json(**result)
+    run_module(ARGUMENT_SPEC, result_of, SPEC_OPTIONS)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 # -*- coding: utf-8 -*-
 """Shared base of the ledger_* action plugins: run the module in the worker process when it is safe.
 
-Not an action plugin itself (no task uses `ledger_inprocess`): plugins/action/ledger_<stage>.py
-load it by path and subclass LedgerAction.
+Not an action plugin itself: plugins/action/ledger_<stage>.py import it by its collection path
+and subclass LedgerAction.
 
 Every ledger target runs on the control node (playbooks/group_vars/all.yml: ansible_connection
 local, ansible_python_interpreter the controller's own Python). For such a task, packaging the
@@ -10,8 +10,7 @@ module with AnsiballZ and starting a new interpreter that imports ansible.module
 psycopg2 costs about 0.26 s; the module's work is often less. So when
   - the connection is local, without become, delegate_to or a task `environment`, not async, and
   - the task's ansible_python_interpreter resolves to this very Python (realpaths compared),
-the plugin imports plugins/modules/<name>.py (its `ansible.module_utils.ledger_*` imports resolve
-to plugins/module_utils/), validates the arguments with ArgumentSpecValidator and the module's
+the plugin imports ansible_collections.arrakis.ledger.plugins.modules.<name>, validates the arguments with ArgumentSpecValidator and the module's
 ARGUMENT_SPEC/SPEC_OPTIONS (the same errors as AnsibleModule), calls the module's
 result_of(params, check_mode) (what main() hands to exit_json/fail_json), removes every no_log
 value from the result as AnsibleModule does, and passes it through the module JSON encoder and
@@ -24,7 +23,7 @@ tasks or hosts.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import sys
@@ -42,41 +41,12 @@ display = Display()
 
 PLUGINS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES_DIR = os.path.join(PLUGINS, "modules")
-MODULE_UTILS_DIR = os.path.join(PLUGINS, "module_utils")
 LOCAL_TRANSPORTS = ("local", "ansible.builtin.local", "ansible.legacy.local")
 
 
-def _exec_file(name, path):
-    """Import the file at path as sys.modules[name] (once per process)."""
-    mod = sys.modules.get(name)
-    if mod is not None:
-        return mod
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return mod
-
-
-def load_module_utils():
-    """Expose plugins/module_utils/*.py as ansible.module_utils.<name>, as AnsiballZ does for a module."""
-    import ansible.module_utils as amu
-
-    names = sorted((f[:-3] for f in os.listdir(MODULE_UTILS_DIR) if f.endswith(".py") and not f.startswith("_")),
-                   key=lambda n: (n != "ledger_common", n))  # the others import ledger_common
-    for name in names:
-        mod = _exec_file("ansible.module_utils." + name, os.path.join(MODULE_UTILS_DIR, name + ".py"))
-        setattr(amu, name, mod)
-
-
 def load_module(name):
-    """The module plugins/modules/<name>.py, imported in this process."""
-    load_module_utils()
-    return _exec_file("ansible_ledger_inprocess_" + name, os.path.join(MODULES_DIR, name + ".py"))
+    """The module plugins/modules/<name>.py of this collection, imported in this process."""
+    return importlib.import_module("ansible_collections.arrakis.ledger.plugins.modules." + name)
 
 
 def _venv_of(path):
@@ -129,11 +99,15 @@ def finish(result, params, no_log_values):
     return data
 
 
-def call(name, args, check_mode):
-    """Run module `name` in this process: the result dict _execute_module would have returned."""
+def call(name, args, check_mode, resolved_name=None):
+    """Run module `name` in this process: the result dict _execute_module would have returned.
+
+    resolved_name is the task's module as Ansible resolved it (arrakis.ledger.<name>), which
+    AnsibleModule names in its argument errors.
+    """
     mod = load_module(name)
     args = json.loads(json.dumps(args, cls=get_module_encoder("legacy", Direction.CONTROLLER_TO_MODULE)))
-    params, no_log_values, error = validate(mod, name, args)
+    params, no_log_values, error = validate(mod, resolved_name or name, args)
     if error:
         result = {"failed": True, "msg": error}
     else:
@@ -201,4 +175,4 @@ class LedgerAction(ActionBase):
                 self._remove_tmp_path(self._connection._shell.tmpdir)
         display.vvv("%s: running the module in-process (local connection, controller's Python)" % self.MODULE)
         check_mode = bool(self._task.check_mode)
-        return merge_hash(result, self.around(args, task_vars, lambda a: call(self.MODULE, a, check_mode)))
+        return merge_hash(result, self.around(args, task_vars, lambda a: call(self.MODULE, a, check_mode, self._task.resolved_action)))

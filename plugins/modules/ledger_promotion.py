@@ -93,43 +93,25 @@ import os
 import re
 import tempfile
 
-from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ledger_common import (
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_migration_set import up_files
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
     LedgerError, actor, connect, describe_target, ensure_records, log_event, pg_error, format_pg_error,
-    records_exist, redact)
+    records_exist)
 
 try:
     import psycopg2
 except ImportError:  # pragma: no cover - reported by connect()
     psycopg2 = None
 
-UP_FILE = re.compile(r"^([0-9]{4})_[A-Za-z0-9_.-]+\.sql$")
 ALGORITHM = ("sha256 of the lines '<sha256 of file>  <file name>\\n' of the set's up migrations, sorted by file "
              "name: sha256sum <up files> | LC_ALL=C sort -k2 | sha256sum")
 PASSED = ("passed", "ok", "succeeded", "success")
 
 
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def migration_set(migrations_dir, up_to=None):
-    """[(version, file name, sha256)] of the up migrations up to a version, in order."""
-    if not os.path.isdir(migrations_dir):
-        raise LedgerError("migrations_dir %s is not a directory" % migrations_dir)
-    out = []
-    for name in sorted(os.listdir(migrations_dir)):
-        match = UP_FILE.match(name)
-        if not match or name.endswith(".down.sql"):
-            continue
-        version = match.group(1)
-        if up_to and version > up_to:
-            continue
-        out.append((version, name, file_sha256(os.path.join(migrations_dir, name))))
+    """[(version, file name, sha256)] of the up migrations up to a version, in order (the engine's file-name rule)."""
+    out = up_files(migrations_dir, up_to)
     if not out:
         raise LedgerError("no migration files%s in %s" % ((" up to %s" % up_to) if up_to else "", migrations_dir))
     return out
@@ -158,15 +140,19 @@ def now_iso():
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class _Refusal(LedgerError):
+    """A refusal worded in full by Promotion.fail() (run() does not prefix it again)."""
+
+
 class Promotion(object):
-    def __init__(self, module):
-        self.m = module
-        self.p = module.params
+    def __init__(self, params, check_mode):
+        self.p = params
+        self.check_mode = check_mode
         self.url = self.p["database_url"]
         self.target = describe_target(self.url)
 
     def fail(self, msg, **fields):
-        self.m.fail_json(msg=redact(msg), target=self.target, **fields)
+        raise _Refusal(msg, target=self.target, **fields)
 
     def stamp_path(self, checksum):
         return os.path.join(self.p["stamp_dir"], "%s.json" % checksum)
@@ -194,7 +180,7 @@ class Promotion(object):
         checksum = set_checksum(files)
         verify_event = self.verify_event()
         rerun = ("'ansible-playbook playbooks/migrate.yml -l %s'" % (self.p["host"] or "<this host>"))
-        if verify_event is None and not self.m.check_mode:
+        if verify_event is None and not self.check_mode:
             # A stamp says "verify passed on staging": without a verify event of this run on this
             # target (verify skipped with --skip-tags/--tags, verify_record_event=false, or verify
             # run in another run), nobody proved it, so nothing is stamped.
@@ -222,10 +208,10 @@ class Promotion(object):
         path = self.stamp_path(checksum)
         result = dict(set_checksum=checksum, version=version, files=self.files_list(files), stamp_file=path,
                       target=self.target)
-        if self.m.check_mode:
+        if self.check_mode:
             existing = self.read_stamp(path)
             known = existing and any(s.get("target") == self.target for s in existing.get("stamps", []))
-            self.m.exit_json(changed=not known, stamp=entry,
+            return dict(changed=not known, stamp=entry,
                              msg="would record the promotion stamp %s%s" % (
                                  checksum[:12], "" if verify_event else
                                  " once verify of the run has passed (check mode records no verify event)"),
@@ -241,7 +227,7 @@ class Promotion(object):
                                       "environment": self.p["environment"], "stamp_file": os.path.basename(path)})
             finally:
                 conn.close()
-        self.m.exit_json(changed=changed, stamp=stamp,
+        return dict(changed=changed, stamp=stamp,
                          msg=("recorded" if changed else "already recorded") + " the promotion stamp %s for %s (%s)"
                          % (checksum, self.target, os.path.basename(path)), **result)
 
@@ -302,13 +288,13 @@ class Promotion(object):
                       target=self.target, override=False)
         history = applied_history(self.url)
         if all(history.get(v) == s for v, _n, s in files):
-            self.m.exit_json(changed=False, source="nothing_pending",
+            return dict(changed=False, source="nothing_pending",
                              msg="the set %s (up to %s) is already applied on %s: nothing to promote"
                              % (checksum[:12], version, self.target), **result)
         stamp = self.read_stamp(path)
         found = self.valid_stamp(stamp, checksum)
         if found:
-            self.m.exit_json(changed=False, source="file", stamp=found,
+            return dict(changed=False, source="file", stamp=found,
                              msg="the set %s (up to %s) passed verify on %s %s in run %s (%s)"
                              % (checksum[:12], version, found.get("environment"), found.get("target"),
                                 found.get("run_id"), os.path.basename(path)), **result)
@@ -317,7 +303,7 @@ class Promotion(object):
         if self.p["staging_url"]:
             found = self.staging_event(checksum)
             if found:
-                self.m.exit_json(changed=False, source="staging_events", stamp=found,
+                return dict(changed=False, source="staging_events", stamp=found,
                                  msg="the set %s (up to %s) passed verify on %s in run %s (staging's "
                                      "migrations.events)" % (checksum[:12], version, found.get("target"),
                                                              found.get("run_id")), **result)
@@ -328,8 +314,7 @@ class Promotion(object):
             warning = ("promotion_override=true: %s receives the set %s (up to %s) that has no passing staging "
                        "stamp (%s); logged as a promotion_override event" % (self.target, checksum[:12], version,
                                                                             problem))
-            self.m.warn(redact(warning))
-            if not self.m.check_mode:
+            if not self.check_mode:
                 conn = connect(self.url)
                 try:
                     with conn.cursor() as cur:
@@ -339,7 +324,7 @@ class Promotion(object):
                                           "reason": problem})
                 finally:
                     conn.close()
-            self.m.exit_json(changed=not self.m.check_mode, source="override", msg=warning, **result)
+            return dict(changed=not self.check_mode, source="override", msg=warning, warnings=[warning], **result)
         self.fail("promotion: refusing to migrate %s: the migration set %s (%s, up to %s) has not passed verify on "
                   "%s (%s). Run it on staging first: 'ansible-playbook playbooks/migrate.yml -l staging%s', then "
                   "commit promotions/%s.json; or, deliberately, add '-e promotion_override=true' (logged)."
@@ -380,44 +365,52 @@ class Promotion(object):
                 "target": describe_target(self.p["staging_url"]), "verify": "passed"}
 
 
-def main():
-    module = AnsibleModule(
-        argument_spec=dict(
-            state=dict(type="str", required=True, choices=["record", "check"]),
-            database_url=dict(type="str", required=True, no_log=True),
-            migrations_dir=dict(type="path", required=True),
-            target=dict(type="str", default=""),
-            stamp_dir=dict(type="path", required=True),
-            environment=dict(type="str", default="staging"),
-            accept_from=dict(type="list", elements="str", default=["staging"]),
-            host=dict(type="str", default=""),
-            run_id=dict(type="str", required=True),
-            staging_url=dict(type="str", default="", no_log=True),
-            override=dict(type="bool", default=False),
-        ),
-        supports_check_mode=True,
-    )
-    target = module.params["target"]
+ARGUMENT_SPEC = dict(
+    state=dict(type="str", required=True, choices=["record", "check"]),
+    database_url=dict(type="str", required=True, no_log=True),
+    migrations_dir=dict(type="path", required=True),
+    target=dict(type="str", default=""),
+    stamp_dir=dict(type="path", required=True),
+    environment=dict(type="str", default="staging"),
+    accept_from=dict(type="list", elements="str", default=["staging"]),
+    host=dict(type="str", default=""),
+    run_id=dict(type="str", required=True),
+    staging_url=dict(type="str", default="", no_log=True),
+    override=dict(type="bool", default=False),
+)
+SPEC_OPTIONS = {}
+
+
+def run(params, check_mode=False):
+    """Record or check the stamp; every failure is a LedgerError that names the state and the target."""
+    params = dict(params)
+    target = params["target"]
     if target in ("latest", "head"):
-        module.params["target"] = ""
+        params["target"] = ""
     elif target and not re.match(r"^[0-9]{4}$", target):
-        module.fail_json(msg="promotion: target must be a 4-digit version such as 0011 (got %r)" % target)
-    promotion = Promotion(module)
+        raise LedgerError("promotion: target must be a 4-digit version such as 0011 (got %r)" % target)
+    promotion = Promotion(params, check_mode)
+    what = "promotion %s on %s" % (params["state"], promotion.target)
     try:
-        if module.params["state"] == "record":
-            promotion.record()
-        else:
-            promotion.check()
+        return promotion.record() if params["state"] == "record" else promotion.check()
+    except _Refusal:
+        raise
     except LedgerError as exc:
-        promotion.fail("promotion %s on %s: %s" % (module.params["state"], promotion.target, exc.msg),
-                       **dict((k, v) for k, v in exc.fields.items() if k != "target"))
+        raise LedgerError("%s: %s" % (what, exc.msg), **dict((k, v) for k, v in exc.fields.items() if k != "target"))
     except Exception as exc:  # noqa: BLE001 - a message, never a traceback
         if psycopg2 is not None and isinstance(exc, psycopg2.Error):
             err = pg_error(exc)
-            promotion.fail("promotion %s on %s: %s" % (module.params["state"], promotion.target,
-                                                        format_pg_error(err)), sqlstate=err["sqlstate"])
-        promotion.fail("promotion %s on %s: %s: %s" % (module.params["state"], promotion.target,
-                                                        type(exc).__name__, exc))
+            raise LedgerError("%s: %s" % (what, format_pg_error(err)), sqlstate=err["sqlstate"])
+        raise LedgerError("%s: %s: %s" % (what, type(exc).__name__, exc))
+
+
+def result_of(params, check_mode=False):
+    """The module's result for validated params, failures included (failed=True); never raises."""
+    return module_result("ledger_promotion", run, params, check_mode)
+
+
+def main():
+    run_module(ARGUMENT_SPEC, result_of, SPEC_OPTIONS)
 
 
 if __name__ == "__main__":
