@@ -17,7 +17,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # Keep ansible-lint/molecule caches inside the project, not in $HOME.
 export ANSIBLE_HOME := $(CURDIR)/.ansible
 
-.PHONY: help setup collection-link sandbox sandbox-stop migrate lint test pytest molecule bench clean
+.PHONY: help setup collection-link collection sandbox sandbox-stop migrate lint test pytest molecule bench clean
 
 help:
 	@echo "make migrate       set up, start the PostgreSQL 15 sandbox, run playbooks/migrate.yml -l local"
@@ -47,6 +47,11 @@ $(VENV)/.installed: requirements.txt constraints.txt
 	$(BIN)/python scripts/install_collections.py requirements.yml .collections
 	@touch $@
 
+# The artifact another team installs (and the execution environment bundles): dist/arrakis-ledger-<version>.tar.gz.
+collection: setup
+	@rm -f dist/arrakis-ledger-*.tar.gz
+	$(BIN)/ansible-galaxy collection build --output-path dist .
+
 sandbox:
 	@$(PYTHON) scripts/pgcluster.py start --dir $(SANDBOX_DIR) --port $(SANDBOX_PORT)
 
@@ -56,7 +61,7 @@ sandbox-stop:
 migrate: setup sandbox
 	$(BIN)/ansible-playbook playbooks/migrate.yml -l local
 
-lint: setup
+lint: setup collection
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint --offline
 	$(BIN)/squawk $$(ls files/migrations/[0-9][0-9][0-9][0-9]_*.sql | grep -v '\.down\.sql$$')

@@ -41,13 +41,13 @@ import datetime
 import json
 import os
 import time
-from urllib.parse import quote, unquote, urlsplit
 
 from ansible import constants as C
 from ansible import context
 from ansible.plugins.callback import CallbackBase
 
 from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_common
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import secrets_of
 from ansible_collections.arrakis.ledger.plugins.plugin_utils.ledger_report_markdown import render_markdown
 
 STAGES = ("precheck", "backup", "migrate", "verify", "rollback", "promotion")
@@ -61,8 +61,6 @@ KEEP_KEYS = (
     "stamp", "stamp_file", "set_checksum", "override", "refused", "taken", "duration_ms", "elapsed",
 )
 FAILURE_KEYS = ("msg", "sqlstate", "file", "line", "version", "hint", "detail", "next_command", "failed_checks")
-
-
 
 
 def _now():
@@ -97,20 +95,6 @@ def task_stage(task):
         parents = getattr(role, "_parents", None) or []
         role = parents[0] if parents else None
     return None
-
-
-def password_of(url):
-    """The password in a libpq URI, or None."""
-    try:
-        parts = urlsplit(str(url))
-    except ValueError:
-        return None
-    if parts.scheme not in ("postgres", "postgresql"):
-        return None
-    try:
-        return parts.password
-    except ValueError:
-        return None
 
 
 class CallbackModule(CallbackBase):
@@ -298,14 +282,14 @@ class CallbackModule(CallbackBase):
     def _collect(self, play):
         """Find every password the report must not contain, the targets' names and report_dir."""
         env_url = os.environ.get("DATABASE_URL")
-        self._add_secret(password_of(env_url))
+        self._add_secrets(env_url)
         report_dir = None
         hosts = list(self.expected) or list(self.targets)
         for host in hosts:
             values = self._host_vars(play, host, ["*_url", "database_url", "ledger_environment", "report_dir"])
             for key, value in values.items():
                 if key.endswith("_url") and isinstance(value, str):
-                    self._add_secret(password_of(value))
+                    self._add_secrets(value)
             rec = self.targets.get(host)
             if rec is not None:
                 if not rec["target"] and isinstance(values.get("database_url"), str):
@@ -321,11 +305,9 @@ class CallbackModule(CallbackBase):
                 report_dir = None
         return report_dir or os.environ.get("LEDGER_REPORT_DIR") or None
 
-    def _add_secret(self, password):
-        if password and len(password) >= 3:
-            self.secrets.add(password)
-            self.secrets.add(unquote(password))
-            self.secrets.add(quote(unquote(password), safe=""))
+    def _add_secrets(self, url):
+        """The password of a database URL, in every form text may hold it (ledger_target.secrets_of)."""
+        self.secrets.update(s for s in secrets_of(url) if len(s) >= 3)
 
     def _clean(self, obj):
         """Redact URLs and password pairs, then every known password verbatim."""

@@ -37,12 +37,9 @@ import stat
 import subprocess
 import tempfile
 
-try:
-    from urllib.parse import urlsplit, urlunsplit, unquote
-except ImportError:  # pragma: no cover
-    raise
 
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, parse_url, redact
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, redact
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 
 MANIFEST_SUFFIX = ".json"
 FORMAT_SUFFIX = {"custom": ".dump", "directory": ".dir"}
@@ -58,8 +55,8 @@ def target_slug(url):
     The user is left out on purpose: the same database reached as another role is
     the same target, and its backups belong together.
     """
-    p = parse_url(url)
-    slug = "%s-%s-%s" % (p["host"], p["port"], p["dbname"])
+    t = Target(url)
+    slug = "%s-%s-%s" % (t.host, t.port, t.dbname)
     slug = re.sub(r"[^A-Za-z0-9.-]+", "-", slug).strip("-.").lower()
     return slug or "target"
 
@@ -170,16 +167,6 @@ def _pgpass_escape(value):
     return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
-def url_without_password(url):
-    """The URL with the password removed (libpq gets it from the passfile)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0]
-    return urlunsplit((parts.scheme, userinfo + "@" + netloc[1], parts.path, parts.query, parts.fragment))
-
-
 class libpq_env(object):  # noqa: N801 - used as a context manager, reads like a function
     """Environment for pg_dump/pg_restore/psql that carries the URL's password in a temp passfile.
 
@@ -198,19 +185,19 @@ class libpq_env(object):  # noqa: N801 - used as a context manager, reads like a
         self._dir = None
 
     def __enter__(self):
-        parts = urlsplit(self.url)
+        target = Target(self.url)
         env = dict(os.environ)
         env.pop("PGPASSWORD", None)
         env["PGCONNECT_TIMEOUT"] = str(self.connect_timeout)
         env.setdefault("PGAPPNAME", "ledger-migrations")
-        if parts.password is not None:
+        if target.password is not None:
             self._dir = tempfile.mkdtemp(prefix="ledger-pgpass-")
             path = os.path.join(self._dir, "pgpass")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
-                fh.write("*:*:*:*:%s\n" % _pgpass_escape(unquote(parts.password)))
+                fh.write("*:*:*:*:%s\n" % _pgpass_escape(target.password))
             env["PGPASSFILE"] = path
-        return env, url_without_password(self.url)
+        return env, target.url_without_password()
 
     def __exit__(self, *exc):
         if self._dir:

@@ -159,8 +159,8 @@ def apply(url, migrations, target=None, run_id=None, advice=None, allow_out_of_o
     ``apply`` event with outcome ``failed`` is written on its own connection.
     """
     s = run_settings({"lock_timeout": lock_timeout, "statement_timeout": statement_timeout,
-                   "lock_retries": lock_retries, "retry_backoff": retry_backoff, "lock_wait": lock_wait,
-                   "lock_ttl": lock_ttl, "connection_check": connection_check})
+                      "lock_retries": lock_retries, "retry_backoff": retry_backoff, "lock_wait": lock_wait,
+                      "lock_ttl": lock_ttl, "connection_check": connection_check})
     r = Runner(url, migrations, run_id, s, advice, "apply", direct_url=direct_url)
     t0 = time.monotonic()
     try:

@@ -17,7 +17,6 @@ except ImportError:  # pragma: no cover - reported by connect()
     psycopg2 = None
 
 
-
 QUERY_CHARS = 80
 SESSION_COLUMNS = ("pid", "user", "application_name", "age_s", "query")
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -41,7 +40,7 @@ def _describe_sessions(rows, limit=5):
     parts = []
     for r in rows[:limit]:
         parts.append("pid %s user %s app %r %ss: %s" % (r["pid"], r["user"], r["application_name"] or "",
-                                                       r["age_s"], r["query"] or ""))
+                                                        r["age_s"], r["query"] or ""))
     if len(rows) > limit:
         parts.append("and %d more" % (len(rows) - limit))
     return "; ".join(parts)
@@ -186,7 +185,7 @@ def check_lock_waits(cur, schemas, tables):
                  rows, "no lock waits queued on the watched relations" if not rows else
                  "%d session(s) waiting for locks on the migrations' relations: %s" % (
                      len(rows), "; ".join("pid %s waits for %s, blocked by %s" % (r["pid"], r["waits_for"],
-                                                                                 r["blocked_by"]) for r in rows[:5])),
+                                                                                  r["blocked_by"]) for r in rows[:5])),
                  None if not rows else "find what the blocking pids hold (SELECT * FROM pg_stat_activity WHERE pid = "
                                        "ANY(blocked_by)) and let it finish before migrating")
 

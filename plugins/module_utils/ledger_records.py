@@ -336,7 +336,7 @@ class Lease(object):
                 state, info = self._try()
             except psycopg2.Error as exc:
                 raise LedgerError("cannot take the run lease on %s: %s" % (describe_target(self.url),
-                                                                         pg_error(exc)["message"]),
+                                                                           pg_error(exc)["message"]),
                                   target=describe_target(self.url), sqlstate=exc.pgcode)
             if state == "acquired":
                 self.held = True

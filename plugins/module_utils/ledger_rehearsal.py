@@ -24,6 +24,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import r
 
 # =========================================================================== rehearsal
 
+
 def rehearse(url, pending, lock_timeout=None, statement_timeout=None, lock_retries=None, retry_backoff=None,
              run_id=None, record_event=False, rehearse_concurrently=True, conn=None):
     """Run ``pending`` for real in ONE transaction that is rolled back; report per file.
@@ -54,7 +55,7 @@ def rehearse(url, pending, lock_timeout=None, statement_timeout=None, lock_retri
     hint, file, line, statement. Connection failures raise LedgerError.
     """
     s = run_settings({"lock_timeout": lock_timeout, "statement_timeout": statement_timeout,
-                   "lock_retries": lock_retries, "retry_backoff": retry_backoff})
+                      "lock_retries": lock_retries, "retry_backoff": retry_backoff})
     pending = list(pending)
     own = conn is None
     if own:
@@ -149,11 +150,11 @@ def format_rehearsal(results):
             if r.get("skipped_statements"):
                 extra = " (%d statement(s) not rehearsed: %s)" % (
                     len(r["skipped_statements"]), "; ".join("line %d %s" % (x["line"], x["reason"])
-                                                           for x in r["skipped_statements"]))
+                                                            for x in r["skipped_statements"]))
             lines.append("%s: would apply (%d ms)%s" % (r["filename"], r.get("duration_ms", 0), extra))
         elif r["status"] == "would_fail":
             line = "%s: would fail at line %s: SQLSTATE %s: %s" % (r["filename"], r["line"], r["sqlstate"],
-                                                                  r["message"])
+                                                                   r["message"])
             if r.get("hint"):
                 line += " (hint: %s)" % r["hint"]
             lines.append(line)

@@ -38,6 +38,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_runner impor
 
 # =========================================================================== revert
 
+
 def revert_plan(applied, migrations, to_version):
     """([(version, down tuple or None)], missing versions) of a revert down to ``to_version`` ('base' = all)."""
     if to_version in (None, ""):
@@ -81,8 +82,8 @@ def revert(url, migrations, to_version, run_id=None, advice=None, check=False, l
     version_after, rehearsal (check), run_id, target, msg}; raises LedgerError.
     """
     s = run_settings({"lock_timeout": lock_timeout, "statement_timeout": statement_timeout,
-                   "lock_retries": lock_retries, "retry_backoff": retry_backoff, "lock_wait": lock_wait,
-                   "lock_ttl": lock_ttl, "connection_check": connection_check})
+                      "lock_retries": lock_retries, "retry_backoff": retry_backoff, "lock_wait": lock_wait,
+                      "lock_ttl": lock_ttl, "connection_check": connection_check})
     r = Runner(url, migrations, run_id, s, advice, "revert", direct_url=direct_url)
     t0 = time.monotonic()
     try:
@@ -95,7 +96,7 @@ def revert(url, migrations, to_version, run_id=None, advice=None, check=False, l
                 "to_version": str(to_version), "plan": [v for v, _, _ in steps]}
         if not steps:
             base["msg"] = "%s is at %s: nothing to revert down to %s" % (r.target, r.version_before or "no version",
-                                                                       to_version)
+                                                                         to_version)
             return base
         if check:
             pseudo = [_DownAsMigration(v, d) for v, _, d in steps]

@@ -31,7 +31,6 @@ except ImportError:  # pragma: no cover - reported by connect()
     sql = None
 
 
-
 # ledger_rollback's arguments (the module's DOCUMENTATION describes them); _defaults() fills them in.
 ARGUMENT_SPEC = dict(
     database_url=dict(type="str", required=True, no_log=True),

@@ -10,8 +10,9 @@ import shlex
 import subprocess
 import time
 
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
-    LedgerError, connect, describe_target, ensure_records, format_pg_error, log_event, parse_url, pg_error,
+    LedgerError, connect, describe_target, ensure_records, format_pg_error, log_event, pg_error,
     redact, redact_obj, url_with_database,
 )
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import (
@@ -170,7 +171,7 @@ def _locate_backup(p, url, host, identity=None):
         raise LedgerError("no verified backup of %s in %s (%d manifest(s) of this target, none verified with its file "
                           "present). Nothing was changed; give one with %s"
                           % (target, backup_dir, len(others), _cmd(host, "-e rollback_mode=restore",
-                                                                    "-e backup_file=PATH")))
+                                                                   "-e backup_file=PATH")))
     return manifest["backup_path"], dict(manifest, other_target=False)
 
 
@@ -240,7 +241,7 @@ def _restore_space(cur, url, props, margin):
     """
     needed = int(props["size"] * margin)
     out = {"needed_bytes": needed, "margin": margin, "free_bytes": None, "path": None, "why": None}
-    host = parse_url(url)["host"] or ""
+    host = Target(url).host or ""
     if host not in LOCAL_HOSTS and not host.startswith("/"):
         out["why"] = "the server (%s) is not on this machine" % host
         return out
@@ -276,9 +277,8 @@ def _previous_copies(cur, dbname):
 
 def _drop_how(admin_url):
     """Where a kept database is dropped from: the maintenance database, named without any URL or password."""
-    parts = parse_url(admin_url)
-    return {"host": parts["host"], "port": parts["port"], "user": parts["user"], "dbname": parts["dbname"],
-            "target": describe_target(admin_url)}
+    admin = Target(admin_url)
+    return {"host": admin.host, "port": admin.port, "user": admin.user, "dbname": admin.dbname, "target": admin.name}
 
 
 def _drop_command(how, name):
@@ -319,7 +319,7 @@ def run_restore(params, check_mode=False):
     url = p["database_url"]
     target = describe_target(url)
     host = p.get("host_label")
-    dbname = parse_url(url)["dbname"]
+    dbname = Target(url).dbname
     if dbname == p["maintenance_db"]:
         raise LedgerError("the target database %s is also the maintenance database the restore connects to for the "
                           "swap: set rollback_maintenance_db to another one (e.g. template1). Nothing was changed"
@@ -382,7 +382,7 @@ def run_restore(params, check_mode=False):
             "only, never a replication sender or a background worker: stop them first (a logical replication "
             "subscriber: ALTER SUBSCRIPTION ... DISABLE on the subscriber; a background worker: its extension's "
             "own command), then re-run. Nothing was changed" % (target, len(others), dbname,
-                                                                 _describe_sessions(others)),
+                                                                _describe_sessions(others)),
             **dict(base, refused="server_processes", server_processes=others))
     if space["free_bytes"] is not None and space["free_bytes"] < space["needed_bytes"]:
         raise LedgerError(
@@ -541,8 +541,8 @@ def _swap(cur, dbname, new_db, old_db, p, base, url, started):
                     "the restored copy could not be swapped in for %s: server process(es) that are not client "
                     "sessions connected to it: %s. They are never terminated by the restore. The copy was dropped; "
                     "%s is unchanged. Stop them, then re-run" % (dbname, _describe_sessions(others),
-                                                                   describe_target(url))),
-                    dict(base, refused="server_processes", server_processes=others))
+                                                                 describe_target(url))),
+                                dict(base, refused="server_processes", server_processes=others))
             for s in sessions:
                 if s["backend_type"] in SELF_RESTARTING:
                     # Autovacuum workers don't belong to anyone; they restart on their own.
@@ -554,9 +554,9 @@ def _swap(cur, dbname, new_db, old_db, p, base, url, started):
             try:
                 cur.execute("BEGIN")
                 cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(dbname),
-                                                                              sql.Identifier(old_db)))
+                                                                             sql.Identifier(old_db)))
                 cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new_db),
-                                                                              sql.Identifier(dbname)))
+                                                                             sql.Identifier(dbname)))
                 cur.execute("COMMIT")
                 break
             except psycopg2.Error as exc:

@@ -116,7 +116,7 @@ def _guard_sql(version, guard, backup):
             "    IF n > %d THEN" % c["allowed"],
             "      problems := problems || format('%%s: %%s %s%%s now, %%s %s', %s, n,"
             " CASE WHEN n = 1 THEN '' ELSE 's' END, %d);" % (c["unit"], since.replace("'", "''").replace("%", "%%"),
-                                                              _ql(c["what"]), c["allowed"]),
+                                                             _ql(c["what"]), c["allowed"]),
             "    END IF;",
         ]
     lines += [

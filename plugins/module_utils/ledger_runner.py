@@ -18,7 +18,6 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
     log_event,
     log_event_autonomous,
     new_run_id,
-    parse_url,
     pg_error,
     redact,
 )
@@ -28,6 +27,7 @@ try:
 except ImportError:  # pragma: no cover - connect() reports it
     psycopg2 = None
 
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import (
     Advice,
     LOCK_WAIT_MARGIN,
@@ -176,7 +176,7 @@ def connection_route(conn, url=None):
     except Exception:  # noqa: BLE001 - older psycopg2: fall back to the URL
         if url:
             try:
-                client_port = int(parse_url(url)["port"])
+                client_port = Target(url).port
             except Exception:  # noqa: BLE001
                 client_port = None
     pooled = client_port is not None and client_port != int(server_port)

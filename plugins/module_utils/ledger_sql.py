@@ -20,7 +20,6 @@ except ImportError:  # pragma: no cover - connect() reports it
     psycopg2 = None
 
 
-
 # =========================================================================== SQL splitting
 
 class SqlSyntaxError(ValueError):

@@ -17,7 +17,6 @@ except ImportError:  # pragma: no cover - reported by connect()
     pgsql = None
 
 
-
 # --------------------------------------------------------------------------- what the migrations create
 # Names, columns and grants are fixed by the ledger issue and files/migrations/*.sql.
 

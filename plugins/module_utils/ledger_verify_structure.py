@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 
-
 try:
     import psycopg2
     import psycopg2.sql as pgsql
@@ -33,6 +32,10 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_schem
 
 
 # --------------------------------------------------------------------------- structure
+
+# pg_policy.polcmd
+POLICY_COMMANDS = {"*": "ALL", "r": "SELECT", "a": "INSERT", "w": "UPDATE", "d": "DELETE"}
+
 
 def _rel_info(cur, rel):
     cur.execute("""SELECT c.oid, c.relkind, c.relrowsecurity, c.relforcerowsecurity, c.reloptions,
@@ -210,7 +213,7 @@ def check_structure(cur, rep, applied, source, app_role):
                 covers = {c for p in usable for c in (("r", "a") if p[1] == "*" else (p[1],))}
                 ok = {"r", "a"} <= covers
                 rep.add("structure", "rls_policies", rel, ok,
-                        ("policies: %s" % ", ".join("%s (%s)" % (p[0], {"*": "ALL", "r": "SELECT", "a": "INSERT", "w": "UPDATE", "d": "DELETE"}[p[1]]) for p in pols))
+                        ("policies: %s" % ", ".join("%s (%s)" % (p[0], POLICY_COMMANDS[p[1]]) for p in pols))
                         if pols else "no policy (RLS would hide every row, or is not enforced as designed)",
                         "a permissive policy for %s covering SELECT and INSERT" % app_role, version=version)
             if rel in APPEND_ONLY:

@@ -28,7 +28,11 @@ options:
   jobs: {description: Parallel dump and restore jobs (directory format only for the dump)., type: int, default: 1}
   compress: {description: gzip level 0-9 (on 2 cores compression dominates the dump time)., type: int, default: 1}
   lock_wait_timeout: {description: pg_dump --lock-wait-timeout; the dump fails rather than queue behind an exclusive lock., type: str, default: 10s}
-  verify: {description: "C(read): sha256 and full read; C(restore): also restore into a scratch database and compare row counts.", type: str, choices: [read, restore], default: read}
+  verify:
+    description: "C(read): sha256 and full read; C(restore): also restore into a scratch database and compare row counts."
+    type: str
+    choices: [read, restore]
+    default: read
   row_counts: {description: "Count every table's rows (count(*)) in the dump's snapshot and record them in the manifest, so that a
     restore can check its copy against them (one scan of every table, while pg_dump runs). Always done with O(verify=restore).", type: bool, default: true}
   retention: {description: Keep the newest N backups of this target (0 keeps all); the newest verified one is never deleted., type: int, default: 5}

@@ -334,7 +334,7 @@ def _rehearsal(url, migrations, p, record):
     if not pending:
         return dict(common, changed=False, pending=[], rehearsal=[], version_after=info["current"],
                     msg="%s is at %s: nothing to apply (target %s)" % (target, info["current"] or "no version",
-                                                                      info["target"]))
+                                                                       info["target"]))
     route_problem = nontx_route_problem(url, pending, direct_url=p.get("direct_url"),
                                         advice=PlaybookAdvice(p["limit"]))
     results = rehearse(url, pending, run_id=p["run_id"], record_event=record, **_timeouts(p))

@@ -68,7 +68,10 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
-checks: {description: "Every check: name, passed (true, false, or null when it could not run), observed, threshold, offenders, message, next.", type: list, returned: always}
+checks:
+  description: "Every check: name, passed (true, false, or null when it could not run), observed, threshold, offenders, message, next."
+  type: list
+  returned: always
 failed_checks: {description: Names of the failed checks., type: list, returned: always}
 pending: {description: Pending versions., type: list, returned: always}
 applied: {description: Applied versions., type: list, returned: always}
@@ -80,7 +83,7 @@ import time
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module, with_defaults
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
-    LedgerError, connect, describe_target, format_pg_error, log_event_autonomous, parse_url,
+    LedgerError, connect, describe_target, format_pg_error, log_event_autonomous,
     pg_error, redact, redact_obj,
 )
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import check_backup_dir, ensure_backup_dir, human_bytes
@@ -169,7 +172,6 @@ def run_precheck(params, check_mode=False, now_utc=None):
     backup_state = None
     rehearsal_results = None
     try:
-        parse_url(url)
         conn = connect(url, autocommit=True, connect_timeout=p["connect_timeout"])
     except LedgerError as exc:
         checks.append(check("server_version", False, {"reachable": False}, {"accepted_majors": p["accepted_versions"]},

@@ -212,10 +212,10 @@ class Promotion(object):
             existing = self.read_stamp(path)
             known = existing and any(s.get("target") == self.target for s in existing.get("stamps", []))
             return dict(changed=not known, stamp=entry,
-                             msg="would record the promotion stamp %s%s" % (
-                                 checksum[:12], "" if verify_event else
-                                 " once verify of the run has passed (check mode records no verify event)"),
-                             **result)
+                        msg="would record the promotion stamp %s%s" % (
+                            checksum[:12], "" if verify_event else
+                            " once verify of the run has passed (check mode records no verify event)"),
+                        **result)
         changed, stamp = self.write_stamp(path, checksum, version, files, entry)
         if changed:
             conn = connect(self.url)
@@ -228,8 +228,8 @@ class Promotion(object):
             finally:
                 conn.close()
         return dict(changed=changed, stamp=stamp,
-                         msg=("recorded" if changed else "already recorded") + " the promotion stamp %s for %s (%s)"
-                         % (checksum, self.target, os.path.basename(path)), **result)
+                    msg=("recorded" if changed else "already recorded") + " the promotion stamp %s for %s (%s)"
+                    % (checksum, self.target, os.path.basename(path)), **result)
 
     def verify_event(self):
         """The newest verify event of this run in this target's migrations.events (None when there is none)."""
@@ -289,31 +289,31 @@ class Promotion(object):
         history = applied_history(self.url)
         if all(history.get(v) == s for v, _n, s in files):
             return dict(changed=False, source="nothing_pending",
-                             msg="the set %s (up to %s) is already applied on %s: nothing to promote"
-                             % (checksum[:12], version, self.target), **result)
+                        msg="the set %s (up to %s) is already applied on %s: nothing to promote"
+                        % (checksum[:12], version, self.target), **result)
         stamp = self.read_stamp(path)
         found = self.valid_stamp(stamp, checksum)
         if found:
             return dict(changed=False, source="file", stamp=found,
-                             msg="the set %s (up to %s) passed verify on %s %s in run %s (%s)"
-                             % (checksum[:12], version, found.get("environment"), found.get("target"),
-                                found.get("run_id"), os.path.basename(path)), **result)
+                        msg="the set %s (up to %s) passed verify on %s %s in run %s (%s)"
+                        % (checksum[:12], version, found.get("environment"), found.get("target"),
+                           found.get("run_id"), os.path.basename(path)), **result)
         problem = ("no stamp file %s" % path) if stamp is None else (
             "the stamp file %s holds no passing stamp of this set from %s" % (path, "/".join(self.p["accept_from"])))
         if self.p["staging_url"]:
             found = self.staging_event(checksum)
             if found:
                 return dict(changed=False, source="staging_events", stamp=found,
-                                 msg="the set %s (up to %s) passed verify on %s in run %s (staging's "
-                                     "migrations.events)" % (checksum[:12], version, found.get("target"),
-                                                             found.get("run_id")), **result)
+                            msg="the set %s (up to %s) passed verify on %s in run %s (staging's "
+                            "migrations.events)" % (checksum[:12], version, found.get("target"),
+                                                    found.get("run_id")), **result)
             problem += ", and no promotion_stamp event with this checksum in %s's migrations.events" % (
                 describe_target(self.p["staging_url"]))
         if self.p["override"]:
             result["override"] = True
             warning = ("promotion_override=true: %s receives the set %s (up to %s) that has no passing staging "
                        "stamp (%s); logged as a promotion_override event" % (self.target, checksum[:12], version,
-                                                                            problem))
+                                                                             problem))
             if not self.check_mode:
                 conn = connect(self.url)
                 try:

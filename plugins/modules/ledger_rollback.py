@@ -53,7 +53,10 @@ options:
   backup_file: {description: Restore this backup instead of the newest verified one (its manifest must be beside it)., type: path}
   backup_other_target: {description: "Restore O(backup_file) even when its manifest is of another target (another server's
     system_identifier or another database name).", type: bool, default: false}
-  terminate_connections: {description: Terminate the sessions connected to the target so that the restored database can be swapped in., type: bool, default: false}
+  terminate_connections:
+    description: Terminate the sessions connected to the target so that the restored database can be swapped in.
+    type: bool
+    default: false
   maintenance_db: {description: Database to connect to for CREATE/ALTER DATABASE during a restore., type: str, default: postgres}
   restore_jobs: {description: Parallel pg_restore jobs into the new database., type: int, default: 1}
   restore_space_margin: {description: "Free space the copy needs, as a multiple of the database's size (refused below it
@@ -103,7 +106,10 @@ backup_file: {description: The backup restored (or that would be)., type: str, r
 restored_database: {description: Name of the database after the swap (the target's name)., type: str, returned: restore}
 previous_database: {description: Name under which the database as it was before the restore is kept., type: str, returned: restore}
 drop_previous: {description: "psql command dropping the kept database (host, port, user, database names; no URL).", type: str, returned: restore}
-space: {description: "Room for the copy: {needed_bytes, margin, free_bytes (null when not measurable), path, why, previous_copies}.", type: dict, returned: restore}
+space:
+  description: "Room for the copy: {needed_bytes, margin, free_bytes (null when not measurable), path, why, previous_copies}."
+  type: dict
+  returned: restore
 guarded: {description: Versions whose revert transaction locked and re-counted what they drop., type: list, returned: revert run}
 blocking_sessions: {description: Sessions connected to the target (they block the swap)., type: list, returned: restore}
 """
@@ -126,7 +132,6 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_rollback_res
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_rollback_revert import (
     run_revert,
 )
-
 
 
 def run(params, check_mode=False):

@@ -6,6 +6,7 @@ from __future__ import annotations
 # The outcome groups of a report's summary, in the order they are shown.
 SUMMARY_KEYS = ("done", "failed", "interrupted", "untouched")
 
+
 def _cell(value):
     text = "" if value is None else str(value)
     return text.replace("|", "\\|").replace("\n", " ")
@@ -69,7 +70,7 @@ def render_markdown(report):
         if verify:
             checks = verify.get("checks") or []
             lines.append("- Verify: %s (%d of %d checks passed)" % (verify["outcome"], verify.get("passed", 0),
-                                                                      len(checks)))
+                                                                    len(checks)))
             for c in checks:
                 if c.get("passed") is False:
                     lines.append("  - failed check `%s`%s: %s" % (

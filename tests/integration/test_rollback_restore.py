@@ -21,7 +21,7 @@ import pytest
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, ensure_records
 from pghelpers import history, load_module, q
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MIGRATIONS = ROOT / "files" / "migrations"
 
 

@@ -21,7 +21,7 @@ import yaml
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import ensure_records, log_event
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MIGRATIONS = ROOT / "files" / "migrations"
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).parent / "ansible-playbook")
 

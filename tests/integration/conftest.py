@@ -8,6 +8,7 @@ at the end of the session. Tests never touch the sandbox or any real target.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -16,7 +17,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MIGRATIONS = ROOT / "files" / "migrations"
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -121,6 +122,27 @@ def ledger_db(pg_cluster, ledger_template):
         yield pg_cluster.url(name)
     finally:
         pg_cluster.drop_db(name)
+
+
+@pytest.fixture(scope="session")
+def installed_collection(tmp_path_factory):
+    """The collection as another team gets it: `ansible-galaxy collection build` of this checkout, then
+    `ansible-galaxy collection install` of the artifact; yields the collections path to put first in
+    ANSIBLE_COLLECTIONS_PATH (community.postgresql comes from the venv's bundled collections)."""
+    base = tmp_path_factory.mktemp("collection")
+    galaxy = str(Path(sys.executable).parent / "ansible-galaxy")
+    (base / "ansible.cfg").write_text("[defaults]\n")  # not this project's ansible.cfg
+    env = dict(os.environ, ANSIBLE_CONFIG=str(base / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    subprocess.run([galaxy, "collection", "build", str(ROOT), "--output-path", str(base / "dist")],
+                   check=True, capture_output=True, text=True, env=env, timeout=120)
+    (artifact,) = (base / "dist").glob("arrakis-ledger-*.tar.gz")
+    # --no-deps: community.postgresql is already there (bundled by the pinned ansible package); no Galaxy here.
+    subprocess.run([galaxy, "collection", "install", str(artifact), "-p", str(base / "collections"), "--no-deps"],
+                   check=True, capture_output=True, text=True, env=env, timeout=120)
+    path = base / "collections"
+    assert (path / "ansible_collections" / "arrakis" / "ledger" / "MANIFEST.json").is_file()
+    assert not (path / "ansible_collections" / "arrakis" / "ledger" / "tests").exists()  # tests stay out
+    return path
 
 
 @pytest.hookimpl(hookwrapper=True)

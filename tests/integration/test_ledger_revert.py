@@ -21,17 +21,10 @@ import pytest
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import RECORDS_DDL
 
 from test_ledger_sql import Session, Tenant, seed_tenant
+from ledgertest import UPS, down_of
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MIGRATIONS = ROOT / "files" / "migrations"
-UPS = sorted(p for p in MIGRATIONS.glob("[0-9][0-9][0-9][0-9]_*.sql") if not p.name.endswith(".down.sql"))
-VERSIONS = ["0008", "0009", "0010", "0011"]
-
-
-def down_of(up: Path) -> Path:
-    return up.with_name(up.name[:-4] + ".down.sql")
-
-
 def execute_file(url: str, path: Path) -> None:
     """One file in one transaction, as the engine and the conftest apply them."""
     conn = psycopg2.connect(url)
@@ -47,18 +40,6 @@ def schema_dump(pg_cluster, url: str) -> str:
                          capture_output=True, text=True, check=True, timeout=60)
     # pg_dump >= 15.14 brackets its output with \restrict <random key>: not schema.
     return "\n".join(line for line in res.stdout.splitlines() if not line.startswith(("\\restrict", "\\unrestrict")))
-
-
-def test_the_set_is_0008_to_0011_each_with_a_down_script_and_a_header():
-    assert [p.name[:4] for p in UPS] == VERSIONS
-    for up in UPS:
-        down = down_of(up)
-        assert down.is_file(), f"{up.name} has no {down.name}"
-        for path in (up, down):
-            head = path.read_text().splitlines()[:3]
-            assert head[0].startswith("-- ====") and path.name in head[1], f"{path.name}: no header comment"
-        code = "\n".join(line for line in up.read_text().splitlines() if not line.lstrip().startswith("--"))
-        assert "IF NOT EXISTS" not in code.upper(), f"{up.name}: a conflict must fail (42P07), not be skipped"
 
 
 def test_up_down_up_gives_the_same_schema_and_each_down_undoes_its_migration(pg_cluster, empty_db):
@@ -196,24 +177,6 @@ def test_non_superuser_owner_is_held_to_rls_and_the_definer_function_works(owned
     conn.close()
 
 
-def squawk(*paths: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(ROOT / ".venv" / "bin" / "squawk"), "--reporter", "gcc", *map(str, paths)],
-                          cwd=ROOT, capture_output=True, text=True, check=False, timeout=60)
 
 
-def test_squawk_is_clean_over_the_up_scripts():
-    res = squawk(*UPS)
-    assert res.returncode == 0, res.stdout + res.stderr
 
-
-def test_squawk_still_flags_a_blocking_change(tmp_path):
-    # Control: the configuration switches off only what it justifies. An index built
-    # without CONCURRENTLY on an existing table, an unqualified table, a 32-bit
-    # amount: all still reported.
-    bad = tmp_path / "0012_bad.sql"
-    bad.write_text("CREATE INDEX credit_lots_status_idx ON public.credit_lots (status);\n"
-                   "CREATE TABLE t (id bigint PRIMARY KEY, amount integer);\n")
-    res = squawk(bad)
-    assert res.returncode != 0
-    for rule in ("require-concurrent-index-creation", "require-table-schema", "prefer-bigint-over-int"):
-        assert rule in res.stdout, res.stdout

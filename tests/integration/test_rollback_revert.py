@@ -20,7 +20,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engin
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
 from pghelpers import history, load_module, q
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MIGRATIONS = ROOT / "files" / "migrations"
 SET_0011 = ["0008", "0009", "0010", "0011"]
 LEDGER_TABLES = ["public.credit_lots", "public.crypto_payments", "public.lot_entries",

@@ -26,7 +26,8 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records impo
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_runner import Runner, run_settings
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
 
-from test_engine import events, history, load, one, q, write_set
+from ledgertest import load, write_set
+from test_engine import events, history, one, q
 
 TESTS = Path(__file__).resolve().parent
 
@@ -39,7 +40,7 @@ url, directory = sys.argv[1], sys.argv[2]
 res = e.apply(url, e.load_migration_set(directory), run_id="doomed-run", lock_ttl=2,
               advice=PlaybookAdvice("testenv"))
 print(json.dumps(res, default=str))
-""" % str(TESTS.parent / ".collections")
+""" % str(TESTS.parents[1] / ".collections")
 
 # pg_sleep only when the session says so (the killed run's URL sets ledger.sleep).
 SLOW = {
@@ -259,7 +260,7 @@ def test_an_application_query_queued_behind_the_migration_waits_no_longer_than_l
 # --------------------------------------------------------------------------- PgBouncer transaction pooling
 
 def test_the_lease_works_through_pgbouncer_transaction_pooling(tmp_path, pg_cluster, empty_db):
-    sys.path.insert(0, str(TESTS.parent / "scripts"))
+    sys.path.insert(0, str(TESTS.parents[1] / "scripts"))
     import pgbouncer_ctl
 
     try:

@@ -18,7 +18,7 @@ import psycopg2
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).parent / "ansible-playbook")
 N = 5
 ALL_VERSIONS = ["0008", "0009", "0010", "0011"]

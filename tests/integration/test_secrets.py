@@ -23,7 +23,7 @@ import psycopg2
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 import pgcluster  # noqa: E402
 
@@ -228,3 +228,18 @@ def test_production_refuses_a_url_without_verify_full(tmp_path, scram, db):
     assert "requires sslmode=verify-full" not in res.stdout
     assert "does not support SSL" in res.stdout or "root certificate" in res.stdout
     assert_nothing_leaked(res, tmp_path)
+
+
+def test_a_raw_at_in_the_password_is_refused_before_anything_is_shown(tmp_path, scram, db):
+    # Unencoded, libpq would read "Zq7" as the password and "Wx9k@127.0.0.1" as the host; the pieces
+    # are distinctive so that any appearance is a leak.
+    url = f"postgresql://{USER}:Zq7@Wx9k@127.0.0.1:{scram.port}/{db}"
+    res = run(tmp_path, host_vars={"database_url": url})
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert "percent-encode" in out and "%40" in out
+    for piece in ("Zq7", "Wx9k"):
+        assert piece not in out, piece
+        for path in (p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".yml"):
+            assert piece not in path.read_text(errors="replace"), (piece, path)
+    assert scram.admin("SELECT to_regclass('migrations.history') IS NULL", db=db) == "t"  # nothing ran

@@ -13,7 +13,7 @@ import pytest
 
 import pgbouncer_ctl
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "pgbouncer_ctl.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "pgbouncer_ctl.py"
 
 
 def ctl(*args: str) -> subprocess.CompletedProcess:

@@ -7,8 +7,6 @@ Ansible module and role in test_engine_module.py.
 
 from __future__ import annotations
 
-import hashlib
-import textwrap
 import threading
 import time
 
@@ -17,26 +15,15 @@ import pytest
 
 from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine as engine
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_migration_set import parse_directives
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_runner import run_settings
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
 from pghelpers import history, q
+from ledgertest import BASIC, load, write_set
 
 
 # --------------------------------------------------------------------------- helpers
 
-def write_set(directory, files):
-    """Write {filename: sql} into directory (dedented) and return the directory."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, sql in files.items():
-        (directory / name).write_text(textwrap.dedent(sql).lstrip("\n"))
-    return directory
-
-
-
 def one(url, sql, params=None):
     return q(url, sql, params)[0][0]
-
 
 
 def events(url, action=None):
@@ -46,139 +33,16 @@ def events(url, action=None):
     return q(url, sql + " ORDER BY id")
 
 
-def load(directory):
-    return engine.load_migration_set(str(directory))
-
-
 def run(url, directory, **kw):
     kw.setdefault("advice", PlaybookAdvice("testenv"))
     kw.setdefault("lock_timeout", "1s")
     return engine.apply(url, load(directory), **kw)
 
 
-BASIC = {
-    "0001_accounts.sql": """
-        -- the first migration
-        CREATE TABLE accounts (id integer PRIMARY KEY, name text NOT NULL);
-        INSERT INTO accounts VALUES (1, 'one');
-    """,
-    "0001_accounts.down.sql": "DROP TABLE accounts;\n",
-    "0002_entries.sql": """
-        CREATE TABLE entries (id integer PRIMARY KEY, account_id integer REFERENCES accounts);
-    """,
-    "0002_entries.down.sql": "DROP TABLE entries;\n",
-    "0003_entries_amount.sql": """
-        ALTER TABLE entries ADD COLUMN amount bigint NOT NULL DEFAULT 0;
-    """,
-    "0003_entries_amount.down.sql": "ALTER TABLE entries DROP COLUMN amount;\n",
-}
-
-
 # --------------------------------------------------------------------------- the SQL splitter
-
-def test_split_sql_keeps_semicolons_inside_quotes_comments_and_bodies():
-    sql = textwrap.dedent("""\
-        -- a comment; with a semicolon
-        SELECT 'a;''b' AS s;   /* block ; /* nested ; */ still comment ; */
-        SELECT E'it\\'s; fine', "odd;name" FROM (SELECT 1 AS "odd;name") x;
-
-        CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $fn$
-        BEGIN
-          PERFORM 1; -- inside the body
-          RETURN 2;
-        END
-        $fn$;
-        DO $$ BEGIN RAISE NOTICE 'x;y'; END $$;
-        CREATE FUNCTION g() RETURNS int LANGUAGE sql
-        BEGIN ATOMIC
-          SELECT 1;
-          SELECT CASE WHEN true THEN 2 ELSE 3 END;
-        END;
-        SELECT $1x$ignored$1x$ ;
-        SELECT 1""")
-    stmts = engine.split_sql(sql)
-    starts = [s.line for s in stmts]
-    assert [s.text.split()[0] for s in stmts] == ["SELECT", "SELECT", "CREATE", "DO", "CREATE", "SELECT", "SELECT"]
-    assert starts[:6] == [2, 3, 5, 11, 12, 17]
-    assert stmts[0].text == "SELECT 'a;''b' AS s"
-    assert stmts[4].text.rstrip().endswith("END")
-    # Masked text keeps the layout but blanks literals, so keyword checks ignore them.
-    assert len(stmts[1].masked) == len(stmts[1].text) and "fine" not in stmts[1].masked
-    assert stmts[2].dollar_lines == [5]
-
-
-@pytest.mark.parametrize("sql,line", [
-    ("SELECT 1;\nSELECT 'oops;\n", 2),
-    ("SELECT 1;\n/* open /* nested */\nSELECT 2;\n", 2),
-    ("SELECT 1;\n\nDO $x$ BEGIN END $y$;\n", 3),
-    ('SELECT "never closed;\n', 1),
-])
-def test_split_sql_reports_the_line_of_an_unterminated_quote(sql, line):
-    with pytest.raises(engine.SqlSyntaxError) as exc:
-        engine.split_sql(sql)
-    assert exc.value.line == line
-
-
-def test_statement_line_at_maps_a_character_position_to_the_file_line():
-    stmts = engine.split_sql("\n\n-- c\nSELECT 1,\n  2,\n  nope(3);\n")
-    st = stmts[0]
-    assert st.line == 4
-    assert st.line_at(st.text.index("nope") + 1) == 6
-    assert st.line_at(None) == 4
 
 
 # --------------------------------------------------------------------------- the migration set
-
-def test_load_migration_set_orders_checksums_and_pairs_down_scripts(tmp_path):
-    d = write_set(tmp_path / "m", dict(BASIC, **{"README.md": "not sql"}))
-    ms = load(d)
-    assert [m.version for m in ms] == ["0001", "0002", "0003"]
-    m = ms[0]
-    assert m.name == "accounts" and m.filename == "0001_accounts.sql"
-    assert m.checksum == hashlib.sha256((d / "0001_accounts.sql").read_bytes()).hexdigest()
-    assert m.down_path == str(d / "0001_accounts.down.sql")
-    assert m.transactional is True
-    assert [s.line for s in m.statements] == [2, 3]
-
-
-@pytest.mark.parametrize("files,needle", [
-    ({"0001_a.sql": "SELECT 1;", "0001_b.sql": "SELECT 2;"}, "duplicate version 0001"),
-    ({"1_a.sql": "SELECT 1;"}, "1_a.sql: a migration file is named NNNN_name.sql"),
-    ({"0001-a.sql": "SELECT 1;"}, "0001-a.sql"),
-    ({"0001_a.sql": "SELECT 1;", "0001_b.down.sql": "SELECT 2;"}, "does not match its up migration"),
-    ({"0001_a.sql": "-- ledger:no-transactions\nSELECT 1;"}, "unknown directive 'ledger:no-transactions'"),
-    ({"0001_a.sql": "SELECT 1;\n-- ledger:no-transaction\nSELECT 2;"}, "must be in the header"),
-    ({"0001_a.sql": "BEGIN;\nCREATE TABLE t (i int);\nCOMMIT;"}, "line 1: transaction control (BEGIN)"),
-    ({"0001_a.sql": "CREATE TABLE t (i int);\n\\echo hi\n"}, "line 2: psql meta-commands"),
-    ({"0001_a.sql": "CREATE TABLE t (i int);\nCREATE INDEX CONCURRENTLY t_i ON t (i);"},
-     "line 2: CONCURRENTLY can't run inside a transaction block"),
-    ({"0001_a.sql": "VACUUM;"}, "VACUUM can't run inside a transaction block"),
-    ({"0001_a.sql": "-- only a comment\n"}, "contains no SQL statement"),
-    ({"0001_a.sql": "SELECT 1;\nSELECT 'x;\n"}, "0001_a.sql line 2: unterminated quoted string"),
-])
-def test_load_migration_set_refuses_a_bad_set(tmp_path, files, needle):
-    d = write_set(tmp_path / "m", files)
-    with pytest.raises(LedgerError) as exc:
-        load(d)
-    assert needle in exc.value.msg
-
-
-def test_down_scripts_are_never_up_migrations_and_the_directive_is_read(tmp_path):
-    d = write_set(tmp_path / "m", {
-        "0001_a.sql": "SELECT 1;",
-        "0002_b.down.sql": "SELECT 2;",  # a down script whose up file is gone
-        "0003_idx.sql": """
-            -- An index built without blocking writes.
-            -- ledger:no-transaction
-            CREATE INDEX CONCURRENTLY IF NOT EXISTS t_i ON t (i);
-        """,
-    })
-    ms = load(d)
-    assert [m.filename for m in ms] == ["0001_a.sql", "0003_idx.sql"]
-    assert ms[1].transactional is False
-    assert "0002" in ms.orphan_downs and ms.down_for("0002")[1] == "0002_b.down.sql"
-    # A comment that merely mentions the directive later in a statement's text is not a directive.
-    assert parse_directives("SELECT '-- ledger:no-transaction';\n", "x.sql") == []
 
 
 # --------------------------------------------------------------------------- apply, history, events
@@ -512,27 +376,6 @@ def test_revert_refuses_a_version_without_down_script_found_under_the_lease(tmp_
 
 # --------------------------------------------------------------------------- session-level settings
 
-@pytest.mark.parametrize("files,needle", [
-    ({"0001_a.sql": "SET search_path = app, public;\nCREATE TABLE t (i int);"},
-     "0001_a.sql line 1: a session-level SET search_path outlives the migration's transaction"),
-    ({"0001_a.sql": "CREATE TABLE t (i int);\n\n  SET SESSION statement_timeout = '1s';"},
-     "0001_a.sql line 3: a session-level SET SESSION"),
-    ({"0001_a.sql": "SET ROLE app_owner;"}, "line 1: a session-level SET ROLE"),
-    ({"0001_a.sql": "SELECT 1;\nRESET ALL;"}, "line 2: a session-level RESET ALL"),
-    ({"0001_a.sql": "SELECT 1;\nSELECT pg_catalog.set_config('search_path', 'x, y', false);"},
-     "line 2: set_config(name, value, false) changes the session"),
-    ({"0001_a.sql": "SELECT 1;", "0001_a.down.sql": "SET search_path = x;\nDROP TABLE t;"},
-     "0001_a.down.sql line 1: a session-level SET search_path"),
-    ({"0001_a.sql": "-- ledger:no-transaction\nSET LOCAL maintenance_work_mem = '1GB';\nVACUUM;"},
-     "0001_a.sql line 2: SET LOCAL has no effect in a '-- ledger:no-transaction' file"),
-])
-def test_a_session_level_setting_is_refused_when_the_set_is_read(tmp_path, files, needle):
-    d = write_set(tmp_path / "m", files)
-    with pytest.raises(LedgerError) as exc:
-        load(d)
-    assert needle in exc.value.msg
-    assert "SET LOCAL" in exc.value.msg and exc.value.fields["line"] == int(needle.split("line ")[1].split(":")[0])
-
 
 def test_transaction_scoped_settings_are_accepted(tmp_path, empty_db):
     d = write_set(tmp_path / "m", {
@@ -557,14 +400,6 @@ def test_transaction_scoped_settings_are_accepted(tmp_path, empty_db):
     assert [a["version"] for a in res["applied"]] == ["0001", "0002", "0003"]
     # SET LOCAL / set_config(..., true) ended with 0001's transaction.
     assert q(empty_db, "SELECT sp, coalesce(x, '') FROM seen") == [('"$user", public', "")]
-
-
-def test_lock_wait_defaults_to_lock_ttl_plus_30_seconds():
-    """A re-run started right after a killed run must outwait the dead run's lease (at most lock_ttl)."""
-    assert run_settings({})["lock_wait"] == 90.0
-    assert run_settings({"lock_ttl": 10})["lock_wait"] == 40.0
-    assert run_settings({"lock_ttl": 10, "lock_wait": 3})["lock_wait"] == 3.0
-    assert engine.Lease("postgresql://x@h/d", None, "r", ttl=20).wait == 50.0
 
 
 # --------------------------------------------------------------------------- non-transactional migrations

@@ -20,7 +20,8 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import create_records
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
 
-from test_engine import events, history, load, one, q, write_set
+from ledgertest import load, write_set
+from test_engine import events, history, one, q
 
 TESTS = Path(__file__).resolve().parent
 
@@ -39,7 +40,7 @@ SET_WITH_INDEX = {
 
 @pytest.fixture(scope="module")
 def bouncer(pg_cluster, tmp_path_factory):
-    sys.path.insert(0, str(TESTS.parent / "scripts"))
+    sys.path.insert(0, str(TESTS.parents[1] / "scripts"))
     import pgbouncer_ctl
 
     try:

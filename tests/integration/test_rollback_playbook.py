@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from pghelpers import history, q
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MIGRATIONS = ROOT / "files" / "migrations"
 PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 FAILING_0012 = "-- 0012: fails at apply time, on purpose\nCREATE TABLE public.rb_probe (id int);\nSELECT 1 / 0;\n"

@@ -19,7 +19,7 @@ import psycopg2
 import pytest
 from ansible.module_utils.testing import patch_module_args
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ledger_verify = importlib.import_module("ansible_collections.arrakis.ledger.plugins.modules.ledger_verify")
 
 

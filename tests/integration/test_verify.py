@@ -23,7 +23,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_schem
     KNOWN_VERSIONS, jwks_kid, webhook_event_ids)
 from conftest import apply_sql_files
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ledger_verify = importlib.import_module("ansible_collections.arrakis.ledger.plugins.modules.ledger_verify")
 
 LEDGER_TABLES = ["credit_lots", "lot_entries", "webhook_events", "crypto_payments", "usage_events",

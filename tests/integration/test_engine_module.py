@@ -14,9 +14,13 @@ import pytest
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
 
-from test_engine import BASIC, events, history, one, write_set
+from ledgertest import BASIC, write_set
+from test_engine import events, history, one
 
-ROOT = Path(__file__).resolve().parent.parent
+
+
+
+ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".venv" / "bin"
 
 
@@ -90,35 +94,6 @@ def test_module_apply_status_and_record_rehearsal(tmp_path, empty_db):
     rev = _run(FakeModule(database_url=empty_db, migrations_dir=str(d), action="revert",
                           revert_to="0002"))
     assert [r["version"] for r in rev["reverted"]] == ["0003"] and history(empty_db) == ["0001", "0002"]
-
-
-def test_a_failed_apply_or_revert_reports_changed_when_it_did_part_of_its_work():
-    changed = ledger_migrate.failure_changed
-    assert changed("apply", False, {"applied": ["0003"]}) is True
-    assert changed("apply", False, {"applied": [], "statements_applied": [3]}) is True  # a half-run no-tx file
-    assert changed("apply", False, {"applied": []}) is False
-    assert changed("apply", True, {"applied": ["0003"]}) is False  # check mode never changes anything
-    assert changed("revert", False, {"reverted": ["0003"]}) is True
-    # status reports the history rows as `applied`: a status failure (drift) changed nothing.
-    assert changed("status", False, {"applied": [{"version": "0001"}]}) is False
-
-
-def test_the_role_and_module_default_lock_wait_outlasts_the_lease_ttl():
-    import jinja2
-    import yaml
-
-    defaults = yaml.safe_load((ROOT / "roles" / "migrate" / "defaults" / "main.yml").read_text())
-    rendered = jinja2.Template(defaults["migrate_lock_wait"]).render(migrate_lock_ttl=defaults["migrate_lock_ttl"])
-    assert float(rendered) == 90.0
-    assert float(jinja2.Template(defaults["migrate_lock_wait"]).render(migrate_lock_ttl=5)) == 35.0
-    assert defaults["migrate_direct_url"] == ""
-    assert "default" not in ledger_migrate_spec()["lock_wait"]  # so the engine computes lock_ttl + 30
-
-
-def ledger_migrate_spec():
-    import yaml
-
-    return yaml.safe_load(ledger_migrate.DOCUMENTATION)["options"]
 
 
 # --------------------------------------------------------------------------- ansible-playbook

@@ -16,7 +16,7 @@ import psycopg2
 
 from test_precheck import MIGRATIONS, _record_applied, events, schema_exists
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 
 
