@@ -24,7 +24,7 @@ help:
 	@echo "make test          lint, pytest and molecule test --all"
 	@echo "make setup         only the virtualenv and the collections"
 	@echo "make sandbox       start the sandbox (SANDBOX_PORT=$(SANDBOX_PORT)); make sandbox-stop stops it"
-	@echo "make lint          ansible-lint (production), yamllint, squawk"
+	@echo "make lint          ansible-lint (production), yamllint, squawk, ansible-test sanity"
 	@echo "make bench         benchmarks (BENCH_ARGS='--sizes 0,1.5')"
 
 setup: $(VENV)/.installed .collections/.installed collection-link
@@ -67,6 +67,7 @@ lint: setup collection
 	$(BIN)/squawk $$(ls files/migrations/[0-9][0-9][0-9][0-9]_*.sql | grep -v '\.down\.sql$$')
 	$(BIN)/python scripts/check_ee.py --fetch
 	$(BIN)/python scripts/check_ee.py --fetch --self-test
+	$(BIN)/python scripts/sanity.py
 
 pytest: setup
 	@$(PYTHON) scripts/pgbouncer_ctl.py install || echo "note: without pgbouncer, the PgBouncer tests are skipped (CI fails them)"

@@ -205,6 +205,30 @@ class libpq_env(object):  # noqa: N801 - used as a context manager, reads like a
         return False
 
 
+def run_tool(argv, env, while_running=None):
+    """(exit status, redacted stderr) of a PostgreSQL tool run with env (libpq_env's), from "/".
+
+    while_running() is called once the process has started (the backup counts rows in the dump's
+    snapshot meanwhile); if anything goes wrong before the tool ends, the tool is killed.
+    """
+    errlog = tempfile.TemporaryFile(mode="w+")
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errlog, env=env, cwd="/")
+        try:
+            if while_running is not None:
+                while_running()
+            rc = proc.wait()
+        except BaseException:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
+        errlog.seek(0)
+        return rc, redact(errlog.read().strip())
+    finally:
+        errlog.close()
+
+
 # --------------------------------------------------------------------------- integrity
 
 def _sha256_file(path, chunk=1024 * 1024):

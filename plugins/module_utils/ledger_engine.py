@@ -98,25 +98,33 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_runner impor
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import rehearsal_form
 
 # The rest of the public API lives in the engine's parts; callers import it from here.
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_migration_set import (  # noqa: F401
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_migration_set import (
     load_migration_set,
     parse_filename,
 )
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import (  # noqa: F401
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import (
     Lease,
     read_history,
     status,
 )
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_rehearsal import (  # noqa: F401
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_rehearsal import (
     format_rehearsal,
     rehearse,
 )
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_revert import revert  # noqa: F401
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_runner import connection_route  # noqa: F401
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import (  # noqa: F401
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_revert import revert
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_runner import connection_route
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import (
     SqlSyntaxError,
     split_sql,
 )
+
+
+# The public API (see the docstring): what callers import from here.
+__all__ = [
+    "LedgerError", "Lease", "SqlSyntaxError", "accept_checksum", "apply", "baseline", "connection_route",
+    "format_rehearsal", "inspect", "load_migration_set", "nontx_route_problem", "parse_filename", "plan_problems",
+    "read_history", "rehearsal_form", "rehearse", "revert", "split_sql", "status",
+]
 
 
 # =========================================================================== apply
@@ -360,7 +368,7 @@ def _apply_nontx(r, m):
                                             for i in invalid_indexes(r.conn))
                     raise StepFailed(one_line(pg_error(exc)), stmt, lost=lost, no_retry=left)
             try:
-                _, attempts = r.with_retries("apply", m.version, m.filename, once)
+                _unused, attempts = r.with_retries("apply", m.version, m.filename, once)
             except StepFailed as exc:
                 if exc.lost:
                     r.reconnect()

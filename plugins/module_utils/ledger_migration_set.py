@@ -16,10 +16,6 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
     LedgerError,
 )
 
-try:
-    import psycopg2
-except ImportError:  # pragma: no cover - connect() reports it
-    psycopg2 = None
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import (
     SqlSyntaxError,
@@ -297,12 +293,12 @@ def load_migration_set(directory):
             if dname != name:
                 raise LedgerError("%s does not match its up migration %s (same NNNN_name expected)"
                                   % (dfilename, filename), file=dfilename)
-            _, _, dtx, dstatements = _parse_file(dpath, dfilename)
+            _unused, _unused, dtx, dstatements = _parse_file(dpath, dfilename)
             mig.down_path, mig.down_filename, mig.down_transactional, mig.down_statements = \
                 dpath, dfilename, dtx, dstatements
         migrations.append(mig)
     orphans = {}
     for version, (dname, dpath, dfilename) in downs.items():
-        _, _, dtx, dstatements = _parse_file(dpath, dfilename)
+        _unused, _unused, dtx, dstatements = _parse_file(dpath, dfilename)
         orphans[version] = DownScript(version, dname, dfilename, dpath, dtx, dstatements)
     return MigrationSet(migrations, directory=directory, orphan_downs=orphans)

@@ -16,10 +16,6 @@ except ImportError as _exc:  # the engine ships with the migrate stage
     ledger_engine = None
     ENGINE_IMPORT_ERROR = _exc
 
-try:
-    import psycopg2
-except ImportError:  # pragma: no cover - reported by connect()
-    psycopg2 = None
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_precheck_server import (
     check,

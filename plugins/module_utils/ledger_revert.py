@@ -15,10 +15,6 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
     log_event,
 )
 
-try:
-    import psycopg2
-except ImportError:  # pragma: no cover - connect() reports it
-    psycopg2 = None
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_migration_set import VERSION_RE
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import drift_of, elapsed_ms, read_history
@@ -93,19 +89,19 @@ def revert(url, migrations, to_version, run_id=None, advice=None, check=False, l
         steps = _revert_refusals(r, applied, migrations, to_version, check)
         base = {"changed": False, "reverted": [], "version_before": r.version_before,
                 "version_after": r.version_before, "run_id": r.run_id, "target": r.target,
-                "to_version": str(to_version), "plan": [v for v, _, _ in steps]}
+                "to_version": str(to_version), "plan": [v for v, _unused, _unused in steps]}
         if not steps:
             base["msg"] = "%s is at %s: nothing to revert down to %s" % (r.target, r.version_before or "no version",
                                                                          to_version)
             return base
         if check:
-            pseudo = [_DownAsMigration(v, d) for v, _, d in steps]
+            pseudo = [_DownAsMigration(v, d) for v, _unused, d in steps]
             results = rehearse(url, pseudo, lock_timeout=s["lock_timeout"], statement_timeout=s["statement_timeout"],
                                lock_retries=s["lock_retries"], retry_backoff=s["retry_backoff"], conn=r.conn)
             base.update({"changed": True, "rehearsal": results,
                          "version_after": _floor_version(applied, to_version)})
             failed = [x for x in results if x["status"] == "would_fail"]
-            base["msg"] = "would revert %s on %s: %s" % (", ".join(v for v, _, _ in steps), r.target,
+            base["msg"] = "would revert %s on %s: %s" % (", ".join(v for v, _unused, _unused in steps), r.target,
                                                          "; ".join(format_rehearsal(results)))
             if failed:
                 f = failed[0]
@@ -125,7 +121,7 @@ def revert(url, migrations, to_version, run_id=None, advice=None, check=False, l
             r.done.append(_revert_one(r, version, row, _with_before(down, version, before_down)))
         base.update({"changed": bool(r.done), "reverted": r.done, "version_before": r.version_before,
                      "version_after": _floor_version(applied, to_version), "duration_ms": elapsed_ms(t0),
-                     "plan": [v for v, _, _ in steps]})
+                     "plan": [v for v, _unused, _unused in steps]})
         if r.done:
             base["msg"] = "reverted %s on %s (now at %s)" % (", ".join(d["version"] for d in r.done), r.target,
                                                              base["version_after"] or "no version")
@@ -152,7 +148,7 @@ def _revert_refusals(r, applied, migrations, to_version, check, under_lease=Fals
         if not check and applied:
             r.event("revert", "refused", None, None, {"missing_down": missing, "to_version": str(to_version)})
         raise LedgerError(msg, target=r.target, missing_down=missing, next_command=nxt, reverted=[])
-    plan_versions = set(v for v, _, _ in steps)
+    plan_versions = set(v for v, _unused, _unused in steps)
     drift = [d for d in drift_of(applied, migrations or [])
              if d["version"] in plan_versions and d["kind"] in ("edited", "renamed")]
     if drift:
@@ -165,7 +161,7 @@ def _revert_refusals(r, applied, migrations, to_version, check, under_lease=Fals
         if not check and applied:
             r.event("revert", "refused", None, None, {"drift": drift, "to_version": str(to_version)})
         raise LedgerError(msg, target=r.target, drift=drift, next_command=nxt, reverted=[])
-    r.check_nontx_route([(v, d[1]) for v, _, d in steps if not d[2]], records=bool(applied) and not check)
+    r.check_nontx_route([(v, d[1]) for v, _unused, d in steps if not d[2]], records=bool(applied) and not check)
     return steps
 
 

@@ -101,7 +101,7 @@ def _create_like(cur, new_db, props):
                 sql.SQL(a["privilege"]), ident, grantee,
                 sql.SQL(" WITH GRANT OPTION" if a["grantable"] else "")))
     for s in props["settings"]:
-        name, _, value = s["setting"].partition("=")
+        name, _unused, value = s["setting"].partition("=")
         val = sql.SQL(value) if name.lower() in _LIST_GUCS else sql.Literal(value)
         if s["role"] is None:
             cur.execute(sql.SQL("ALTER DATABASE {} SET {} TO {}").format(ident, sql.Identifier(name), val))
@@ -498,7 +498,7 @@ def _check_copy(copy_url, manifest, bindir, path, p):
                     ", ".join(applied) or "empty", ", ".join(manifest["applied"]) or "empty"))
             if manifest.get("row_counts"):
                 for table, rows in sorted(manifest["row_counts"].items()):
-                    schema, _, name = table.partition(".")
+                    schema, _unused, name = table.partition(".")
                     cur.execute("SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema, name).as_string(cur),))
                     if not cur.fetchone()[0]:
                         problems.append("%s missing (the manifest counts %s rows)" % (table, rows))

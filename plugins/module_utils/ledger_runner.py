@@ -76,7 +76,7 @@ def run_settings(kw):
             s[k] = v
     s["lock_timeout_sql"], s["lock_timeout_s"] = parse_duration(s["lock_timeout"], "lock_timeout")
     s["statement_timeout_sql"], s["statement_timeout_s"] = parse_duration(s["statement_timeout"], "statement_timeout")
-    s["connection_check_sql"], _ = parse_duration(s["connection_check"], "connection_check")
+    s["connection_check_sql"], _unused = parse_duration(s["connection_check"], "connection_check")
     s["lock_retries"] = max(0, int(s["lock_retries"]))
     if s["lock_wait"] is None:
         s["lock_wait"] = float(s["lock_ttl"]) + LOCK_WAIT_MARGIN
@@ -329,7 +329,7 @@ class Runner(object):
         """
         if not files:
             return
-        names = ", ".join(f for _, f in files)
+        names = ", ".join(f for _unused, f in files)
         if self.direct_url:
             if self.direct_checked:
                 return
@@ -375,7 +375,7 @@ class Runner(object):
         if records:
             self.event(self.action, "refused", None, None,
                        {"problems": ["no-transaction file(s) through a pooler: %s" % names], "route": rt})
-        raise LedgerError(msg, target=self.target, route=rt, nontx_files=[f for _, f in files],
+        raise LedgerError(msg, target=self.target, route=rt, nontx_files=[f for _unused, f in files],
                           next_command=nxt, applied=[d["version"] for d in self.done])
 
     def nontx_conn(self):

@@ -14,12 +14,6 @@ import bisect
 import re
 
 
-try:
-    import psycopg2
-except ImportError:  # pragma: no cover - connect() reports it
-    psycopg2 = None
-
-
 # =========================================================================== SQL splitting
 
 class SqlSyntaxError(ValueError):

@@ -76,7 +76,7 @@ class Target(object):
         self.params = params
         self.host = params.get("host") or "localhost"
         try:
-            self.port = int(str(params.get("port") or DEFAULT_PORT).split(",")[0])
+            self.port = int(str(params.get("port") or DEFAULT_PORT).split(",", maxsplit=1)[0])
         except ValueError:
             raise LedgerError("database_url is malformed: its port is not a number; the URL is not shown; %s"
                               % ENCODE_ADVICE)

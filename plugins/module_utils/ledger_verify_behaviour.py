@@ -228,7 +228,7 @@ class Behaviour:
                     self.as_app()
                     self.context(tenant)
                     keys = []
-                    for query, _ in inserts[rel]:
+                    for query, _unused in inserts[rel]:
                         self.cur.execute(query, {"t": self.tenants[tenant], "amount": amounts[tenant],
                                                  "pid": "verify-%s-%s-%s" % (m, tenant, short(rel))})
                         keys.append(str(self.cur.fetchone()[0]))
@@ -561,7 +561,7 @@ class Behaviour:
             self.context(None)
             event = webhook_event_ids(self.marker)[1]
             counts = []
-            for _ in range(2):
+            for _unused in range(2):
                 self.cur.execute("INSERT INTO public.webhook_events (provider, event_id, payload)"
                                  " VALUES ('nowpayments', %s, '{}') ON CONFLICT (provider, event_id) DO NOTHING",
                                  (event,))

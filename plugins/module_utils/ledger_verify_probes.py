@@ -9,19 +9,18 @@ import base64
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 
+from ansible.module_utils.urls import ConnectionError as UrlsConnectionError
+from ansible.module_utils.urls import open_url
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
     LedgerError, connect,
 )
 
 try:
     import psycopg2
-    import psycopg2.sql as pgsql
 except ImportError:  # pragma: no cover - reported by connect()
     psycopg2 = None
-    pgsql = None
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_schema import (
     TENANT_TABLES,
@@ -47,7 +46,7 @@ def leak_check(url, rep, attempts, connect_timeout, app_schema):
     try:
         ca, cb = a.cursor(), b.cursor()
         pids = []
-        for _ in range(max(1, attempts)):
+        for _unused in range(max(1, attempts)):
             tenant = str(uuid.uuid4())
             ca.execute("SELECT pg_backend_pid()")
             pid_a = ca.fetchone()[0]
@@ -132,20 +131,23 @@ def http_get(url, timeout):
         headers["Authorization"] = "Basic " + base64.b64encode(creds.encode("utf-8")).decode("ascii")
         netloc = parts.netloc.rsplit("@", 1)[1]
         url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    req = urllib.request.Request(url, headers=headers)
     start = time.monotonic()
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - operator-given URL
-            body = resp.read(2000000)
-            return resp.status, body, time.monotonic() - start
+        resp = open_url(url, headers=headers, timeout=timeout, method="GET")
+        try:
+            return resp.status, resp.read(2000000), time.monotonic() - start
+        finally:
+            resp.close()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(2000) if exc.fp else b"", time.monotonic() - start
+    except UrlsConnectionError as exc:  # TLS validation and the like: "no answer", as urllib's own errors
+        raise urllib.error.URLError(str(exc))
 
 
 def check_health(rep, url, timeout):
     name = "health"
     try:
-        status, _, took = http_get(url, timeout)
+        status, _unused, took = http_get(url, timeout)
     except (urllib.error.URLError, socket.timeout, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         return rep.add("http", name, _safe_url(url), False, "no answer within %gs: %s" % (timeout, reason),

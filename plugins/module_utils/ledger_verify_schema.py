@@ -11,10 +11,8 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
 
 try:
     import psycopg2
-    import psycopg2.sql as pgsql
 except ImportError:  # pragma: no cover - reported by connect()
     psycopg2 = None
-    pgsql = None
 
 
 # --------------------------------------------------------------------------- what the migrations create

@@ -4,13 +4,6 @@
 from __future__ import annotations
 
 
-try:
-    import psycopg2
-    import psycopg2.sql as pgsql
-except ImportError:  # pragma: no cover - reported by connect()
-    psycopg2 = None
-    pgsql = None
-
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_schema import (
     APPEND_ONLY,
     APP_EXECUTE,
@@ -46,7 +39,7 @@ def _rel_info(cur, rel):
 
 def _truthy_option(options, name):
     for opt in options or []:
-        key, _, value = opt.partition("=")
+        key, _unused, value = opt.partition("=")
         if key == name:
             return value.lower() in ("true", "on", "1", "yes")
     return False
@@ -113,7 +106,7 @@ def _privileges(cur, role, rel):
 
 def _search_path_entries(proconfig):
     for item in proconfig or []:
-        key, _, value = item.partition("=")
+        key, _unused, value = item.partition("=")
         if key == "search_path":
             return [e.strip().strip('"') for e in value.split(",") if e.strip()]
     return None

@@ -1,5 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
+# Copyright: Arrakis platform team
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Runbook step 1: a verified pg_dump of the target, with its manifest."""
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ options:
   progress_interval: {description: Seconds between progress lines (used by plugins/action/ledger_backup.py)., type: float, default: 10}
   rerun_command: {description: What the operator runs after fixing a failure (shown in the message)., type: str}
   connect_timeout: {description: Seconds to wait for a connection., type: int, default: 10}
-author: ledger-migrations
+author: Arrakis platform team (@arrakis-platform)
 """
 
 EXAMPLES = r"""
@@ -67,7 +69,6 @@ removed: {description: Backups removed by retention., type: list, returned: succ
 
 import os
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -78,6 +79,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
     redact_obj, url_with_database,
 )
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import (
+    run_tool,
     FORMAT_SUFFIX, MANIFEST_FORMAT, apply_retention, backup_basename, check_backup_dir, count_rows,
     ensure_backup_dir, find_bindir, full_read_check, human_bytes, libpq_env, path_size, server_identity,
     sha256_path, target_slug, tool_major, tool_version, utc_iso, utc_stamp, write_manifest,
@@ -272,7 +274,7 @@ def run_backup(params, check_mode=False):
                           sqlstate=err["sqlstate"], verified=False)
     slug = target_slug(url)
     stamp = utc_stamp()
-    backup_dir = os.path.abspath(os.path.expanduser(params["backup_dir"]))
+    backup_dir = os.path.abspath(params["backup_dir"])
     name = backup_basename(slug, facts["schema_version"], stamp) + FORMAT_SUFFIX[fmt]
     final_path = os.path.join(backup_dir, name)
     suffix = 2
@@ -352,28 +354,19 @@ def _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, 
         with libpq_env(url, connect_timeout) as (env, conninfo):
             progress.set("dumping")
             dump_started = time.time()
-            errlog = tempfile.TemporaryFile(mode="w+")
-            try:
-                proc = subprocess.Popen(cmd + ["--dbname=%s" % conninfo], stdout=subprocess.DEVNULL, stderr=errlog,
-                                        env=env, cwd="/")
-                count_err = None
-                try:
-                    if want_counts:
-                        try:
-                            with snap.cursor() as cur:
-                                source_counts = count_rows(cur)
-                        except psycopg2.Error as exc:
-                            count_err = pg_error(exc)
-                    rc = proc.wait()
-                except BaseException:
-                    if proc.poll() is None:
-                        proc.kill()
-                        proc.wait()
-                    raise
-                errlog.seek(0)
-                dump_err = redact(errlog.read().strip())
-            finally:
-                errlog.close()
+            count_err = None
+
+            def count_while_dumping():
+                """The row counts in the dump's snapshot, read while pg_dump runs."""
+                nonlocal source_counts, count_err
+                if want_counts:
+                    try:
+                        with snap.cursor() as cur:
+                            source_counts = count_rows(cur)
+                    except psycopg2.Error as exc:
+                        count_err = pg_error(exc)
+
+            rc, dump_err = run_tool(cmd + ["--dbname=%s" % conninfo], env, while_running=count_while_dumping)
             snap.rollback()
             snap.close()
             snap = None

@@ -1,5 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
+# Copyright: Arrakis platform team
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Ansible module: apply, rehearse, report, baseline, accept or revert the ledger migrations."""
 
 from __future__ import annotations
@@ -31,8 +33,7 @@ description:
     outlive the migration's transaction. Use C(SET LOCAL) or C(set_config(..., true)).
   - The engine lives in C(module_utils/ledger_engine.py); the migrate role's README describes every behaviour.
 version_added: "1.0.0"
-author:
-  - ledger-migrations project
+author: Arrakis platform team (@arrakis-platform)
 options:
   database_url:
     description:

@@ -1,5 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
+# Copyright: Arrakis platform team
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The runbook's pre-migration checklist, automated and stricter: every check in one call."""
 
 from __future__ import annotations
@@ -47,16 +49,16 @@ options:
   lock_schemas: {description: Schemas whose relations must have no queued lock waits., type: list, elements: str, default: [public, app, migrations]}
   lock_tables: {description: More relations (schema.table) to watch; the pending SQL's tables are added., type: list, elements: str, default: []}
   max_replication_lag: {description: Highest acceptable replay lag of a replica in seconds., type: float, default: 60}
-  backup_dir: {description: Where the backup goes (checked for space, writability and mode)., type: path}
+  backup_dir: {description: "Where the backup goes (checked for space, writability and mode).", type: path}
   backup_space_margin: {description: Free space needed as a multiple of the database size., type: float, default: 1.2}
   environment: {description: The environment (production requires a maintenance window)., type: str, default: unknown}
   maintenance_window_ack: {description: Explicit acknowledgement of the maintenance window., type: bool, default: false}
   maintenance_window: {description: "Window {start: 'HH:MM', end: 'HH:MM', days: [mon, ...], timezone: UTC}.", type: dict}
-  terminate_idle_minutes: {description: Opt-in remedy, terminate idle sessions older than this many minutes., type: float}
+  terminate_idle_minutes: {description: "Opt-in remedy: terminate idle sessions older than this many minutes.", type: float}
   run_id: {description: Run id for the event., type: str}
   rerun_command: {description: The command an operator runs after fixing a refusal., type: str}
   connect_timeout: {description: Seconds to wait for a connection., type: int, default: 10}
-author: ledger-migrations
+author: Arrakis platform team (@arrakis-platform)
 """
 
 EXAMPLES = r"""
@@ -76,7 +78,7 @@ failed_checks: {description: Names of the failed checks., type: list, returned: 
 pending: {description: Pending versions., type: list, returned: always}
 applied: {description: Applied versions., type: list, returned: always}
 schema_version: {description: Newest applied version (null when none)., type: str, returned: always}
-terminated: {description: Sessions ended by terminate_idle_minutes (or that would be, in check mode)., type: list, returned: always}
+terminated: {description: "Sessions ended by terminate_idle_minutes (or that would be, in check mode).", type: list, returned: always}
 """
 
 import time

@@ -1,5 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
+# Copyright: Arrakis platform team
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Record (staging) or check (production) the promotion stamp of a migration set."""
 
@@ -72,6 +74,27 @@ options:
     description: Accept a set without a stamp (check); logged as a promotion_override event.
     type: bool
     default: false
+author: Arrakis platform team (@arrakis-platform)
+"""
+
+EXAMPLES = r"""
+- name: Record the stamp of the set staging verified (after verify passed in this run)
+  arrakis.ledger.ledger_promotion:
+    state: record
+    database_url: "{{ database_url }}"
+    migrations_dir: "{{ migrations_dir }}"
+    stamp_dir: "{{ playbook_dir }}/../promotions"
+    run_id: "{{ ledger_run_id }}"
+    host: "{{ inventory_hostname }}"
+
+- name: Refuse a production migration whose set has no passing staging stamp
+  arrakis.ledger.ledger_promotion:
+    state: check
+    database_url: "{{ database_url }}"
+    migrations_dir: "{{ migrations_dir }}"
+    stamp_dir: "{{ playbook_dir }}/../promotions"
+    environment: production
+    run_id: "{{ ledger_run_id }}"
 """
 
 RETURN = r"""
@@ -82,7 +105,7 @@ stamp: {description: The stamp found (check) or recorded (record), type: dict, r
 stamp_file: {description: Path of the stamp file, type: str, returned: always}
 source: {description: "check: nothing_pending, file, staging_events or override", type: str, returned: state=check}
 override: {description: Whether the override was used, type: bool, returned: state=check}
-target: {description: This target, without its password, type: str, returned: always}
+target: {description: "This target, without its password.", type: str, returned: always}
 """
 
 import datetime

@@ -1,5 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
+# Copyright: Arrakis platform team
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The two ways back of the runbook: revert with the down scripts, or restore a verified backup."""
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ options:
   lock_timeout: {description: lock_timeout of each down script (and of the rehearsal)., type: str, default: 2s}
   statement_timeout: {description: statement_timeout of each down script (0 for none)., type: str, default: "0"}
   lock_retries: {description: Retries of a down script after a lock timeout (exponential back-off with jitter)., type: int, default: 3}
-  retry_backoff: {description: First back-off in seconds before a retry (doubled each time, with jitter)., type: float}
+  retry_backoff: {description: "First back-off in seconds before a retry (doubled each time, with jitter).", type: float}
   lock_wait: {description: Seconds to wait for another run's lease before failing., type: float}
   lock_ttl: {description: Seconds a lease lives without renewal (a killed run's lease expires after it)., type: float}
   direct_url:
@@ -75,7 +77,7 @@ options:
   run_id: {description: The run id recorded in the events., type: str}
   host_label: {description: How the operator names this target with -l (used in the next commands)., type: str}
   connect_timeout: {description: Seconds to wait for a connection., type: int, default: 10}
-author: ledger-migrations
+author: Arrakis platform team (@arrakis-platform)
 """
 
 EXAMPLES = r"""
@@ -100,7 +102,7 @@ to_revert: {description: "Versions that are (or would be) reverted, newest first
 reverted: {description: Versions reverted by this call (empty in check mode)., type: list, returned: revert run}
 missing_down: {description: Versions to revert that have no down script., type: list, returned: revert}
 data_at_risk: {description: "Tables and columns the down scripts would drop that hold rows: {version, table, column, rows}.", type: list, returned: revert}
-backup_needed: {description: Rows would be lost and the loss is allowed, so a verified backup must be taken first., type: bool, returned: revert}
+backup_needed: {description: "Rows would be lost and the loss is allowed: a verified backup must be taken first.", type: bool, returned: revert}
 rehearsal: {description: "The rehearsal of the down scripts: per version {version, ok, dropped_tables, dropped_columns}.", type: list, returned: revert}
 backup_file: {description: The backup restored (or that would be)., type: str, returned: restore}
 restored_database: {description: Name of the database after the swap (the target's name)., type: str, returned: restore}
@@ -117,10 +119,6 @@ blocking_sessions: {description: Sessions connected to the target (they block th
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module
 
-try:
-    import psycopg2
-except ImportError:  # pragma: no cover - reported by connect()
-    psycopg2 = None
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_rollback_plan import (
     ARGUMENT_SPEC,
     _defaults,

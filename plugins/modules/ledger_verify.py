@@ -1,5 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
+# Copyright: Arrakis platform team
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The runbook's post-migration checks and staging checklist, proven on the target itself."""
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ options:
   record_event: {description: Append a verify event to migrations.events on a real run., type: bool, default: true}
   limit: {description: The inventory limit used in the next-command hints., type: str, default: "<environment>"}
   connect_timeout: {description: Seconds to wait for a connection., type: int, default: 10}
-author: ledger-migrations
+author: Arrakis platform team (@arrakis-platform)
 """
 
 EXAMPLES = r"""
@@ -80,10 +82,8 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
 
 try:
     import psycopg2
-    import psycopg2.sql as pgsql
 except ImportError:  # pragma: no cover - reported by connect()
     psycopg2 = None
-    pgsql = None
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_behaviour import (
     Behaviour,
 )

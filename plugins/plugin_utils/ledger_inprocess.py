@@ -10,11 +10,15 @@ module with AnsiballZ and starting a new interpreter that imports ansible.module
 psycopg2 costs about 0.26 s; the module's work is often less. So when
   - the connection is local, without become, delegate_to or a task `environment`, not async, and
   - the task's ansible_python_interpreter resolves to this very Python (realpaths compared),
-the plugin imports ansible_collections.arrakis.ledger.plugins.modules.<name>, validates the arguments with ArgumentSpecValidator and the module's
-ARGUMENT_SPEC/SPEC_OPTIONS (the same errors as AnsibleModule), calls the module's
-result_of(params, check_mode) (what main() hands to exit_json/fail_json), removes every no_log
-value from the result as AnsibleModule does, and passes it through the module JSON encoder and
-decoder so callbacks see the same types. Anything else runs the real module (_execute_module).
+the plugin imports ansible_collections.arrakis.ledger.plugins.modules.<name>, validates the
+arguments with ArgumentSpecValidator and the module's ARGUMENT_SPEC/SPEC_OPTIONS (the same
+errors as AnsibleModule), calls the module's result_of(params, check_mode) (what main() hands to
+exit_json/fail_json: plain JSON types, redacted once by ledger_module.module_result) and removes
+every no_log value from it as AnsibleModule does (remove_values). Anything else runs the real
+module (_execute_module; ActionBase.cleanup() removes its temporary directory).
+
+Only public interfaces of ansible-core are used: ArgumentSpecValidator and its result's
+validated_parameters/errors, remove_values, and the ActionBase API of an action plugin.
 
 Each task runs in its own forked worker process (also with forks=25), and every module opens and
 closes its own connections and stops its threads before returning: nothing is shared between
@@ -24,18 +28,15 @@ tasks or hosts.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
-from ansible.module_utils.common.json import Direction, get_module_decoder, get_module_encoder
 from ansible.module_utils.common.parameters import remove_values
 from ansible.module_utils.errors import UnsupportedError
 from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
 from ansible.utils.vars import merge_hash
-from ansible.vars.clean import remove_internal_keys
 
 display = Display()
 
@@ -73,7 +74,7 @@ def validate(mod, name, args):
     """(params, no_log_values, error message or None): AnsibleModule's validation, without AnsibleModule."""
     validator = ArgumentSpecValidator(mod.ARGUMENT_SPEC, **getattr(mod, "SPEC_OPTIONS", {}))
     outcome = validator.validate(args)
-    no_log_values = set(outcome._no_log_values)
+    no_log_values = no_log_values_of(mod.ARGUMENT_SPEC, outcome.validated_parameters)
     try:
         error = outcome.errors[0]
     except IndexError:
@@ -86,17 +87,24 @@ def validate(mod, name, args):
     return outcome.validated_parameters, no_log_values, None
 
 
+def no_log_values_of(argument_spec, params):
+    """The values of the no_log options (what AnsibleModule masks), from the spec and the validated params."""
+    values = set()
+    for name, spec in argument_spec.items():
+        value = params.get(name)
+        if spec.get("no_log") and value not in (None, ""):
+            values.update(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return values
+
+
 def finish(result, params, no_log_values):
-    """What AnsibleModule.exit_json/fail_json print, then what _execute_module makes of it."""
+    """What AnsibleModule.exit_json/fail_json return: the invocation added, every no_log value masked."""
     result = dict(result)
     result.setdefault("invocation", {"module_args": params})
     preserved = dict((k, v) for k, v in result.items() if v is None or isinstance(v, bool))
     result = remove_values(result, no_log_values)
     result.update(preserved)
-    text = json.dumps(result, cls=get_module_encoder("legacy", Direction.MODULE_TO_CONTROLLER))
-    data = json.loads(text, cls=get_module_decoder("legacy", Direction.MODULE_TO_CONTROLLER))
-    remove_internal_keys(data)
-    return data
+    return result
 
 
 def call(name, args, check_mode, resolved_name=None):
@@ -106,7 +114,6 @@ def call(name, args, check_mode, resolved_name=None):
     AnsibleModule names in its argument errors.
     """
     mod = load_module(name)
-    args = json.loads(json.dumps(args, cls=get_module_encoder("legacy", Direction.CONTROLLER_TO_MODULE)))
     params, no_log_values, error = validate(mod, resolved_name or name, args)
     if error:
         result = {"failed": True, "msg": error}
@@ -160,19 +167,14 @@ class LedgerAction(ActionBase):
         args = dict(self._task.args)
         if self._task.async_val:
             wrap_async = not self._connection.has_native_async
-            result = merge_hash(result, self._execute_module(module_args=args, task_vars=task_vars,
-                                                             wrap_async=wrap_async))
-            if not wrap_async:
-                self._remove_tmp_path(self._connection._shell.tmpdir)
-            return result
+            return merge_hash(result, self._execute_module(module_args=args, task_vars=task_vars,
+                                                           wrap_async=wrap_async))
         why_not = self._in_process(task_vars)
         if why_not:
             display.vvv("%s: running the module (%s)" % (self.MODULE, why_not))
-            try:
-                return merge_hash(result, self.around(
-                    args, task_vars, lambda a: self._execute_module(module_args=a, task_vars=task_vars)))
-            finally:
-                self._remove_tmp_path(self._connection._shell.tmpdir)
+            return merge_hash(result, self.around(
+                args, task_vars, lambda a: self._execute_module(module_args=a, task_vars=task_vars)))
         display.vvv("%s: running the module in-process (local connection, controller's Python)" % self.MODULE)
         check_mode = bool(self._task.check_mode)
-        return merge_hash(result, self.around(args, task_vars, lambda a: call(self.MODULE, a, check_mode, self._task.resolved_action)))
+        return merge_hash(result, self.around(args, task_vars, lambda a: call(
+            self.MODULE, a, check_mode, self._task.resolved_action)))
