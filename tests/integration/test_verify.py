@@ -20,7 +20,7 @@ from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_probes import leftover_rows
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_schema import (
-    KNOWN_VERSIONS, jwks_kid, webhook_event_ids)
+    Expectations, jwks_kid, webhook_event_ids)
 from conftest import apply_sql_files
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -397,7 +397,7 @@ def test_proving_nothing_is_left_reads_no_table_in_full(pg_cluster, ledger_templ
 def test_leftover_check_finds_verifys_rows_by_tenant_and_key(ledger_db):
     """The proof is not vacuous: rows of verify's tenants or keys that survived are found and named."""
     tenant, other, marker = str(uuid.uuid4()), str(uuid.uuid4()), uuid.uuid4().hex[:12]
-    applied = list(KNOWN_VERSIONS)
+    applied = list(Expectations.load().known_versions)
     conn = psycopg2.connect(ledger_db)
     conn.autocommit = True
     try:
