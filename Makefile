@@ -17,17 +17,24 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # Keep ansible-lint/molecule caches inside the project, not in $HOME.
 export ANSIBLE_HOME := $(CURDIR)/.ansible
 
-.PHONY: help setup sandbox sandbox-stop migrate lint test pytest molecule bench clean
+.PHONY: help setup collection-link collection sandbox sandbox-stop migrate lint test pytest molecule bench clean
 
 help:
 	@echo "make migrate       set up, start the PostgreSQL 15 sandbox, run playbooks/migrate.yml -l local"
 	@echo "make test          lint, pytest and molecule test --all"
 	@echo "make setup         only the virtualenv and the collections"
 	@echo "make sandbox       start the sandbox (SANDBOX_PORT=$(SANDBOX_PORT)); make sandbox-stop stops it"
-	@echo "make lint          ansible-lint (production), yamllint, squawk"
+	@echo "make lint          ansible-lint (production), yamllint, squawk, ansible-test sanity"
 	@echo "make bench         benchmarks (BENCH_ARGS='--sizes 0,1.5')"
 
-setup: $(VENV)/.installed .collections/.installed
+setup: $(VENV)/.installed .collections/.installed collection-link
+
+# The checkout is the collection arrakis.ledger: Ansible (and pytest) find it by FQCN
+# through this link, the same path an installed artifact has.
+COLLECTION_LINK := .collections/ansible_collections/arrakis/ledger
+collection-link:
+	@mkdir -p $(dir $(COLLECTION_LINK))
+	@test "$$(readlink $(COLLECTION_LINK) 2>/dev/null)" = ../../.. || ln -sfn ../../.. $(COLLECTION_LINK)
 
 # Re-running is fast: both steps are skipped while their inputs are unchanged.
 $(VENV)/.installed: requirements.txt constraints.txt
@@ -40,6 +47,11 @@ $(VENV)/.installed: requirements.txt constraints.txt
 	$(BIN)/python scripts/install_collections.py requirements.yml .collections
 	@touch $@
 
+# The artifact another team installs (and the execution environment bundles): dist/arrakis-ledger-<version>.tar.gz.
+collection: setup
+	@rm -f dist/arrakis-ledger-*.tar.gz
+	$(BIN)/ansible-galaxy collection build --output-path dist .
+
 sandbox:
 	@$(PYTHON) scripts/pgcluster.py start --dir $(SANDBOX_DIR) --port $(SANDBOX_PORT)
 
@@ -49,12 +61,13 @@ sandbox-stop:
 migrate: setup sandbox
 	$(BIN)/ansible-playbook playbooks/migrate.yml -l local
 
-lint: setup
+lint: setup collection
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint --offline
 	$(BIN)/squawk $$(ls files/migrations/[0-9][0-9][0-9][0-9]_*.sql | grep -v '\.down\.sql$$')
 	$(BIN)/python scripts/check_ee.py --fetch
 	$(BIN)/python scripts/check_ee.py --fetch --self-test
+	$(BIN)/python scripts/sanity.py
 
 pytest: setup
 	@$(PYTHON) scripts/pgbouncer_ctl.py install || echo "note: without pgbouncer, the PgBouncer tests are skipped (CI fails them)"

@@ -8,8 +8,8 @@ Three layers, each refusing with a message that names the key and what is wrong:
    ansible-builder does beyond the schema (dependency files exist, the base image has
    a tag, additional_build_files destinations are relative);
 2. this project's rules: the EE pins the same ansible-core and psycopg2 as
-   requirements.txt, takes its collections from requirements.yml, and installs a
-   PostgreSQL client;
+   requirements.txt, takes its collections from requirements.yml, installs the built
+   arrakis.ledger artifact, and installs a PostgreSQL client;
 3. ansible-builder's own code, when it is importable: `UserDefinition.validate()`
    and `ansible-builder create` (which writes the build context and Containerfile
    without any container engine) into a temporary directory. ansible-builder is not
@@ -179,6 +179,11 @@ def check_project(ee: dict, base: Path) -> list[str]:
     galaxy = deps.get("galaxy")
     if not (isinstance(galaxy, str) and (base / galaxy).resolve() == (ROOT / "requirements.yml").resolve()):
         errors.append(f"dependencies.galaxy: must be this project's requirements.yml, found {galaxy!r}")
+    files = [f.get("src", "") for f in ee.get("additional_build_files", []) if isinstance(f, dict)]
+    final = "\n".join(ee.get("additional_build_steps", {}).get("append_final", []) or [])
+    if "dist/arrakis-ledger-*.tar.gz" not in files or "ansible-galaxy collection install" not in final:
+        errors.append("additional_build_files/append_final: the EE must install the built collection "
+                      "(dist/arrakis-ledger-*.tar.gz from `make collection`) with ansible-galaxy collection install")
     system = deps.get("system")
     system_text = "\n".join(system) if isinstance(system, list) else (system or "")
     if not re.search(r"^\s*postgresql(-client)?\s*\[[^\]]*platform:rpm", system_text, re.M):

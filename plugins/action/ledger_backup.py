@@ -14,28 +14,17 @@ Short dumps print nothing; neither do check mode and remote connections.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
 
 from ansible.utils.display import Display
 
+from ansible_collections.arrakis.ledger.plugins.plugin_utils.ledger_inprocess import LOCAL_TRANSPORTS, LedgerAction
+
 display = Display()
-
-
-def _base():
-    name = "ansible_ledger_inprocess"
-    if name not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ledger_inprocess.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
 def _human(num):
@@ -65,12 +54,12 @@ def progress_line(host, progress_file, elapsed):
     return "  [%s] backup: %s, %s, %d s" % (host, phase, detail, elapsed)
 
 
-class ActionModule(_base().LedgerAction):
+class ActionModule(LedgerAction):
 
     MODULE = "ledger_backup"
 
     def around(self, args, task_vars, execute):
-        if self._task.check_mode or self._connection.transport not in _base().LOCAL_TRANSPORTS:
+        if self._task.check_mode or self._connection.transport not in LOCAL_TRANSPORTS:
             return execute(args)
         try:
             interval = float(args.get("progress_interval") or 10)

@@ -6,22 +6,9 @@ See plugins/action/ledger_inprocess.py for when and how the module runs in the w
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
+from ansible_collections.arrakis.ledger.plugins.plugin_utils.ledger_inprocess import LedgerAction
 
 
-def _base():
-    name = "ansible_ledger_inprocess"
-    if name not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ledger_inprocess.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-class ActionModule(_base().LedgerAction):
+class ActionModule(LedgerAction):
 
     MODULE = "ledger_verify"

@@ -38,19 +38,19 @@ requirements:
 """
 
 import datetime
-import importlib.util
 import json
 import os
-import sys
 import time
-from urllib.parse import quote, unquote, urlsplit
 
 from ansible import constants as C
 from ansible import context
 from ansible.plugins.callback import CallbackBase
 
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_common
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import secrets_of
+from ansible_collections.arrakis.ledger.plugins.plugin_utils.ledger_report_markdown import render_markdown
+
 STAGES = ("precheck", "backup", "migrate", "verify", "rollback", "promotion")
-SUMMARY_KEYS = ("done", "failed", "interrupted", "untouched")
 # Keys of our modules' results worth keeping in a report (everything else is noise).
 KEEP_KEYS = (
     "msg", "changed", "target", "run_id", "environment", "sqlstate", "file", "line", "version", "position",
@@ -61,22 +61,6 @@ KEEP_KEYS = (
     "stamp", "stamp_file", "set_checksum", "override", "refused", "taken", "duration_ms", "elapsed",
 )
 FAILURE_KEYS = ("msg", "sqlstate", "file", "line", "version", "hint", "detail", "next_command", "failed_checks")
-
-
-def _load_ledger_common():
-    """Import plugins/module_utils/ledger_common.py by path (one redaction for the whole project)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils", "ledger_common.py")
-    name = "_ledger_report_ledger_common"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    sys.modules[name] = mod
-    return mod
-
-
-ledger_common = _load_ledger_common()
 
 
 def _now():
@@ -111,20 +95,6 @@ def task_stage(task):
         parents = getattr(role, "_parents", None) or []
         role = parents[0] if parents else None
     return None
-
-
-def password_of(url):
-    """The password in a libpq URI, or None."""
-    try:
-        parts = urlsplit(str(url))
-    except ValueError:
-        return None
-    if parts.scheme not in ("postgres", "postgresql"):
-        return None
-    try:
-        return parts.password
-    except ValueError:
-        return None
 
 
 class CallbackModule(CallbackBase):
@@ -312,14 +282,14 @@ class CallbackModule(CallbackBase):
     def _collect(self, play):
         """Find every password the report must not contain, the targets' names and report_dir."""
         env_url = os.environ.get("DATABASE_URL")
-        self._add_secret(password_of(env_url))
+        self._add_secrets(env_url)
         report_dir = None
         hosts = list(self.expected) or list(self.targets)
         for host in hosts:
             values = self._host_vars(play, host, ["*_url", "database_url", "ledger_environment", "report_dir"])
             for key, value in values.items():
                 if key.endswith("_url") and isinstance(value, str):
-                    self._add_secret(password_of(value))
+                    self._add_secrets(value)
             rec = self.targets.get(host)
             if rec is not None:
                 if not rec["target"] and isinstance(values.get("database_url"), str):
@@ -335,11 +305,9 @@ class CallbackModule(CallbackBase):
                 report_dir = None
         return report_dir or os.environ.get("LEDGER_REPORT_DIR") or None
 
-    def _add_secret(self, password):
-        if password and len(password) >= 3:
-            self.secrets.add(password)
-            self.secrets.add(unquote(password))
-            self.secrets.add(quote(unquote(password), safe=""))
+    def _add_secrets(self, url):
+        """The password of a database URL, in every form text may hold it (ledger_target.secrets_of)."""
+        self.secrets.update(s for s in secrets_of(url) if len(s) >= 3)
 
     def _clean(self, obj):
         """Redact URLs and password pairs, then every known password verbatim."""
@@ -561,90 +529,3 @@ class CallbackModule(CallbackBase):
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-
-
-# ---------------------------------------------------------------------- Markdown
-
-def _cell(value):
-    text = "" if value is None else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(report):
-    lines = []
-    mode = " (--check rehearsal: nothing was changed)" if report.get("check_mode") else ""
-    lines.append("# Migration run %s%s" % (report["run_id"], mode))
-    lines.append("")
-    lines.append("- Playbook: `%s`" % (report.get("playbook") or "?"))
-    lines.append("- Limit: `%s`" % (report.get("limit") or ""))
-    lines.append("- Status: **%s**" % report["status"])
-    lines.append("- Started %s, ended %s (%.1f s)" % (report["started_at"], report["ended_at"], report["duration_s"]))
-    lines.append("")
-    lines.append("## Summary")
-    lines.append("")
-    lines.append("| outcome | targets |")
-    lines.append("|---|---|")
-    for key in SUMMARY_KEYS:
-        hosts = report["summary"][key]
-        lines.append("| %s (%d) | %s |" % (key, len(hosts), _cell(", ".join(hosts))))
-    lines.append("")
-    if report.get("batches"):
-        lines.append("Batches (canary first): " + "; ".join(
-            "%d: %s" % (i + 1, ", ".join(b)) for i, b in enumerate(report["batches"])))
-        lines.append("")
-    for host, tgt in report["targets"].items():
-        lines.append("## %s: %s" % (host, tgt["outcome"]))
-        lines.append("")
-        if tgt.get("target"):
-            lines.append("- Target: `%s`%s" % (tgt["target"], (" (%s)" % tgt["environment"]) if tgt.get("environment") else ""))
-        if tgt.get("batch"):
-            lines.append("- Batch: %s" % tgt["batch"])
-        if tgt["outcome"] == "untouched":
-            lines.append("- Not reached: no stage ran on this target (the run stopped before its batch).")
-            lines.append("")
-            continue
-        if tgt.get("stages"):
-            lines.append("")
-            lines.append("| stage | outcome | duration (s) |")
-            lines.append("|---|---|---|")
-            for name, st in tgt["stages"].items():
-                lines.append("| %s | %s | %.2f |" % (name, st["outcome"], st["duration_s"]))
-            lines.append("")
-        if tgt.get("migrations_applied"):
-            lines.append("- Migrations applied: %s" % ", ".join(str(v) for v in tgt["migrations_applied"]))
-        elif "migrate" in tgt.get("stages", {}):
-            lines.append("- Migrations applied: none")
-        if report.get("check_mode") and tgt.get("migrations_pending"):
-            lines.append("- Would apply: %s" % ", ".join(str(v) for v in tgt["migrations_pending"]))
-        backup = tgt.get("backup")
-        if backup and backup.get("file") and backup.get("sha256"):
-            lines.append("- Backup: `%s` (sha256 `%s`)" % (backup["file"], backup["sha256"]))
-        elif backup and backup.get("file"):
-            lines.append("- Backup: %s `%s`" % ("would write" if report.get("check_mode") else "not completed:",
-                                                backup["file"]))
-        elif backup:
-            lines.append("- Backup: none taken (%s)" % backup.get("outcome"))
-        verify = tgt.get("verify")
-        if verify:
-            checks = verify.get("checks") or []
-            lines.append("- Verify: %s (%d of %d checks passed)" % (verify["outcome"], verify.get("passed", 0),
-                                                                      len(checks)))
-            for c in checks:
-                if c.get("passed") is False:
-                    lines.append("  - failed check `%s`%s: %s" % (
-                        c.get("name"), (" on %s" % c["relation"]) if c.get("relation") else "",
-                        _cell(c.get("observed") or c.get("message") or c.get("msg"))))
-        failure = tgt.get("failure")
-        if failure:
-            where = ""
-            if failure.get("file"):
-                where = " in `%s`%s" % (failure["file"], (" line %s" % failure["line"]) if failure.get("line") else "")
-            sqlstate = (" SQLSTATE %s" % failure["sqlstate"]) if failure.get("sqlstate") else ""
-            lines.append("- **Failure** (%s, task \"%s\")%s%s:" % (failure.get("stage") or "-", failure.get("task"), sqlstate, where))
-            lines.append("")
-            lines.append("  ```")
-            for line in str(failure.get("msg") or "").splitlines() or [""]:
-                lines.append("  " + line)
-            lines.append("  ```")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"

@@ -37,25 +37,9 @@ import stat
 import subprocess
 import tempfile
 
-try:
-    from urllib.parse import urlsplit, urlunsplit, unquote
-except ImportError:  # pragma: no cover
-    raise
 
-try:
-    from ansible.module_utils.ledger_common import LedgerError, parse_url, redact
-except ImportError:  # pragma: no cover - loaded before its sibling by a test harness (alphabetical order)
-    import importlib.util as _ilu
-    import sys as _sys
-
-    _spec = _ilu.spec_from_file_location("ansible.module_utils.ledger_common",
-                                         os.path.join(os.path.dirname(os.path.abspath(__file__)), "ledger_common.py"))
-    _mod = _ilu.module_from_spec(_spec)
-    _sys.modules[_spec.name] = _mod
-    _spec.loader.exec_module(_mod)
-    import ansible.module_utils as _amu
-    _amu.ledger_common = _mod
-    from ansible.module_utils.ledger_common import LedgerError, parse_url, redact
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, redact
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 
 MANIFEST_SUFFIX = ".json"
 FORMAT_SUFFIX = {"custom": ".dump", "directory": ".dir"}
@@ -71,8 +55,8 @@ def target_slug(url):
     The user is left out on purpose: the same database reached as another role is
     the same target, and its backups belong together.
     """
-    p = parse_url(url)
-    slug = "%s-%s-%s" % (p["host"], p["port"], p["dbname"])
+    t = Target(url)
+    slug = "%s-%s-%s" % (t.host, t.port, t.dbname)
     slug = re.sub(r"[^A-Za-z0-9.-]+", "-", slug).strip("-.").lower()
     return slug or "target"
 
@@ -183,16 +167,6 @@ def _pgpass_escape(value):
     return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
-def url_without_password(url):
-    """The URL with the password removed (libpq gets it from the passfile)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0]
-    return urlunsplit((parts.scheme, userinfo + "@" + netloc[1], parts.path, parts.query, parts.fragment))
-
-
 class libpq_env(object):  # noqa: N801 - used as a context manager, reads like a function
     """Environment for pg_dump/pg_restore/psql that carries the URL's password in a temp passfile.
 
@@ -211,24 +185,48 @@ class libpq_env(object):  # noqa: N801 - used as a context manager, reads like a
         self._dir = None
 
     def __enter__(self):
-        parts = urlsplit(self.url)
+        target = Target(self.url)
         env = dict(os.environ)
         env.pop("PGPASSWORD", None)
         env["PGCONNECT_TIMEOUT"] = str(self.connect_timeout)
         env.setdefault("PGAPPNAME", "ledger-migrations")
-        if parts.password is not None:
+        if target.password is not None:
             self._dir = tempfile.mkdtemp(prefix="ledger-pgpass-")
             path = os.path.join(self._dir, "pgpass")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
-                fh.write("*:*:*:*:%s\n" % _pgpass_escape(unquote(parts.password)))
+                fh.write("*:*:*:*:%s\n" % _pgpass_escape(target.password))
             env["PGPASSFILE"] = path
-        return env, url_without_password(self.url)
+        return env, target.url_without_password()
 
     def __exit__(self, *exc):
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
         return False
+
+
+def run_tool(argv, env, while_running=None):
+    """(exit status, redacted stderr) of a PostgreSQL tool run with env (libpq_env's), from "/".
+
+    while_running() is called once the process has started (the backup counts rows in the dump's
+    snapshot meanwhile); if anything goes wrong before the tool ends, the tool is killed.
+    """
+    errlog = tempfile.TemporaryFile(mode="w+")
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errlog, env=env, cwd="/")
+        try:
+            if while_running is not None:
+                while_running()
+            rc = proc.wait()
+        except BaseException:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
+        errlog.seek(0)
+        return rc, redact(errlog.read().strip())
+    finally:
+        errlog.close()
 
 
 # --------------------------------------------------------------------------- integrity

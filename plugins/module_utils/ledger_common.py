@@ -32,10 +32,8 @@ except ImportError as _exc:  # pragma: no cover - reported by the module
     HAS_PSYCOPG2 = False
     PSYCOPG2_IMPORT_ERROR = _exc
 
-try:
-    from urllib.parse import urlsplit, urlunsplit, parse_qsl
-except ImportError:  # pragma: no cover - Python 2 is not supported
-    raise
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_errors import LedgerError  # noqa: F401
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target, target_name
 
 APPLICATION_NAME = "ledger-migrations"
 
@@ -77,15 +75,6 @@ CREATE TABLE IF NOT EXISTS migrations.lock (
 """
 
 
-class LedgerError(Exception):
-    """An operator-facing failure: a message plus structured fields for the result."""
-
-    def __init__(self, msg, **fields):
-        super(LedgerError, self).__init__(msg)
-        self.msg = msg
-        self.fields = fields
-
-
 # --------------------------------------------------------------------------- URLs
 
 _URL_TOKEN = re.compile(r"postgres(?:ql)?://[^\s'\"]*", re.IGNORECASE)
@@ -120,49 +109,14 @@ def redact(text):
     return text
 
 
-def parse_url(url):
-    """Validate a libpq URI and return its parts; raise LedgerError on a malformed one.
-
-    The password is never part of the error message.
-    """
-    if not url or not isinstance(url, str):
-        raise LedgerError("database_url is empty: set DATABASE_URL or database_url for this target")
-    if not re.match(r"postgres(?:ql)?://", url, re.IGNORECASE):
-        raise LedgerError("database_url must be a libpq URI starting with postgresql:// "
-                          "(a key=value conninfo string is not accepted here)")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        # Never echo the URL or the parser's message: with an unencoded '/', '?' or '#'
-        # in the password, the parser's idea of "port" is a piece of the password.
-        raise LedgerError("database_url is malformed: its host:port part cannot be parsed. Percent-encode "
-                          "special characters in the user name and password (e.g. '/' as %2F, '@' as %40)")
-    dbname = parts.path.lstrip("/")
-    query = dict(parse_qsl(parts.query))
-    return {
-        "host": parts.hostname or query.get("host") or "localhost",
-        "port": port or int(query.get("port", 5432)),
-        "user": parts.username or query.get("user") or getpass.getuser(),
-        "dbname": dbname or query.get("dbname") or parts.username or getpass.getuser(),
-        "sslmode": query.get("sslmode"),
-        "query": query,
-    }
-
-
 def describe_target(url):
-    """`user@host:port/db`: how a target is named in every message (no password)."""
-    try:
-        p = parse_url(url)
-    except LedgerError:
-        return redact(url)
-    return "%s@%s:%s/%s" % (p["user"], p["host"], p["port"], p["dbname"])
+    """`user@host:port/db`: how a target is named in every message (no password; see ledger_target)."""
+    return target_name(url)
 
 
 def url_with_database(url, dbname):
     """The same URL pointing at another database (used for scratch and restore databases)."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
+    return Target(url).with_database(dbname).url
 
 
 def connect(url, autocommit=True, connect_timeout=10):
@@ -170,12 +124,12 @@ def connect(url, autocommit=True, connect_timeout=10):
     if not HAS_PSYCOPG2:
         raise LedgerError("psycopg2 is not importable by %s: run 'make setup' and use the "
                           "virtualenv's interpreter" % os.sys.executable)
-    parse_url(url)
+    target = Target(url)
     try:
         conn = psycopg2.connect(url, connect_timeout=connect_timeout, application_name=APPLICATION_NAME)
     except psycopg2.Error as exc:
-        raise LedgerError("cannot connect to %s: %s" % (describe_target(url), redact(str(exc)).strip()),
-                          target=describe_target(url))
+        raise LedgerError("cannot connect to %s: %s" % (target.name, redact(str(exc)).strip()),
+                          target=target.name)
     conn.autocommit = autocommit
     return conn
 

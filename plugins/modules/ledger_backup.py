@@ -1,5 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
+# Copyright: Arrakis platform team
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Runbook step 1: a verified pg_dump of the target, with its manifest."""
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ options:
   jobs: {description: Parallel dump and restore jobs (directory format only for the dump)., type: int, default: 1}
   compress: {description: gzip level 0-9 (on 2 cores compression dominates the dump time)., type: int, default: 1}
   lock_wait_timeout: {description: pg_dump --lock-wait-timeout; the dump fails rather than queue behind an exclusive lock., type: str, default: 10s}
-  verify: {description: "C(read): sha256 and full read; C(restore): also restore into a scratch database and compare row counts.", type: str, choices: [read, restore], default: read}
+  verify:
+    description: "C(read): sha256 and full read; C(restore): also restore into a scratch database and compare row counts."
+    type: str
+    choices: [read, restore]
+    default: read
   row_counts: {description: "Count every table's rows (count(*)) in the dump's snapshot and record them in the manifest, so that a
     restore can check its copy against them (one scan of every table, while pg_dump runs). Always done with O(verify=restore).", type: bool, default: true}
   retention: {description: Keep the newest N backups of this target (0 keeps all); the newest verified one is never deleted., type: int, default: 5}
@@ -39,7 +45,7 @@ options:
   progress_interval: {description: Seconds between progress lines (used by plugins/action/ledger_backup.py)., type: float, default: 10}
   rerun_command: {description: What the operator runs after fixing a failure (shown in the message)., type: str}
   connect_timeout: {description: Seconds to wait for a connection., type: int, default: 10}
-author: ledger-migrations
+author: Arrakis platform team (@arrakis-platform)
 """
 
 EXAMPLES = r"""
@@ -63,17 +69,17 @@ removed: {description: Backups removed by retention., type: list, returned: succ
 
 import os
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
 
-from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ledger_common import (
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
     LedgerError, connect, describe_target, format_pg_error, log_event_autonomous, pg_error, redact,
     redact_obj, url_with_database,
 )
-from ansible.module_utils.ledger_backup_utils import (
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import (
+    run_tool,
     FORMAT_SUFFIX, MANIFEST_FORMAT, apply_retention, backup_basename, check_backup_dir, count_rows,
     ensure_backup_dir, find_bindir, full_read_check, human_bytes, libpq_env, path_size, server_identity,
     sha256_path, target_slug, tool_major, tool_version, utc_iso, utc_stamp, write_manifest,
@@ -268,7 +274,7 @@ def run_backup(params, check_mode=False):
                           sqlstate=err["sqlstate"], verified=False)
     slug = target_slug(url)
     stamp = utc_stamp()
-    backup_dir = os.path.abspath(os.path.expanduser(params["backup_dir"]))
+    backup_dir = os.path.abspath(params["backup_dir"])
     name = backup_basename(slug, facts["schema_version"], stamp) + FORMAT_SUFFIX[fmt]
     final_path = os.path.join(backup_dir, name)
     suffix = 2
@@ -348,28 +354,19 @@ def _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, 
         with libpq_env(url, connect_timeout) as (env, conninfo):
             progress.set("dumping")
             dump_started = time.time()
-            errlog = tempfile.TemporaryFile(mode="w+")
-            try:
-                proc = subprocess.Popen(cmd + ["--dbname=%s" % conninfo], stdout=subprocess.DEVNULL, stderr=errlog,
-                                        env=env, cwd="/")
-                count_err = None
-                try:
-                    if want_counts:
-                        try:
-                            with snap.cursor() as cur:
-                                source_counts = count_rows(cur)
-                        except psycopg2.Error as exc:
-                            count_err = pg_error(exc)
-                    rc = proc.wait()
-                except BaseException:
-                    if proc.poll() is None:
-                        proc.kill()
-                        proc.wait()
-                    raise
-                errlog.seek(0)
-                dump_err = redact(errlog.read().strip())
-            finally:
-                errlog.close()
+            count_err = None
+
+            def count_while_dumping():
+                """The row counts in the dump's snapshot, read while pg_dump runs."""
+                nonlocal source_counts, count_err
+                if want_counts:
+                    try:
+                        with snap.cursor() as cur:
+                            source_counts = count_rows(cur)
+                    except psycopg2.Error as exc:
+                        count_err = pg_error(exc)
+
+            rc, dump_err = run_tool(cmd + ["--dbname=%s" % conninfo], env, while_running=count_while_dumping)
             snap.rollback()
             snap.close()
             snap = None
@@ -471,23 +468,11 @@ def result_of(params, check_mode=False):
     main() passes it to exit_json/fail_json; the action plugin (plugins/action/ledger_backup.py)
     calls it in-process when the target runs on the controller's own Python.
     """
-    try:
-        return run_backup(params, check_mode=check_mode)
-    except LedgerError as exc:
-        return dict(redact_obj(exc.fields), failed=True, msg=redact(exc.msg))
-    except Exception as exc:  # noqa: BLE001 - an operator gets a message, never a traceback
-        return dict(failed=True, verified=False,
-                    msg="ledger_backup failed unexpectedly on %s: %s: %s (a bug: please report it with this "
-                        "message)" % (describe_target(params["database_url"]), type(exc).__name__,
-                                      redact(str(exc))))
+    return module_result("ledger_backup", run_backup, params, check_mode, unexpected_fields={"verified": False})
 
 
 def main():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True, **SPEC_OPTIONS)
-    result = result_of(module.params, check_mode=module.check_mode)
-    if result.pop("failed", False):
-        module.fail_json(**result)
-    module.exit_json(**result)
+    run_module(ARGUMENT_SPEC, result_of, SPEC_OPTIONS)
 
 
 if __name__ == "__main__":

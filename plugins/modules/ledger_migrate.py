@@ -1,5 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
+# Copyright: Arrakis platform team
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Ansible module: apply, rehearse, report, baseline, accept or revert the ledger migrations."""
 
 from __future__ import annotations
@@ -31,8 +33,7 @@ description:
     outlive the migration's transaction. Use C(SET LOCAL) or C(set_config(..., true)).
   - The engine lives in C(module_utils/ledger_engine.py); the migrate role's README describes every behaviour.
 version_added: "1.0.0"
-author:
-  - ledger-migrations project
+author: Arrakis platform team (@arrakis-platform)
 options:
   database_url:
     description:
@@ -286,9 +287,10 @@ invalid_indexes:
   elements: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ledger_common import LedgerError, describe_target, redact
-from ansible.module_utils.ledger_engine import (
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, describe_target
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_engine import (
     accept_checksum,
     apply,
     baseline,
@@ -300,25 +302,28 @@ from ansible.module_utils.ledger_engine import (
     rehearse,
     revert,
     status,
-    to_json,
 )
 
 
-def _settings(p):
+def _timeouts(p):
+    """The settings a rehearsal takes (it holds no lease and opens no direct connection)."""
     return {
         "lock_timeout": p["lock_timeout"],
         "statement_timeout": p["statement_timeout"],
         "lock_retries": p["lock_retries"],
         "retry_backoff": p["lock_retry_backoff"],
-        "lock_wait": p.get("lock_wait"),
-        "lock_ttl": p["lock_ttl"],
-        "direct_url": p.get("direct_url") or None,
     }
+
+
+def _settings(p):
+    """The settings of a real run: the rehearsal's, the lease and the direct URL."""
+    return dict(_timeouts(p), lock_wait=p.get("lock_wait"), lock_ttl=p["lock_ttl"],
+                direct_url=p.get("direct_url") or None)
 
 
 def _rehearsal(url, migrations, p, record):
     """Check mode (or record_rehearsal) of action=apply: the pending migrations in a rolled-back transaction."""
-    info = inspect(url, migrations, p["target"], p["allow_out_of_order"])
+    info = inspect(url, migrations, p["target"], p["allow_out_of_order"], advice=PlaybookAdvice(p["limit"]))
     target = describe_target(url)
     problems = plan_problems(info)
     common = {"target": target, "drift": info["drift"], "above_target": info["above_target"],
@@ -330,18 +335,18 @@ def _rehearsal(url, migrations, p, record):
     if not pending:
         return dict(common, changed=False, pending=[], rehearsal=[], version_after=info["current"],
                     msg="%s is at %s: nothing to apply (target %s)" % (target, info["current"] or "no version",
-                                                                      info["target"]))
-    route_problem = nontx_route_problem(url, pending, direct_url=p.get("direct_url"), limit=p["limit"])
-    results = rehearse(url, pending, run_id=p["run_id"], record_event=record, **_settings(p))
+                                                                       info["target"]))
+    route_problem = nontx_route_problem(url, pending, direct_url=p.get("direct_url"),
+                                        advice=PlaybookAdvice(p["limit"]))
+    results = rehearse(url, pending, run_id=p["run_id"], record_event=record, **_timeouts(p))
     lines = format_rehearsal(results)
     failed = [r for r in results if r["status"] == "would_fail"]
     out = dict(common, changed=True, pending=[m.version for m in pending], rehearsal=results,
                version_after=pending[-1].version)
     if failed:
         f = failed[0]
-        limit = p["limit"] or "<limit>"
-        nxt = "fix %s line %s, then rehearse again: ansible-playbook playbooks/migrate.yml -l %s --check" % (
-            f["filename"], f["line"], limit)
+        nxt = "fix %s line %s, then rehearse again: %s --check" % (
+            f["filename"], f["line"], PlaybookAdvice(p["limit"]).migrate())
         msg = ("rehearsal on %s: %s would fail at line %s: SQLSTATE %s: %s%s\n  %s\n  nothing was changed (the"
                " rehearsal was rolled back)\n  next: %s" % (
                    target, f["filename"], f["line"], f["sqlstate"], f["message"],
@@ -369,13 +374,18 @@ def failure_changed(action, check_mode, fields):
     return False
 
 
+def _failure_changed(result, params, check_mode):
+    """module_result's on_failure: a failed call says whether it changed the target."""
+    return dict(result, changed=failure_changed(params["action"], check_mode, result))
+
+
 def run(p, check_mode=False):
     url = p["database_url"]
     action = p["action"]
     migrations = load_migration_set(p["migrations_dir"])
-    common = {"run_id": p["run_id"] or None, "limit": p["limit"]}
+    common = {"run_id": p["run_id"] or None, "advice": PlaybookAdvice(p["limit"])}
     if action == "status":
-        st = status(url, migrations, p["target"], p["allow_out_of_order"])
+        st = status(url, migrations, p["target"], p["allow_out_of_order"], advice=common["advice"])
         result = {"changed": False, "target": st["target_name"], "applied": st["applied"],
                   "pending": st["pending"], "drift": st["drift"], "out_of_order": st["out_of_order"],
                   "current": st["current"], "target_version": st["target"], "above_target": st["above_target"],
@@ -384,9 +394,9 @@ def run(p, check_mode=False):
         if p["fail_on_drift"] and (st["drift"] or st["out_of_order"]):
             fields = dict((k, v) for k, v in result.items() if k != "msg")
             raise LedgerError("drift on %s:\n%s\n  next: restore the applied file(s) as they were, or accept an"
-                              " intended edit with `ansible-playbook playbooks/accept_checksum.yml -l %s"
-                              " -e migrate_accept_version=VERSION` (roles/migrate/README.md)"
-                              % (st["target_name"], "\n".join(st["lines"]), p["limit"] or "<limit>"), **fields)
+                              " intended edit with `%s` (roles/migrate/README.md)"
+                              % (st["target_name"], "\n".join(st["lines"]),
+                                 common["advice"].accept_checksum("VERSION")), **fields)
         return result
     if action == "apply":
         if check_mode:
@@ -450,28 +460,11 @@ def result_of(params, check_mode=False):
     main() passes it to exit_json/fail_json; the action plugin (plugins/action/ledger_migrate.py)
     calls it in-process when the target runs on the controller's own Python.
     """
-    target = describe_target(params["database_url"])
-    try:
-        result = run(params, check_mode)
-    except LedgerError as exc:
-        fields = to_json(exc.fields)
-        fields.setdefault("target", target)
-        fields.pop("changed", None)
-        fields.pop("failed", None)
-        changed = failure_changed(params["action"], check_mode, fields)
-        return dict(fields, failed=True, msg=redact(exc.msg), changed=changed)
-    except Exception as exc:  # noqa: BLE001 - never a bare traceback, never the password
-        return dict(failed=True, target=target, msg="ledger_migrate failed unexpectedly on %s: %s: %s" % (
-            target, type(exc).__name__, redact(str(exc))))
-    return to_json(result)
+    return module_result("ledger_migrate", run, params, check_mode, on_failure=_failure_changed)
 
 
 def main():
-    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True, **SPEC_OPTIONS)
-    result = result_of(module.params, check_mode=module.check_mode)
-    if result.pop("failed", False):
-        module.fail_json(**result)
-    module.exit_json(**result)
+    run_module(ARGUMENT_SPEC, result_of, SPEC_OPTIONS)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,193 @@
+# -*- coding: utf-8 -*-
+"""ledger_precheck's checks of the migration set: the set and drift, tables touched, the rehearsal."""
+
+from __future__ import annotations
+
+import re
+
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
+    LedgerError,
+)
+
+try:
+    from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine
+    ENGINE_IMPORT_ERROR = None
+except ImportError as _exc:  # the engine ships with the migrate stage
+    ledger_engine = None
+    ENGINE_IMPORT_ERROR = _exc
+
+
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_precheck_server import (
+    check,
+    not_run,
+)
+
+
+# --------------------------------------------------------------------------- migrations (the engine)
+
+IDENT = r'(?:"[^"]+"|[A-Za-z_][A-Za-z0-9_$]*)'
+TABLE_REF = re.compile(r"\b(?:TABLE|ON|REFERENCES|INTO|UPDATE|VIEW|INDEX\s+ON)\s+(?:ONLY\s+)?"
+                       r"(?:IF\s+(?:NOT\s+)?EXISTS\s+)?(" + IDENT + r")(?:\s*\.\s*(" + IDENT + r"))?", re.I)
+SQL_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'", re.S)
+NOT_TABLES = {"delete", "update", "insert", "truncate", "select", "conflict", "commit", "each", "row", "statement",
+              "function", "schema", "table", "column", "constraint", "database", "role", "all", "only", "public",
+              "on", "view", "set", "of", "to", "from", "if", "not", "exists", "as", "with", "for", "returning",
+              "nothing", "default", "values", "index", "trigger", "sequence", "type", "policy"}
+
+
+def tables_in_sql(text):
+    """Relations a migration names, roughly (schema.table; unqualified names count as public)."""
+    out = set()
+    for first, second in TABLE_REF.findall(SQL_COMMENTS.sub(" ", text)):
+        schema, table = (first, second) if second else ("public", first)
+        schema, table = schema.strip('"'), table.strip('"')
+        if table.lower() in NOT_TABLES:
+            continue
+        out.add("%s.%s" % (schema if second else "public", table))
+    return out
+
+
+def check_migrations(conn, params):
+    """migration_set and drift, from the engine (read-only). Returns (checks, state)."""
+    state = {"applied": [], "pending": [], "pending_items": [], "tables": set(), "problem": False}
+    directory = params.get("migrations_dir")
+    if not directory:
+        return [check("migration_set", True, "not configured", None,
+                      message="no migrations_dir given: migration checks skipped")], state
+    state["problem"] = True
+    if ledger_engine is None:
+        why = "the migration engine (module_utils/ledger_engine.py) is not importable: %s" % ENGINE_IMPORT_ERROR
+        return [check("migration_set", False, {"directory": directory}, None, message=why,
+                      next_step="install the project completely (make setup) and re-run"),
+                not_run("drift", "engine missing")], state
+    threshold = "files present, names NNNN_name.sql, versions unique, none out of order, target in the set"
+    try:
+        migrations = ledger_engine.load_migration_set(directory)
+    except LedgerError as exc:
+        return [check("migration_set", False, {"directory": directory}, threshold,
+                      message=exc.msg, next_step="fix the migration set in %s" % directory),
+                not_run("drift", "the migration set is invalid")], state
+    if not len(migrations):
+        return [check("migration_set", False, {"directory": directory, "files": 0}, threshold,
+                      message="no migration files (NNNN_name.sql) in %s" % directory,
+                      next_step="set migrations_dir to the directory of the NNNN_name.sql files"),
+                not_run("drift", "no migrations")], state
+    try:
+        info = ledger_engine.inspect(conn, migrations, target=params.get("target") or None,
+                                     allow_out_of_order=bool(params.get("allow_out_of_order")))
+    except LedgerError as exc:
+        return [check("migration_set", False, {"directory": directory, "files": len(migrations)}, threshold,
+                      message=exc.msg, next_step="fix the migration set or the target, then re-run"),
+                not_run("drift", "the set could not be inspected")], state
+    applied = [row["version"] for row in info["applied"]]
+    pending_items = list(info["pending"])
+    pending = [m.version for m in pending_items]
+    state.update(applied=applied, pending=pending, pending_items=pending_items)
+    for m in pending_items:
+        state["tables"] |= tables_in_sql(m.text or "")
+    problems = [o["message"] for o in info["out_of_order"]]
+    if info["target_problem"]:
+        problems.append(info["target_problem"])
+    observed = {"directory": directory, "files": len(migrations), "first": migrations[0].version,
+                "last": migrations[-1].version, "applied": len(applied), "current": info["current"],
+                "target": info["target"], "pending": pending}
+    out = [check("migration_set", not problems, observed, threshold,
+                 [{"problem": x} for x in problems],
+                 "; ".join(problems) if problems else "%d file(s), %d applied, %d pending%s" % (
+                     len(migrations), len(applied), len(pending), ": " + ", ".join(pending) if pending else ""),
+                 None if not problems else "fix the set or the target (out-of-order files are allowed with "
+                                           "-e migrate_allow_out_of_order=true), then re-run")]
+    drift = info["drift"]
+    drift_rows = [dict((k, d.get(k)) for k in ("version", "kind", "filename", "recorded_name",
+                                               "recorded_checksum", "file_checksum", "message")) for d in drift]
+    out.append(check("drift", not drift, {"drifted": len(drift)}, {"drifted": 0}, drift_rows,
+                     "%d applied migration(s), checksums unchanged" % len(applied) if not drift else
+                     "%d applied migration(s) differ from the set: %s" % (
+                         len(drift), "; ".join(d["message"] for d in drift)),
+                     None if not drift else "restore the applied files as they were applied, or accept an intended "
+                                            "edit explicitly (see roles/migrate/README.md)"))
+    state["problem"] = bool(problems or drift)
+    return out, state
+
+
+# SQLSTATEs that say the rehearsal met the server's load, not a defect of the SQL: the
+# statement ran past the rehearsal's statement_timeout (or was cancelled), a lock was not
+# obtained within its lock_timeout, or it deadlocked with application traffic.
+NOT_REHEARSED_SQLSTATES = {"57014": "statement timeout or cancel", "55P03": "lock timeout",
+                           "40P01": "deadlock with another session"}
+
+
+def check_rehearsal(conn, url, params, state, session_failed):
+    """Run the pending migrations in one rolled-back transaction (the engine's rehearsal).
+
+    The rehearsal runs on production, so it is bounded: CONCURRENTLY statements are not
+    rehearsed (without CONCURRENTLY an index build takes a SHARE lock, blocking writes for
+    the whole build), every statement has the rehearsal's statement_timeout, locks its
+    lock_timeout, and a lock timeout is not retried. A timeout, a cancel or a deadlock is
+    reported as "could not be fully rehearsed", never as a defect of the file.
+    """
+    threshold = "every pending file applies (in a transaction that is rolled back)"
+    pending_items = state["pending_items"]
+    if not params.get("migrations_dir"):
+        return None, None
+    if not params.get("rehearse"):
+        return check("rehearsal", True, "disabled (precheck_rehearse=false)", threshold,
+                     message="rehearsal disabled"), None
+    if state["problem"]:
+        return not_run("rehearsal", "the migration set has problems (see migration_set and drift)", threshold), None
+    if not pending_items:
+        return check("rehearsal", True, {"pending": 0}, threshold, message="nothing pending to rehearse"), None
+    if session_failed:
+        return not_run("rehearsal", "%s failed: the rehearsal would wait for their locks" % ", ".join(
+            session_failed), threshold), None
+    limits = {"statement_timeout": params["rehearse_statement_timeout"],
+              "lock_timeout": params["rehearse_lock_timeout"], "lock_retries": 0, "concurrently": "not rehearsed"}
+    threshold = {"every_file": "applies in a transaction that is rolled back", "limits": limits}
+    try:
+        results = ledger_engine.rehearse(url, pending_items, lock_timeout=limits["lock_timeout"],
+                                         statement_timeout=limits["statement_timeout"], lock_retries=0,
+                                         rehearse_concurrently=False, run_id=params.get("run_id"),
+                                         record_event=False, conn=conn)
+    except LedgerError as exc:
+        return check("rehearsal", False, {"pending": state["pending"]}, threshold, message=exc.msg,
+                     next_step=exc.fields.get("next_command") or "re-run when the target is reachable"), None
+    failed = [r for r in results if r["status"] == "would_fail"]
+    lines = ledger_engine.format_rehearsal(results)
+    offenders = [dict((k, r.get(k)) for k in ("version", "filename", "line", "sqlstate", "message", "hint",
+                                              "statement")) for r in failed]
+    skipped = [dict(x, filename=r["filename"]) for r in results for x in r.get("skipped_statements") or []]
+    observed = {"rehearsed": len([r for r in results if r["status"] != "not_rehearsed"]),
+                "would_apply": len([r for r in results if r["status"] == "would_apply"]),
+                "would_fail": len(failed), "statements_not_rehearsed": len(skipped), "results": lines}
+    not_rehearsed = ("; %d statement(s) not rehearsed (%s)" % (len(skipped), ", ".join(
+        "%s line %s" % (x["filename"], x["line"]) for x in skipped[:5])) if skipped else "")
+    if failed and failed[0].get("sqlstate") in NOT_REHEARSED_SQLSTATES:
+        first = failed[0]
+        observed["incomplete"] = True
+        cause = NOT_REHEARSED_SQLSTATES[first["sqlstate"]]
+        if first["sqlstate"] == "57014":
+            limit = "statement_timeout %s" % limits["statement_timeout"]
+        elif first["sqlstate"] == "55P03":
+            limit = "lock_timeout %s" % limits["lock_timeout"]
+        else:
+            limit = "the server's deadlock detection"
+        remaining = [r["filename"] for r in results if r["status"] == "not_rehearsed"]
+        return check(
+            "rehearsal", False, observed, threshold, offenders,
+            "the pending migrations could not be fully rehearsed: %s at line %s hit the rehearsal's %s (%s, "
+            "SQLSTATE %s: %s)%s; this says nothing against the SQL, the server was too busy to rehearse it "
+            "without holding up its traffic" % (
+                first["filename"], first.get("line"), limit, cause, first["sqlstate"], first.get("message"),
+                "; not rehearsed after it: %s" % ", ".join(remaining) if remaining else ""),
+            "nothing was changed; re-run at a quieter moment%s, or, after reviewing the pending SQL, "
+            "skip the rehearsal with -e precheck_rehearse=false" % (
+                " (or allow longer statements: -e precheck_rehearse_statement_timeout=2min)"
+                if first["sqlstate"] == "57014" else "")), results
+    if failed:
+        first = failed[0]
+        return check("rehearsal", False, observed, threshold, offenders,
+                     "rehearsal: %s" % "; ".join(line for line in lines if "would fail" in line),
+                     "fix %s at line %s (SQLSTATE %s), then re-run; nothing was changed" % (
+                         first["filename"], first.get("line"), first.get("sqlstate"))), results
+    return check("rehearsal", True, observed, threshold,
+                 message="%d pending migration(s) rehearsed, all would apply%s" % (len(results), not_rehearsed)), results

@@ -1,0 +1,92 @@
+# -*- coding: utf-8 -*-
+"""The Markdown form of a run report (plugins/callback/ledger_report.py writes it beside the JSON)."""
+
+from __future__ import annotations
+
+# The outcome groups of a report's summary, in the order they are shown.
+SUMMARY_KEYS = ("done", "failed", "interrupted", "untouched")
+
+
+def _cell(value):
+    text = "" if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report):
+    lines = []
+    mode = " (--check rehearsal: nothing was changed)" if report.get("check_mode") else ""
+    lines.append("# Migration run %s%s" % (report["run_id"], mode))
+    lines.append("")
+    lines.append("- Playbook: `%s`" % (report.get("playbook") or "?"))
+    lines.append("- Limit: `%s`" % (report.get("limit") or ""))
+    lines.append("- Status: **%s**" % report["status"])
+    lines.append("- Started %s, ended %s (%.1f s)" % (report["started_at"], report["ended_at"], report["duration_s"]))
+    lines.append("")
+    lines.append("## Summary")
+    lines.append("")
+    lines.append("| outcome | targets |")
+    lines.append("|---|---|")
+    for key in SUMMARY_KEYS:
+        hosts = report["summary"][key]
+        lines.append("| %s (%d) | %s |" % (key, len(hosts), _cell(", ".join(hosts))))
+    lines.append("")
+    if report.get("batches"):
+        lines.append("Batches (canary first): " + "; ".join(
+            "%d: %s" % (i + 1, ", ".join(b)) for i, b in enumerate(report["batches"])))
+        lines.append("")
+    for host, tgt in report["targets"].items():
+        lines.append("## %s: %s" % (host, tgt["outcome"]))
+        lines.append("")
+        if tgt.get("target"):
+            lines.append("- Target: `%s`%s" % (tgt["target"], (" (%s)" % tgt["environment"]) if tgt.get("environment") else ""))
+        if tgt.get("batch"):
+            lines.append("- Batch: %s" % tgt["batch"])
+        if tgt["outcome"] == "untouched":
+            lines.append("- Not reached: no stage ran on this target (the run stopped before its batch).")
+            lines.append("")
+            continue
+        if tgt.get("stages"):
+            lines.append("")
+            lines.append("| stage | outcome | duration (s) |")
+            lines.append("|---|---|---|")
+            for name, st in tgt["stages"].items():
+                lines.append("| %s | %s | %.2f |" % (name, st["outcome"], st["duration_s"]))
+            lines.append("")
+        if tgt.get("migrations_applied"):
+            lines.append("- Migrations applied: %s" % ", ".join(str(v) for v in tgt["migrations_applied"]))
+        elif "migrate" in tgt.get("stages", {}):
+            lines.append("- Migrations applied: none")
+        if report.get("check_mode") and tgt.get("migrations_pending"):
+            lines.append("- Would apply: %s" % ", ".join(str(v) for v in tgt["migrations_pending"]))
+        backup = tgt.get("backup")
+        if backup and backup.get("file") and backup.get("sha256"):
+            lines.append("- Backup: `%s` (sha256 `%s`)" % (backup["file"], backup["sha256"]))
+        elif backup and backup.get("file"):
+            lines.append("- Backup: %s `%s`" % ("would write" if report.get("check_mode") else "not completed:",
+                                                backup["file"]))
+        elif backup:
+            lines.append("- Backup: none taken (%s)" % backup.get("outcome"))
+        verify = tgt.get("verify")
+        if verify:
+            checks = verify.get("checks") or []
+            lines.append("- Verify: %s (%d of %d checks passed)" % (verify["outcome"], verify.get("passed", 0),
+                                                                    len(checks)))
+            for c in checks:
+                if c.get("passed") is False:
+                    lines.append("  - failed check `%s`%s: %s" % (
+                        c.get("name"), (" on %s" % c["relation"]) if c.get("relation") else "",
+                        _cell(c.get("observed") or c.get("message") or c.get("msg"))))
+        failure = tgt.get("failure")
+        if failure:
+            where = ""
+            if failure.get("file"):
+                where = " in `%s`%s" % (failure["file"], (" line %s" % failure["line"]) if failure.get("line") else "")
+            sqlstate = (" SQLSTATE %s" % failure["sqlstate"]) if failure.get("sqlstate") else ""
+            lines.append("- **Failure** (%s, task \"%s\")%s%s:" % (failure.get("stage") or "-", failure.get("task"), sqlstate, where))
+            lines.append("")
+            lines.append("  ```")
+            for line in str(failure.get("msg") or "").splitlines() or [""]:
+                lines.append("  " + line)
+            lines.append("  ```")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

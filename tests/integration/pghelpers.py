@@ -1,0 +1,33 @@
+"""Small helpers shared by the test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import psycopg2
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_module(name: str, prefix: str = "test_"):
+    """The module arrakis.ledger.ledger_<name> as a Python module, to call its functions directly."""
+    del prefix
+    return importlib.import_module("ansible_collections.arrakis.ledger.plugins.modules." + name)
+
+
+def q(url: str, query: str, args=None):
+    """Run one statement in autocommit; the rows when it returns any, else None."""
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, args)
+            return cur.fetchall() if cur.description else None
+    finally:
+        conn.close()
+
+
+def history(url: str) -> list[str]:
+    """The applied versions recorded in migrations.history, in order."""
+    return [r[0] for r in q(url, "SELECT version FROM migrations.history ORDER BY version")]

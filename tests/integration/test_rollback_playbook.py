@@ -1,0 +1,155 @@
+"""playbooks/rollback.yml and on_failure=rollback of playbooks/migrate.yml, through ansible-playbook.
+
+A user's own inventory whose host sets database_url (and backup_dir), narrowed with -l. The
+migration set is a copy of files/migrations plus a 0012 that fails at apply time (division by
+zero on its line 3); precheck_rehearse=false lets it reach the apply stage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pghelpers import history, q
+
+ROOT = Path(__file__).resolve().parents[2]
+MIGRATIONS = ROOT / "files" / "migrations"
+PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
+FAILING_0012 = "-- 0012: fails at apply time, on purpose\nCREATE TABLE public.rb_probe (id int);\nSELECT 1 / 0;\n"
+
+
+
+
+class Runner:
+    def __init__(self, tmp_path, url):
+        self.tmp = tmp_path
+        self.url = url
+        self.migrations = tmp_path / "migrations"
+        shutil.copytree(MIGRATIONS, self.migrations)
+        (self.migrations / "0012_fails_on_purpose.sql").write_text(FAILING_0012)
+        self.inventory = tmp_path / "inventory.yml"
+        self.inventory.write_text("all:\n  hosts:\n    rbdb:\n      database_url: %s\n      backup_dir: %s\n"
+                                  % (url, tmp_path / "backups"))
+
+    def run(self, playbook, *args):
+        env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_HOME=str(self.tmp / ".ansible"),
+                   ANSIBLE_NOCOLOR="1", PATH=str(PLAYBOOK.parent) + os.pathsep + os.environ.get("PATH", ""))
+        env.pop("DATABASE_URL", None)
+        cmd = [str(PLAYBOOK), "-i", str(self.inventory), "-l", "rbdb", "playbooks/%s" % playbook,
+               "-e", "migrations_dir=%s" % self.migrations, "-e", "report_dir=%s" % (self.tmp / "reports"), *args]
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+        # Messages are wrapped by the YAML callback: compare them with whitespace folded.
+        return res.returncode, " ".join((res.stdout + res.stderr).split())
+
+
+@pytest.fixture
+def runner(tmp_path, empty_db, pg_cluster):
+    r = Runner(tmp_path, empty_db)
+    yield r
+    name = empty_db.rsplit("/", 1)[1]
+    for (db,) in q(pg_cluster.url(), "SELECT datname FROM pg_database WHERE datname LIKE %s",
+                   (name + "\\_pre\\_restore\\_%",)):
+        pg_cluster.drop_db(db)
+
+
+def test_on_failure_rollback_reverts_what_the_run_applied_and_still_fails(runner):
+    rc, out = runner.run("migrate.yml", "-e", "on_failure=rollback", "-e", "precheck_rehearse=false")
+    assert rc != 0, out
+    # The failure is still the migration's, with its file, line and SQLSTATE.
+    assert "0012_fails_on_purpose.sql line 3: SQLSTATE 22012" in out
+    assert "on_failure=rollback: reverted 0011, 0010, 0009, 0008" in out
+    # This run applied 0008-0011 from scratch: all of them are reverted; 0012 never was applied.
+    assert history(runner.url) == []
+    assert q(runner.url, "SELECT to_regclass('public.rb_probe'), to_regclass('public.credit_lots'),"
+                         " to_regnamespace('app')") == [(None, None, None)]
+    rows = q(runner.url, "SELECT action, version, outcome, run_id FROM migrations.events"
+                         " WHERE action IN ('apply', 'revert') ORDER BY id")
+    assert [(a, v, o) for a, v, o, _ in rows] == [
+        ("apply", "0008", "ok"), ("apply", "0009", "ok"), ("apply", "0010", "ok"), ("apply", "0011", "ok"),
+        ("apply", "0012", "failed"),
+        ("revert", "0011", "ok"), ("revert", "0010", "ok"), ("revert", "0009", "ok"), ("revert", "0008", "ok")]
+    assert len(set(r[3] for r in rows)) == 1, "one run id for the apply and its automatic revert"
+
+
+def test_on_failure_rollback_reverts_only_this_runs_migrations(runner):
+    rc, out = runner.run("migrate.yml", "-e", "migrate_target=0009")
+    assert rc == 0, out
+    rc, out = runner.run("migrate.yml", "-e", "on_failure=rollback", "-e", "precheck_rehearse=false")
+    assert rc != 0, out
+    assert "on_failure=rollback: reverted 0011, 0010" in out
+    assert history(runner.url) == ["0008", "0009"]
+
+
+def test_on_failure_rollback_never_restores_silently_when_a_down_script_is_missing(runner, pg_cluster):
+    """A restore would discard every write since the backup: without rollback_allow_data_loss the target stays
+    as the failure left it, the failure is still reported, and the exact restore command is printed (and works)."""
+    next(runner.migrations.glob("0010_*.down.sql")).unlink()
+    rc, out = runner.run("migrate.yml", "-e", "on_failure=rollback", "-e", "precheck_rehearse=false")
+    assert rc != 0, out
+    assert "0012_fails_on_purpose.sql line 3: SQLSTATE 22012" in out
+    assert "on_failure=rollback did NOT roll back rbdb: the revert is impossible, there is no down script for 0010" \
+        in out
+    assert "expected 0010_<name>.down.sql" in out and "not done without rollback_allow_data_loss=true" in out
+    assert "left as the failure left it, at version 0011" in out
+    backup_file = next((runner.tmp / "backups").glob("*.dump"))
+    command = ("ansible-playbook playbooks/rollback.yml -l rbdb -e rollback_mode=restore -e backup_file=%s"
+               % backup_file)
+    assert command in out
+    assert history(runner.url) == ["0008", "0009", "0010", "0011"]
+    assert q(runner.url, "SELECT count(*) FROM migrations.events WHERE action = 'restore'") == [(0,)]
+    name = runner.url.rsplit("/", 1)[1]
+    assert q(pg_cluster.url(), "SELECT count(*) FROM pg_database WHERE datname LIKE %s",
+             (name + "\\_%restore\\_%",)) == [(0,)]
+
+    # The printed command does what it says.
+    rc, out = runner.run("rollback.yml", *command.split(" -l rbdb ")[1].split())
+    assert rc == 0, out
+    assert history(runner.url) == []
+
+
+def test_on_failure_rollback_restores_the_runs_backup_when_allowed_to_lose_data(runner, pg_cluster):
+    next(runner.migrations.glob("0010_*.down.sql")).unlink()
+    rc, out = runner.run("migrate.yml", "-e", "on_failure=rollback", "-e", "precheck_rehearse=false",
+                         "-e", "rollback_allow_data_loss=true")
+    assert rc != 0, out
+    assert "SQLSTATE 22012" in out
+    assert "no down script for 0010" in out and "restoring the backup this run took instead" in out
+    assert "on_failure=rollback: restored " in out
+    assert history(runner.url) == []
+    assert q(runner.url, "SELECT to_regclass('public.credit_lots') IS NULL")[0][0] is True
+    assert q(runner.url, "SELECT outcome FROM migrations.events WHERE action = 'restore'") == [("ok",)]
+    # The database as the failure left it (0008-0011 applied) is kept for inspection.
+    name = runner.url.rsplit("/", 1)[1]
+    kept = q(pg_cluster.url(), "SELECT datname FROM pg_database WHERE datname LIKE %s",
+             (name + "\\_pre\\_restore\\_%",))
+    assert len(kept) == 1
+    assert history(pg_cluster.url(kept[0][0])) == ["0008", "0009", "0010", "0011"]
+
+
+def test_on_failure_stop_keeps_the_last_good_version_and_its_command_works(runner):
+    rc, out = runner.run("migrate.yml", "-e", "precheck_rehearse=false")
+    assert rc != 0, out
+    assert history(runner.url) == ["0008", "0009", "0010", "0011"]
+    command = "ansible-playbook playbooks/rollback.yml -l rbdb -e rollback_to=base"
+    assert command in out
+
+    # --check says what it would revert and changes nothing.
+    rc, out = runner.run("rollback.yml", "-e", "rollback_to=base", "--check")
+    assert rc == 0, out
+    assert "would revert 0011, 0010, 0009, 0008" in out
+    assert history(runner.url) == ["0008", "0009", "0010", "0011"]
+
+    rc, out = runner.run("rollback.yml", "-e", "rollback_to=base")
+    assert rc == 0, out
+    assert "reverted 0011, 0010, 0009, 0008" in out
+    assert history(runner.url) == []
+
+
+def test_rollback_refuses_without_a_way_back(runner):
+    rc, out = runner.run("rollback.yml")
+    assert rc != 0
+    assert "Say which way back" in out
