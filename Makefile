@@ -23,7 +23,7 @@ help:
 	@echo "make migrate       set up, start the PostgreSQL 15 sandbox, run playbooks/migrate.yml -l local"
 	@echo "make test          lint, pytest and molecule test --all"
 	@echo "make setup         only the virtualenv and the collections"
-	@echo "make sandbox       start the sandbox (SANDBOX_PORT=$(SANDBOX_PORT)); make sandbox-stop stops it"
+	@echo "make sandbox       start the sandbox (SANDBOX_PORT=$(SANDBOX_PORT); SANDBOX_ARCHIVE=pgbackrest archives its WAL); make sandbox-stop stops it"
 	@echo "make lint          ansible-lint (production), yamllint, squawk"
 	@echo "make bench         benchmarks (BENCH_ARGS='--sizes 0,1.5')"
 
@@ -41,7 +41,7 @@ $(VENV)/.installed: requirements.txt constraints.txt
 	@touch $@
 
 sandbox:
-	@$(PYTHON) scripts/pgcluster.py start --dir $(SANDBOX_DIR) --port $(SANDBOX_PORT)
+	@$(PYTHON) scripts/pgcluster.py start --dir $(SANDBOX_DIR) --port $(SANDBOX_PORT) $(if $(SANDBOX_ARCHIVE),--archive $(SANDBOX_ARCHIVE))
 
 sandbox-stop:
 	@$(PYTHON) scripts/pgcluster.py stop --dir $(SANDBOX_DIR)

@@ -1,0 +1,45 @@
+# -*- coding: utf-8 -*-
+"""Action plugin for ledger_pgbackrest: in-process when it can, and progress lines while it runs.
+
+A pgBackRest backup of a large cluster, or a point-in-time recovery, takes minutes. The
+threading and the progress file are ledger_backup's (plugins/action/ledger_backup.py); only
+the line differs: the module writes its phase and pgbackrest's percentage of files copied,
+printed every `progress_interval` seconds on a local connection:
+
+    [ledger-db1] pgbackrest: pgbackrest incr backup, 42% of the files, 30 s
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+
+def _backup_action():
+    name = "ansible_ledger_action_backup"
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ledger_backup.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def progress_line(host, progress_file, elapsed):
+    try:
+        with open(progress_file) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        data = {}
+    percent = data.get("percent")
+    share = ", %d%% of the files" % percent if isinstance(percent, (int, float)) else ""
+    return "  [%s] pgbackrest: %s%s, %d s" % (host, data.get("phase", "starting"), share, elapsed)
+
+
+class ActionModule(_backup_action().ActionModule):
+
+    MODULE = "ledger_pgbackrest"
+    progress_line = staticmethod(progress_line)
