@@ -58,6 +58,7 @@ lint: setup
 
 pytest: setup
 	@$(PYTHON) scripts/pgbouncer_ctl.py install || echo "note: without pgbouncer, the PgBouncer tests are skipped (CI fails them)"
+	@$(PYTHON) scripts/pgcluster.py install-pgbackrest --dir $(SANDBOX_DIR) || echo "note: without pgbackrest, the pgBackRest tests are skipped (CI fails them)"
 	$(BIN)/pytest
 
 # Each run takes its own block of free ports (scenario ports are base + offset):

@@ -346,7 +346,7 @@ def destroy(base: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["start", "stop", "destroy", "status"])
+    parser.add_argument("action", choices=["start", "stop", "destroy", "status", "install-pgbackrest"])
     parser.add_argument("--dir", required=True, type=Path)
     parser.add_argument("--port", type=int, default=int(os.environ.get("SANDBOX_PORT", "55432")))
     parser.add_argument("--db", default="ledger")
@@ -355,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stanza", default="sandbox")
     args = parser.parse_args(argv)
     try:
-        if args.action == "start":
+        if args.action == "install-pgbackrest":
+            print(f"pgbackrest: {find_pgbackrest()}")
+        elif args.action == "start":
             state = start(args.dir, args.port, args.db, archive=args.archive or None, stanza=args.stanza)
             print(f"PostgreSQL {PG_MAJOR} sandbox running: {state.get('url')} (data in {args.dir})")
             if state.get("pgbackrest"):
