@@ -234,8 +234,10 @@ def _setup_pgbackrest(home: Path, data: Path, port: int, stanza: str) -> dict:
             "settings": {"archive_mode": "on", "archive_command": archive_command, "wal_level": "replica"}}
 
 
-def _pgbackrest(info: dict, *args: str, timeout: float = 600) -> None:
-    _run([info["binary"], f"--config={info['config']}", f"--stanza={info['stanza']}", *args], timeout=timeout)
+def pgbackrest(info: dict, *args: str, timeout: float = 600) -> None:
+    """Run pgbackrest for a cluster's repository ({config, stanza} of its state) as the cluster's owner."""
+    _run([info.get("binary") or find_pgbackrest(), f"--config={info['config']}", f"--stanza={info['stanza']}", *args],
+         timeout=timeout)
 
 
 def start(base: Path, port: int, db: str, archive: str | None = None, stanza: str = "sandbox") -> dict:
@@ -316,9 +318,9 @@ def start(base: Path, port: int, db: str, archive: str | None = None, stanza: st
         repo = pgbackrest_paths(home)["repo"]
         if not (repo / "backup" / archive_info["stanza"] / "backup.info").exists():
             # The stanza and a first full backup: the base every restore point builds on.
-            _pgbackrest(archive_info, "stanza-create")
-            _pgbackrest(archive_info, "check")
-            _pgbackrest(archive_info, "--type=full", "backup")
+            pgbackrest(archive_info, "stanza-create")
+            pgbackrest(archive_info, "check")
+            pgbackrest(archive_info, "--type=full", "backup")
         state["pgbackrest"] = {"stanza": archive_info["stanza"], "config": archive_info["config"]}
     _state_file(base).write_text(json.dumps(state, indent=2) + "\n")
     return state
