@@ -215,9 +215,12 @@ def test_rollback_playbook_recovers_with_consent(archived, tmp_path):
         return subprocess.run([str(PLAYBOOK), "-i", str(inventory), str(ROOT / "playbooks" / playbook), "-l", "pitrdb",
                                *args], capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
 
-    out = run("backup.yml")
+    # A full backup takes seconds here: with a 1 s interval its progress lines show.
+    out = run("backup.yml", "-e", "pgbackrest_backup_type=full", "-e", "backup_progress_interval=1")
     assert out.returncode == 0, out.stdout[-3000:]
-    assert "restore point ledger-" in out.stdout and "Take the restore point of this run" in out.stdout
+    text = " ".join(out.stdout.split())  # the YAML callback wraps long messages
+    assert "restore point ledger-" in text and "on full backup" in text
+    assert "] pgbackrest: pgbackrest full backup" in text
     q(archived["url"], "INSERT INTO public.pitr_probe SELECT generate_series(2001, 2010)")
     out = run("rollback.yml", "-e", "rollback_mode=restore")
     assert out.returncode != 0 and "rollback_allow_data_loss=true" in out.stdout
@@ -227,3 +230,33 @@ def test_rollback_playbook_recovers_with_consent(archived, tmp_path):
     assert "recovered postgres@" in out.stdout
     assert q(archived["url"], "SELECT count(*) FROM public.pitr_probe")[0][0] == 100
     assert history(archived["url"]) == ["0008", "0009", "0010", "0011"]
+
+
+def test_on_failure_rollback_recovers_the_run_restore_point_with_consent(archived, tmp_path):
+    """A run applies 0008-0011 to a fresh database, 0012 fails, 0011 has no down script: with
+    on_failure=rollback and rollback_allow_data_loss=true, the run's own restore point is recovered."""
+    base = archived["url"].rsplit("/", 1)[0]
+    q(base + "/postgres", "CREATE DATABASE onfail")
+    url = base + "/onfail"
+    migrations = tmp_path / "migrations"
+    shutil.copytree(ROOT / "files" / "migrations", migrations)
+    for down in migrations.glob("0011_*.down.sql"):
+        down.unlink()
+    (migrations / "0012_fails_on_purpose.sql").write_text("-- fails at apply time, on purpose\nSELECT 1 / 0;\n")
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(json.dumps({"all": {"hosts": {"onfail": {
+        "database_url": url, "backup_dir": str(tmp_path / "backups"), "backup_method": "pgbackrest",
+        "pgbackrest_stanza": "pytest", "pgbackrest_config": archived["config"],
+        "pgbackrest_os_user": archived["state"]["os_user"], "pgbackrest_backup_type": "none"}}}}))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_HOME=str(tmp_path / ".ansible"),
+               ANSIBLE_NOCOLOR="1", PATH=str(PLAYBOOK.parent) + os.pathsep + os.environ.get("PATH", ""))
+    out = subprocess.run([str(PLAYBOOK), "-i", str(inventory), str(ROOT / "playbooks" / "migrate.yml"), "-l", "onfail",
+                          "-e", "migrations_dir=%s" % migrations, "-e", "on_failure=rollback",
+                          "-e", "rollback_allow_data_loss=true", "-e", "precheck_rehearse=false"],
+                         capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
+    text = " ".join(out.stdout.split())
+    assert out.returncode != 0, text[-3000:]
+    assert "0012_fails_on_purpose.sql line 2: SQLSTATE 22012" in text
+    assert "on_failure=rollback: recovered postgres@" in text, text[-3000:]
+    assert history(url) == []
+    assert q(url, "SELECT action, outcome FROM migrations.events WHERE action = 'restore'") == [("restore", "ok")]

@@ -45,7 +45,7 @@ def find_manifest(backup_dir, backup_file, slug, identity):
         if manifest.get("kind") != MANIFEST_KIND:
             raise LedgerError("%s is not a pgBackRest restore point manifest (kind %s): a pg_dump backup is "
                               "restored with backup_method=pg_dump" % (backup_file, manifest.get("kind")))
-        manifest["manifest_path"] = backup_file
+        manifest["manifest_path"] = os.path.abspath(backup_file)
         return manifest
     found = []
     for path in glob.glob(os.path.join(str(backup_dir or ""), "*" + MANIFEST_SUFFIX)):
@@ -54,7 +54,7 @@ def find_manifest(backup_dir, backup_file, slug, identity):
         except LedgerError:
             continue
         if data.get("kind") == MANIFEST_KIND and data.get("verified") is True and same_target(data, slug, identity):
-            data["manifest_path"] = path
+            data["manifest_path"] = os.path.abspath(path)
             found.append(data)
     if not found:
         raise LedgerError("no pgBackRest restore point manifest of this target in %s: pass -e backup_file=PATH "
@@ -157,13 +157,19 @@ def _psql(inst, sock, port, db, query, timeout=None):
 
 
 def _recover(p, repo, manifest, server, new_dir, sock, port, progress):
-    """pgbackrest restore into new_dir, start it, wait for the promotion at the restore point, check it."""
+    """pgbackrest restore into new_dir, start it, let it pause at the restore point, check it, promote it.
+
+    The copy pauses there (target-action=pause) so that it is checked exactly at the restore
+    point, read-only: its replay must have stopped at the manifest's LSN (another restore point
+    of the same name earlier in the WAL would stop it sooner), and its history and row counts
+    must be the manifest's. Only then is it promoted.
+    """
     user = repo.user
     bindir = find_bindir(server["major"], p.get("pg_bindir"))
     user.makedirs(new_dir)
     progress("pgbackrest restore of %s into %s" % (manifest["backup_label"], new_dir))
     code, out, err = repo.run("--pg1-path=%s" % new_dir, "--set=%s" % manifest["backup_label"], "--type=name",
-                              "--target=%s" % manifest["restore_point"], "--target-action=promote",
+                              "--target=%s" % manifest["restore_point"], "--target-action=pause",
                               "--target-timeline=%d" % manifest["timeline"], "restore",
                               timeout=p["recovery_timeout"], check=False)
     if code != 0:
@@ -185,13 +191,17 @@ def _recover(p, repo, manifest, server, new_dir, sock, port, progress):
     while True:
         try:
             state = _psql(inst, sock, port, "postgres", "SELECT pg_is_in_recovery()::text || ' ' ||"
-                          " coalesce(pg_last_wal_replay_lsn()::text, '')", timeout=30)
+                          " pg_get_wal_replay_pause_state() || ' ' || coalesce(pg_last_wal_replay_lsn()::text, '')",
+                          timeout=30)
         except LedgerError:
             if not inst.running():
                 raise LedgerError("recovery stopped before the restore point %s: %s"
                                   % (manifest["restore_point"], inst.log_tail()))
-            state = "true "
+            state = "true not_paused "
         if state.startswith("false"):
+            raise LedgerError("the copy left recovery without pausing at %s: %s"
+                              % (manifest["restore_point"], inst.log_tail()))
+        if state.split(" ")[1] == "paused":
             break
         if time.time() > deadline:
             raise LedgerError("recovery did not reach %s within %s s (replayed up to %s)"
@@ -199,6 +209,13 @@ def _recover(p, repo, manifest, server, new_dir, sock, port, progress):
         progress("recovering to %s (%s), replayed up to %s" % (manifest["restore_point"],
                                                               manifest["restore_point_lsn"], state.split(" ")[-1]))
         time.sleep(0.3)
+    replayed = state.split(" ")[-1]
+    same = _psql(inst, sock, port, "postgres", "SELECT (pg_last_wal_replay_lsn() = '%s'::pg_lsn)::text"
+                 % manifest["restore_point_lsn"].replace("'", ""))
+    if same != "true":
+        raise LedgerError("recovery stopped at %s, not at the restore point's LSN %s: another restore point named "
+                          "%s comes first in the WAL" % (replayed, manifest["restore_point_lsn"],
+                                                        manifest["restore_point"]))
     log = inst.log_tail(200)
     stop_line = 'recovery stopping at restore point "%s"' % manifest["restore_point"]
     if stop_line not in log:
@@ -219,6 +236,10 @@ def _recover(p, repo, manifest, server, new_dir, sock, port, progress):
         raise LedgerError("the recovered copy does not match the manifest: history %s (manifest %s), row counts "
                           "differing: %s" % (history, manifest.get("applied"), check.get("row_counts_differ") or
                                              "none"), check=check)
+    check["stopped_at"] = replayed
+    progress("promoting the recovered copy")
+    if _psql(inst, sock, port, "postgres", "SELECT pg_promote(true, 120)::text", timeout=150) != "true":
+        raise LedgerError("the recovered copy did not promote within 120 s: %s" % inst.log_tail())
     inst.stop()
     return check
 
@@ -341,6 +362,8 @@ def run_restore(p, repo, target, check_mode, progress):
     try:
         with conn.cursor() as cur:
             ensure_records(cur)
+            # A run lease recovered with the data belongs to a run of before the restore point.
+            cur.execute("DELETE FROM migrations.lock WHERE run_id <> %s", (run_id,))
             cur.execute("SELECT version FROM migrations.history ORDER BY version")
             history = [r[0] for r in cur.fetchall()]
             duration = time.time() - started
