@@ -1,5 +1,7 @@
 """After the failing runs: the target is at 0009, the last good version, and nothing of 0010 is left."""
 
+import os
+
 PORT_BASE = int(os.environ.get("LEDGER_MOLECULE_PORT_BASE", "55600"))
 URL = f"postgresql://postgres@127.0.0.1:{PORT_BASE + 21}/ledger"
 
