@@ -157,6 +157,23 @@ def test_restore_point_with_an_incremental_backup(archived):
     archived["manifest"] = res["backup_file"]
 
 
+def test_check_mode_says_what_it_would_do_and_changes_nothing(archived):
+    """--check: the backup stage and the recovery report, write no manifest, no event, no directory."""
+    before = sorted(glob.glob(os.path.join(archived["backups"], "*.pitr.json")))
+    events = q(archived["url"], "SELECT count(*) FROM migrations.events")[0][0]
+    res = archived["mod"].result_of(params(archived, "backup", run_id="checkmode"), check_mode=True)
+    assert not res.get("failed") and res["changed"] and res["msg"].startswith("would take a none backup")
+    res = archived["mod"].result_of(params(archived, "restore", backup_file=before[-1]), check_mode=True)
+    assert not res.get("failed") and res["msg"].startswith("would refuse without rollback_allow_data_loss=true")
+    res = archived["mod"].result_of(params(archived, "restore", backup_file=before[-1], allow_data_loss=True),
+                                    check_mode=True)
+    assert not res.get("failed") and res["msg"].startswith("would recover (consented)")
+    data_dir = q(archived["url"], "SHOW data_directory")[0][0]
+    assert not glob.glob(data_dir + ".pitr_*")
+    assert sorted(glob.glob(os.path.join(archived["backups"], "*.pitr.json"))) == before
+    assert q(archived["url"], "SELECT count(*) FROM migrations.events")[0][0] == events
+
+
 def test_recovery_without_consent_is_refused_and_counts_the_loss(archived):
     q(archived["url"], "INSERT INTO public.pitr_probe SELECT generate_series(1001, 1050)")
     q(archived["url"], "DELETE FROM migrations.history WHERE version = '0011'")
@@ -260,3 +277,4 @@ def test_on_failure_rollback_recovers_the_run_restore_point_with_consent(archive
     assert "on_failure=rollback: recovered postgres@" in text, text[-3000:]
     assert history(url) == []
     assert q(url, "SELECT action, outcome FROM migrations.events WHERE action = 'restore'") == [("restore", "ok")]
+
