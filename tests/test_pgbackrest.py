@@ -238,6 +238,8 @@ def test_rollback_playbook_recovers_with_consent(archived, tmp_path):
     text = " ".join(out.stdout.split())  # the YAML callback wraps long messages
     assert "restore point ledger-" in text and "on full backup" in text
     assert "] pgbackrest: pgbackrest full backup" in text
+    report = Path(text.split("Run report: ")[1].split(" ")[0]).read_text()
+    assert "- Backup: restore point `ledger-" in report and ".pitr.json" in report
     q(archived["url"], "INSERT INTO public.pitr_probe SELECT generate_series(2001, 2010)")
     out = run("rollback.yml", "-e", "rollback_mode=restore")
     assert out.returncode != 0 and "rollback_allow_data_loss=true" in out.stdout

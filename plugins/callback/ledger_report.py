@@ -59,6 +59,7 @@ KEEP_KEYS = (
     "backup_file", "backup", "path", "manifest", "manifest_file", "sha256", "size", "size_bytes", "format",
     "verified", "verification", "checks", "failed_checks", "passed", "reverted", "restored", "mode",
     "stamp", "stamp_file", "set_checksum", "override", "refused", "taken", "duration_ms", "elapsed",
+    "method", "restore_point", "lsn", "timeline", "backup_label",  # backup_method=pgbackrest
 )
 FAILURE_KEYS = ("msg", "sqlstate", "file", "line", "version", "hint", "detail", "next_command", "failed_checks")
 
@@ -496,7 +497,9 @@ class CallbackModule(CallbackBase):
         manifest_file = details.get("manifest_file") or (
             details.get("manifest") if isinstance(details.get("manifest"), str) else None)
         return {"taken": True, "file": file_, "sha256": sha, "manifest": manifest_file,
-                "verified": details.get("verified", nested.get("verified", manifest.get("verified")))}
+                "verified": details.get("verified", nested.get("verified", manifest.get("verified"))),
+                "restore_point": details.get("restore_point"), "lsn": details.get("lsn"),
+                "backup_label": details.get("backup_label")}
 
     @staticmethod
     def _verify(stages):
@@ -619,6 +622,9 @@ def render_markdown(report):
         backup = tgt.get("backup")
         if backup and backup.get("file") and backup.get("sha256"):
             lines.append("- Backup: `%s` (sha256 `%s`)" % (backup["file"], backup["sha256"]))
+        elif backup and backup.get("restore_point") and backup.get("verified"):
+            lines.append("- Backup: restore point `%s` at %s on pgBackRest backup %s (manifest `%s`)"
+                         % (backup["restore_point"], backup.get("lsn"), backup.get("backup_label"), backup["file"]))
         elif backup and backup.get("file"):
             lines.append("- Backup: %s `%s`" % ("would write" if report.get("check_mode") else "not completed:",
                                                 backup["file"]))
