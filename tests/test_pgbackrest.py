@@ -194,7 +194,7 @@ def test_a_copy_that_fails_its_check_leaves_the_target_as_it_was(archived, tmp_p
     data_dir = q(archived["url"], "SHOW data_directory")[0][0]
     res = archived["mod"].result_of(params(archived, "restore", backup_file=str(bad), allow_data_loss=True,
                                            run_id="badcopy"))
-    assert res["failed"] and "does not match the manifest" in res["msg"] and "was not changed" in res["msg"]
+    assert res["failed"] and "does not match the manifest" in res["msg"] and "was not replaced" in res["msg"]
     assert q(archived["url"], "SELECT count(*) FROM public.pitr_probe")[0][0] == 150
     assert history(archived["url"]) == ["0008", "0009", "0010"]
     assert not glob.glob(data_dir + ".pitr_*") and not glob.glob(data_dir + ".pre_pitr_*")

@@ -249,9 +249,25 @@ def _swap_and_start(repo, server, new_dir, pre_dir, log, bindir):
     data_dir = server["data_directory"]
     options = postmaster_options(data_dir)
     target = Instance(repo.user, bindir, data_dir, log)
-    target.stop()
-    os.rename(data_dir, pre_dir)
-    os.rename(new_dir, data_dir)
+
+    def restart_as_it_was(why):
+        back, _o, _e = target.start(options, check=False) if not target.running() else (0, "", "")
+        raise LedgerError("%s; the target's own data directory was left in place and %s"
+                          % (why, "the target runs again as it was" if back == 0 else
+                             "it did NOT start: start it by hand (%s)" % target.log_tail(3)))
+    try:
+        target.stop()
+    except LedgerError as exc:
+        restart_as_it_was("could not stop the target for the swap: %s" % exc.msg)
+    try:
+        os.rename(data_dir, pre_dir)
+    except OSError as exc:
+        restart_as_it_was("could not move %s aside: %s" % (data_dir, exc))
+    try:
+        os.rename(new_dir, data_dir)
+    except OSError as exc:
+        os.rename(pre_dir, data_dir)
+        restart_as_it_was("could not move the recovered copy into %s: %s" % (data_dir, exc))
     code, out, err = target.start(options, check=False)
     if code == 0:
         return
@@ -344,8 +360,8 @@ def run_restore(p, repo, target, check_mode, progress):
                 shutil.rmtree(new_dir, ignore_errors=True)
             shutil.rmtree(sock, ignore_errors=True)
     except LedgerError as exc:
-        msg = ("point-in-time recovery of %s to %s failed: %s. The target was not changed (the copy was removed); "
-               "re-run after the fix: %s" % (target, rp, exc.msg, p["rerun_command"]))
+        msg = ("point-in-time recovery of %s to %s failed: %s. The target's data directory was not replaced (the "
+               "copy was removed); re-run after the fix: %s" % (target, rp, exc.msg, p["rerun_command"]))
         log_event_autonomous(url, run_id, "restore", "failed", duration_ms=int((time.time() - started) * 1000),
                              detail=dict(redact_obj(fields), error=redact(exc.msg)))
         raise LedgerError(msg, **dict(exc.fields, **fields))
