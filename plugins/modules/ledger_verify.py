@@ -118,13 +118,16 @@ KNOWN_VERSIONS = ("0008", "0009", "0010", "0011")
 TS = "timestamp with time zone"
 VERSIONS = {
     "0008": {"schemas": ["app"], "relations": [],
-             "functions": ["app.current_community_id()", "app.set_community_context(uuid)"]},
-    "0009": {"relations": ["public.credit_lots", "public.lot_entries", "public.lot_balances"],
-             "functions": ["public.prevent_mutation()", "app.update_lot_status(uuid,text)"]},
+             "functions": ["app.current_community_id()", "app.set_community_context(uuid)",
+                           "public.require_tenant_context()"]},
+    "0009": {"relations": ["public.credit_lots", "public.lot_entries", "public.credit_lot_balances",
+                           "public.lot_balances"],
+             "functions": ["public.prevent_mutation()", "app.update_lot_status(uuid,text)",
+                           "public.open_lot_balance()", "public.apply_lot_entry()"]},
     "0010": {"relations": ["public.webhook_events", "public.crypto_payments"],
              "functions": ["public.enforce_payment_status_monotonicity()"]},
     "0011": {"relations": ["public.usage_events", "public.s2s_jwks_public_keys", "public.reconciliation_cursor"],
-             "functions": []},
+             "functions": ["public.guard_jwks_key()", "public.guard_reconciliation_fence()"]},
 }
 VIEWS = {"public.lot_balances"}
 
@@ -134,6 +137,9 @@ COLUMNS = {
     "public.lot_entries": [("id", "uuid"), ("lot_id", "uuid"), ("community_id", "uuid"), ("entry_type", "text"),
                            ("amount_micro", "bigint"), ("reservation_id", "text"), ("usage_event_id", "text"),
                            ("reference_id", "text"), ("created_at", TS)],
+    "public.credit_lot_balances": [("lot_id", "uuid"), ("community_id", "uuid"), ("amount_micro", "bigint"),
+                                   ("credit_micro", "bigint"), ("credit_back_micro", "bigint"),
+                                   ("debited_micro", "bigint"), ("remaining_micro", "bigint")],
     "public.lot_balances": [("lot_id", "uuid"), ("community_id", "uuid"), ("source", "text"),
                             ("original_micro", "bigint"), ("status", "text"), ("expires_at", TS), ("created_at", TS),
                             ("credited_micro", "bigint"), ("debited_micro", "bigint"), ("remaining_micro", "bigint")],
@@ -156,11 +162,14 @@ COLUMNS = {
                                      ("drift_micro", "bigint"), ("updated_at", TS)],
 }
 
-# Tenant-scoped tables (RLS enabled and forced) and the column that identifies verify's rows.
-TENANT_TABLES = ["public.credit_lots", "public.lot_entries", "public.crypto_payments", "public.usage_events",
-                 "public.reconciliation_cursor"]
+# Tenant tables the application writes with its context, and the column that identifies verify's rows.
+TENANT_TABLES = ["public.credit_lots", "public.lot_entries", "public.crypto_payments", "public.usage_events"]
+# RLS enabled and forced (the balances are written by the database, read through lot_balances).
+RLS_TABLES = TENANT_TABLES + ["public.credit_lot_balances"]
+# Keyed by community but kept by a service without a tenant (no RLS, by design).
+SERVICE_TABLES = ["public.reconciliation_cursor"]
 KEY_COLUMN = {"public.credit_lots": "id", "public.lot_entries": "id", "public.crypto_payments": "id",
-              "public.usage_events": "event_id", "public.reconciliation_cursor": "community_id",
+              "public.usage_events": "event_id",
               "public.lot_balances": "lot_id"}
 # Append-only tables and a column whose change must be refused.
 APPEND_ONLY = {"public.credit_lots": "amount_micro", "public.lot_entries": "amount_micro",
@@ -170,14 +179,16 @@ MONOTONIC_FUNCTION = "public.enforce_payment_status_monotonicity"
 
 # Exactly what arrakis_app holds (files/migrations: the GRANTs of 0009-0011).
 APP_PRIVILEGES = {
-    "public.credit_lots": {"SELECT", "INSERT"},
+    # UPDATE(status): what SELECT ... FOR UPDATE OF credit_lots needs; the trigger refuses the rest.
+    "public.credit_lots": {"SELECT", "INSERT", "UPDATE(status)"},
     "public.lot_entries": {"SELECT", "INSERT"},
+    "public.credit_lot_balances": {"SELECT"},
     "public.lot_balances": {"SELECT"},
     "public.webhook_events": {"SELECT", "INSERT"},
     "public.crypto_payments": {"SELECT", "INSERT", "UPDATE(amount_crypto,checkout_url,credits_mint_lot_id,"
-                                                   "credits_minted_at,metadata,status)"},
+                                                   "credits_minted_at,metadata,payment_id,status,updated_at)"},
     "public.usage_events": {"SELECT", "INSERT"},
-    "public.s2s_jwks_public_keys": {"SELECT", "INSERT"},
+    "public.s2s_jwks_public_keys": {"SELECT", "INSERT", "UPDATE(revoked_at)"},
     "public.reconciliation_cursor": {"SELECT", "INSERT", "UPDATE(drift_micro,last_fence_token,"
                                                          "last_processed_event_id,last_reconciled_at,updated_at)"},
 }
@@ -475,7 +486,7 @@ def check_structure(cur, rep, applied, source, app_role):
                 rep.add("structure", "view_security_invoker", rel, invoker,
                         "reloptions %s" % (options or "{}"), "security_invoker=true (the caller's RLS applies)",
                         version=version)
-            if rel in TENANT_TABLES:
+            if rel in RLS_TABLES:
                 rep.add("structure", "rls_enabled", rel, rls, "relrowsecurity = %s" % rls, "true", version=version)
                 rep.add("structure", "rls_forced", rel, forced, "relforcerowsecurity = %s" % forced, "true",
                         version=version)
@@ -711,6 +722,7 @@ class Behaviour:
             self.webhooks()
             self.jwks()
             self.cursor()
+            self.guarantees()
 
     def guard_check(self, group=None):
         def fn():
@@ -729,16 +741,19 @@ class Behaviour:
         if not self.has("0009"):
             return
 
-        # SET ROLE arrakis_app; SELECT * FROM credit_lots; -- Expected: 0 rows
-        def select_nothing():
+        # SET ROLE arrakis_app; SELECT * FROM credit_lots; -- Expected: 0 rows. This ledger deliberately
+        # raises P0001 instead: a sweep that forgot its context must fail, not find nothing to do.
+        def select_raises():
             self.as_app()
             self.context(None)
-            n = self.one("SELECT count(*) FROM public.credit_lots")[0]
-            if n:
-                raise CheckFailed("%s without a context sees %d row(s)" % (self.app_role, n))
-            return "%s without a context sees 0 rows" % self.app_role
-        self.check("select_without_context_sees_nothing", "public.credit_lots", select_nothing, "0 rows", "0009",
-                   group="runbook")
+            out = attempt(self.cur, "SELECT count(*) FROM public.credit_lots")
+            if out.sqlstate != "P0001":
+                raise CheckFailed("%s without a context: %s" % (self.app_role, out.describe()))
+            return ("%s without a context: %s; this ledger deliberately raises instead of the runbook's '0 rows' (a"
+                    " sweep that forgot its context must fail loudly, not see an empty ledger)"
+                    % (self.app_role, out.describe()))
+        self.check("select_without_context_raises", "public.credit_lots", select_raises,
+                   "ERROR P0001 (the runbook says 0 rows; raising is deliberate)", "0009", group="runbook")
 
         # INSERT INTO credit_lots ... -- Expected: ERROR (RLS blocks without SET LOCAL). Run as the
         # application role: the migration user (a superuser or BYPASSRLS) is not held to RLS.
@@ -778,10 +793,6 @@ class Behaviour:
                  " tokens_output, amount_micro, reservation_id, finalization_id, fence_token)"
                  " VALUES (gen_random_uuid(), %(t)s, 'verify-nft', 'verify-pool', 100, 50, 1500, %(pid)s,"
                  " %(pid)s, 1) RETURNING event_id", {}),
-            ],
-            "public.reconciliation_cursor": [
-                ("INSERT INTO public.reconciliation_cursor (community_id, last_fence_token) VALUES (%(t)s, 1)"
-                 " RETURNING community_id", {}),
             ],
         }
         amounts = {"A": 10000000, "B": 7000000}
@@ -878,15 +889,11 @@ class Behaviour:
                 self.as_app()
                 self.context(None)
                 out = attempt(self.cur, "SELECT count(*) FROM %s" % rel)
-                if out.error:
-                    if out.sqlstate == "P0001":
-                        return "without a context the read is refused (%s)" % format_pg_error(out.error)
-                    raise CheckFailed("without a context: unexpected " + format_pg_error(out.error))
-                n = out.rows[0][0]
-                if n:
-                    raise CheckFailed("%s without a context sees %d row(s)" % (self.app_role, n))
-                return "%s without a context sees 0 rows" % self.app_role
-            self.check("no_context_sees_nothing", rel, fn, "0 rows (or P0001)")
+                if out.sqlstate == "P0001":
+                    return ("without a context the read raises (%s), deliberately instead of the runbook's 0 rows"
+                            % format_pg_error(out.error))
+                raise CheckFailed("%s without a context: %s" % (self.app_role, out.describe()))
+            self.check("no_context_raises", rel, fn, "ERROR P0001 naming app.community_id")
 
     def _tenant_insert(self, rel, community, lot=None):
         m = "verify-%s-x-%s" % (self.marker, uuid.uuid4().hex[:6])
@@ -902,8 +909,6 @@ class Behaviour:
         if rel == "public.usage_events":
             return ("INSERT INTO public.usage_events (community_id, amount_micro, finalization_id)"
                     " VALUES (%s, 1, %s)", (community, m))
-        if rel == "public.reconciliation_cursor":
-            return ("INSERT INTO public.reconciliation_cursor (community_id) VALUES (%s)", (community,))
         raise ValueError(rel)
 
     def cross_tenant_inserts(self):
@@ -1166,10 +1171,13 @@ class Behaviour:
             return
 
         def advance():
-            self.need("public.reconciliation_cursor", "A")
             event = (self.rows.get("public.usage_events", {}).get("A") or [None])[0]
             self.as_app()
-            self.context("A")
+            self.context(None)  # the reconciler is a service, not a tenant
+            for tenant in ("A", "B"):
+                self.cur.execute("INSERT INTO public.reconciliation_cursor (community_id, last_fence_token)"
+                                 " VALUES (%s, 1)", (self.tenants[tenant],))
+            self.rows["public.reconciliation_cursor"] = {t: [self.tenants[t]] for t in ("A", "B")}
             self.cur.execute("UPDATE public.reconciliation_cursor SET last_fence_token = 2,"
                              " last_processed_event_id = %s, last_reconciled_at = now(), drift_micro = 0,"
                              " updated_at = now() WHERE community_id = %s AND last_fence_token = 1",
@@ -1177,12 +1185,140 @@ class Behaviour:
             updated = self.cur.rowcount
             token = self.one("SELECT last_fence_token FROM public.reconciliation_cursor WHERE community_id = %s",
                              (self.tenants["A"],))[0]
-            text = "created at fence 1, compare-and-set advanced %d row(s), now at fence %s" % (updated, token)
+            text = ("without a tenant context: created at fence 1, compare-and-set advanced %d row(s), now at fence %s"
+                    % (updated, token))
             if updated != 1 or token != 2:
                 raise CheckFailed(text)
             return text
         self.check("reconciliation_cursor_advanced", "public.reconciliation_cursor", advance,
                    "created, then advanced to fence 2")
+
+    # ---- money guarantees (issue 12): enforced by PostgreSQL whoever writes, app or owner
+    def _refused(self, who, query, params, sqlstates):
+        (self.as_app if who == "app" else self.as_self)()
+        out = attempt(self.cur, query, params)
+        text = "%s: %s" % (self.app_role if who == "app" else self.self_role, out.describe())
+        if out.sqlstate not in sqlstates:
+            raise CheckFailed(text)
+        return text
+
+    def guarantees(self):
+        entry = ("INSERT INTO public.lot_entries (lot_id, community_id, entry_type, amount_micro)"
+                 " VALUES (%s, %s, %s, %s)")
+        if self.has("0009"):
+            def overdraft():
+                lot = self.need("public.credit_lots", "A")[0]
+                self.need("public.lot_entries", "A")
+                self.as_app()
+                self.context("A")
+                remaining = self.one("SELECT remaining_micro FROM public.lot_balances WHERE lot_id = %s", (lot,))[0]
+                seen = []
+                for who in ("app", "owner"):
+                    for kind, amount in (("debit", remaining + 1), ("expiry", remaining + 1), ("credit", 1),
+                                         ("credit_back", 10 ** 15)):
+                        seen.append("%s of %s: %s" % (kind, amount, self._refused(
+                            who, entry, (lot, self.tenants["A"], kind, amount), ("23514",))))
+                return "lot with %s remaining; %s" % (remaining, "; ".join(seen))
+            self.check("lot_never_overdrawn", "public.lot_entries", overdraft,
+                       "ERROR 23514 for the application and the owner", "0009")
+
+            def matches_journal():
+                lines = []
+                for tenant in ("A", "B"):
+                    lot = self.need("public.credit_lots", tenant)[0]
+                    self.as_app()
+                    self.context(tenant)
+                    view, journal = self.one(
+                        "SELECT (SELECT remaining_micro FROM public.lot_balances WHERE lot_id = %s),"
+                        " (SELECT sum(CASE WHEN entry_type IN ('credit', 'credit_back') THEN amount_micro"
+                        " ELSE -amount_micro END) FROM public.lot_entries WHERE lot_id = %s)", (lot, lot))
+                    text = "tenant %s: lot_balances.remaining_micro %s, journal %s" % (tenant, view, journal)
+                    if view != journal:
+                        raise CheckFailed(text)
+                    lines.append(text)
+                return "; ".join(lines)
+            self.check("balance_matches_journal", "public.credit_lot_balances", matches_journal,
+                       "the maintained balance equals the sum of the lot's entries", "0009")
+
+            def journal_only():
+                return "; ".join(self._refused(who, "UPDATE public.credit_lot_balances SET debited_micro = 0", None,
+                                               ("42501",) if who == "app" else ("P0002",))
+                                 for who in ("app", "owner"))
+            self.check("balance_written_by_journal_only", "public.credit_lot_balances", journal_only,
+                       "ERROR 42501 for the application, P0002 for the owner", "0009")
+
+            def row_lock():
+                lot = self.need("public.credit_lots", "B")[0]
+                self.as_app()
+                self.context("B")
+                out = attempt(self.cur, "SELECT l.id FROM public.lot_balances AS b JOIN public.credit_lots AS l"
+                              " ON l.id = b.lot_id WHERE l.id = %s FOR UPDATE OF l", (lot,), keep=True)
+                if out.error:
+                    raise CheckFailed("%s's SELECT ... FOR UPDATE OF credit_lots: %s" % (self.app_role, out.describe()))
+                self.cur.execute("SELECT app.update_lot_status(%s, 'depleted')", (lot,))
+                again = attempt(self.cur, "SELECT app.update_lot_status(%s, 'depleted')", (lot,), keep=True)
+                if again.error:
+                    raise CheckFailed("marking a depleted lot again: " + again.describe())
+                return ("%s locked its lot FOR UPDATE OF credit_lots and marked it depleted twice (the second a no-op)"
+                        % self.app_role)
+            self.check("debit_path_locks_lots", "public.credit_lots", row_lock,
+                       "the application's lock works; re-marking a final lot is a no-op", "0009")
+
+            def bounded():
+                self.context("A")
+                return self._refused("app", "INSERT INTO public.credit_lots (community_id, source, amount_micro)"
+                                     " VALUES (%s, 'seed', 1000000000000001)", (self.tenants["A"],), ("23514",))
+            self.check("amounts_bounded", "public.credit_lots", bounded, "ERROR 23514 above 10^15 micro-USD", "0009")
+
+        if self.has("0010"):
+            def final_status():
+                pay = self.need("public.crypto_payments", "A")[0]
+                self.as_app()
+                self.context("A")
+                status = self.one("SELECT status FROM public.crypto_payments WHERE id = %s", (pay,))[0]
+                self.cur.execute("UPDATE public.crypto_payments SET status = 'finished', updated_at = now()"
+                                 " WHERE id = %s", (pay,))
+                texts = ["%s -> finished" % status]
+                for who in ("app", "owner"):
+                    texts.append("finished -> expired by " + self._refused(
+                        who, "UPDATE public.crypto_payments SET status = 'expired' WHERE id = %s", (pay,), ("23514",)))
+                    texts.append("payment_id changed by " + self._refused(
+                        who, "UPDATE public.crypto_payments SET payment_id = payment_id || '-x' WHERE id = %s",
+                        (pay,), ("P0002",)))
+                return "; ".join(texts)
+            self.check("payment_final_and_id_once", "public.crypto_payments", final_status,
+                       "after finished only refunded; payment_id set once (23514 / P0002, app and owner)", "0010")
+
+        if self.has("0011"):
+            def fence():
+                tenant = self.tenants["A"]
+                self.as_app()
+                self.context(None)
+                self.cur.execute("INSERT INTO public.reconciliation_cursor (community_id, last_fence_token)"
+                                 " VALUES (%s, 5) ON CONFLICT (community_id) DO UPDATE SET last_fence_token = 5",
+                                 (tenant,))
+                return "; ".join("fence 5 -> 0 without a compare-and-set by " + self._refused(
+                    who, "UPDATE public.reconciliation_cursor SET last_fence_token = 0 WHERE community_id = %s",
+                    (tenant,), ("23514",)) for who in ("app", "owner"))
+            self.check("fence_never_moves_back", "public.reconciliation_cursor", fence,
+                       "ERROR 23514 whatever the statement", "0011")
+
+            def revoke_once():
+                kid = jwks_kid(self.marker)
+                self.as_app()
+                self.cur.execute("UPDATE public.s2s_jwks_public_keys SET revoked_at = now() WHERE kid = %s", (kid,))
+                if self.cur.rowcount != 1:
+                    raise CheckFailed("%s revoked %d key(s) %s" % (self.app_role, self.cur.rowcount, kid))
+                texts = ["%s revoked key %s" % (self.app_role, kid)]
+                for who in ("app", "owner"):
+                    texts.append("revocation cleared by " + self._refused(
+                        who, "UPDATE public.s2s_jwks_public_keys SET revoked_at = NULL WHERE kid = %s", (kid,),
+                        ("P0002",)))
+                texts.append("material changed by " + self._refused(
+                    "owner", "UPDATE public.s2s_jwks_public_keys SET x = x || 'x' WHERE kid = %s", (kid,), ("P0002",)))
+                return "; ".join(texts)
+            self.check("key_revoked_once", "public.s2s_jwks_public_keys", revoke_once,
+                       "the application revokes; a revocation is never cleared, material never changes", "0011")
 
 
 # --------------------------------------------------------------------------- PgBouncer
@@ -1390,7 +1526,7 @@ def leftover_rows(conn, tenants, markers, applied, statement_timeout_ms):
             if not cur.fetchone()[0]:
                 continue
             n = 0
-            if rel in TENANT_TABLES:
+            if rel in TENANT_TABLES + SERVICE_TABLES:
                 for tenant in tenants:
                     if "0008" in applied:
                         cur.execute("SELECT set_config('app.community_id', %s, true)", (tenant,))
