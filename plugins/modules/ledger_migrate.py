@@ -66,6 +66,12 @@ options:
     description:
       - Identifier of this run, written to every event and history row. Generated when empty.
     type: str
+  run_options:
+    description:
+      - The options of the ansible-playbook run (-i, -l, each -e, vault options) that every next command carries.
+      - Set by the collection's action plugin from the command line; a task rarely sets it.
+    type: list
+    elements: str
   lock_timeout:
     description:
       - C(lock_timeout) of every migration transaction (PostgreSQL duration such as C(2s) or C(500ms)).
@@ -288,6 +294,7 @@ invalid_indexes:
 """
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import RUN_OPTIONS_SPEC
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, describe_target
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_engine import (
@@ -429,6 +436,7 @@ ARGUMENT_SPEC = dict(
                 choices=["apply", "status", "baseline", "accept_checksum", "revert"]),
     target=dict(type="str"),
     run_id=dict(type="str"),
+    run_options=RUN_OPTIONS_SPEC,
     lock_timeout=dict(type="str", default="2s"),
     statement_timeout=dict(type="str", default="0"),
     lock_retries=dict(type="int", default=3),

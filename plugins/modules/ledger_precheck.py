@@ -56,6 +56,7 @@ options:
   maintenance_window: {description: "Window {start: 'HH:MM', end: 'HH:MM', days: [mon, ...], timezone: UTC}.", type: dict}
   terminate_idle_minutes: {description: "Opt-in remedy: terminate idle sessions older than this many minutes.", type: float}
   run_id: {description: Run id for the event., type: str}
+  run_options: {description: The ansible-playbook options (-i -l -e vault) every next command carries; set by the action plugin., type: list, elements: str}
   rerun_command: {description: The command an operator runs after fixing a refusal., type: str}
   connect_timeout: {description: Seconds to wait for a connection., type: int, default: 10}
 author: Arrakis platform team (@arrakis-platform)
@@ -84,6 +85,7 @@ terminated: {description: "Sessions ended by terminate_idle_minutes (or that wou
 import time
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module, with_defaults
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import RUN_OPTIONS_SPEC, playbook_command
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
     LedgerError, connect, describe_target, format_pg_error, log_event_autonomous,
     pg_error, redact, redact_obj,
@@ -141,6 +143,7 @@ ARGUMENT_SPEC = dict(
     maintenance_window=dict(type="dict"),
     terminate_idle_minutes=dict(type="float"),
     run_id=dict(type="str"),
+    run_options=RUN_OPTIONS_SPEC,
     rerun_command=dict(type="str"),
     connect_timeout=dict(type="int", default=10),
 )
@@ -294,7 +297,8 @@ def run_precheck(params, check_mode=False, now_utc=None):
         "database_size_bytes": facts["db_size"] if facts else None,
         "environment": p["environment"], "duration_s": round(time.time() - started, 3), "check_mode": check_mode,
     }
-    rerun = p.get("rerun_command") or "ansible-playbook playbooks/precheck.yml -l <target>"
+    rerun = p.get("rerun_command") or "the same ansible-playbook command (to re-check alone: `%s`)" % (
+        playbook_command("precheck"))
     if failed:
         lines = ["precheck refused %s: %d of %d checks failed (nothing was changed)" % (
             target, len(failed), len([c for c in checks if c["passed"] is not None]))]
