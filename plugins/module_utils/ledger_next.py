@@ -14,9 +14,13 @@ playbook, a test) a command carries `-l <limit>`.
 
 from __future__ import annotations
 
+import re
 import shlex
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import Advice
+
+# `<limit>`, `rollback_to=VERSION|base`: written as they are, for the operator to replace.
+PLACEHOLDER = re.compile(r"<[a-z_]+>|[a-z_]+=VERSION\|base")
 
 # The options of the current module call (set by use_run_options; one module call per process).
 _RUN = {"options": None}
@@ -94,7 +98,14 @@ def playbook_command(playbook, limit=None, extra=""):
     elif "-l" not in options and limit:
         options = ["-l", limit] + list(options)
     options = _without(options, _extra_keys(extra_tokens))
-    return shlex.join(["ansible-playbook", "playbooks/%s.yml" % playbook] + options + extra_tokens)
+    return " ".join(_quote(t) for t in ["ansible-playbook", "playbooks/%s.yml" % playbook] + options + extra_tokens)
+
+
+def _quote(token):
+    """shlex.quote, except for a placeholder the operator replaces (`<limit>`, `VERSION|base`)."""
+    if PLACEHOLDER.fullmatch(token):
+        return token
+    return shlex.quote(token)
 
 
 class PlaybookAdvice(Advice):

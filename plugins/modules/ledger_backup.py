@@ -83,7 +83,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import (
     run_tool,
     FORMAT_SUFFIX, MANIFEST_FORMAT, apply_retention, backup_basename, check_backup_dir, count_rows,
-    ensure_backup_dir, find_bindir, full_read_check, human_bytes, libpq_env, path_size, server_identity,
+    reserve_backup_path, ensure_backup_dir, find_bindir, full_read_check, human_bytes, libpq_env, path_size, server_identity,
     sha256_path, target_slug, tool_major, tool_version, utc_iso, utc_stamp, write_manifest,
 )
 
@@ -282,14 +282,9 @@ def run_backup(params, check_mode=False):
     slug = target_slug(url)
     stamp = utc_stamp()
     backup_dir = os.path.abspath(params["backup_dir"])
-    name = backup_basename(slug, facts["schema_version"], stamp) + FORMAT_SUFFIX[fmt]
-    final_path = os.path.join(backup_dir, name)
-    suffix = 2
-    while os.path.exists(final_path):
-        name = backup_basename(slug, facts["schema_version"], "%s-%d" % (stamp, suffix)) + FORMAT_SUFFIX[fmt]
-        final_path = os.path.join(backup_dir, name)
-        suffix += 1
-    partial = final_path + ".partial"
+    # The name a --check run reports; a real run reserves it (or the next free one) exclusively below.
+    final_path = os.path.join(backup_dir, backup_basename(slug, facts["schema_version"], stamp, run_id)
+                              + FORMAT_SUFFIX[fmt])
     needed = int(facts["db_size"] * float(params.get("space_margin") or 1.2))
     verify_method = "pg_dump exit status + sha256 + full read (pg_restore -f /dev/null)"
     if verify == "restore":
@@ -328,6 +323,10 @@ def run_backup(params, check_mode=False):
     old_umask = os.umask(0o077)
     try:
         created_dir = ensure_backup_dir(backup_dir)
+        # Every file of this run is its own: two runs in one second never share a name (run id in it,
+        # the partial created with O_EXCL / mkdir).
+        final_path, partial = reserve_backup_path(backup_dir, slug, facts["schema_version"], stamp, run_id,
+                                                  FORMAT_SUFFIX[fmt], directory=fmt == "directory")
         return _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, partial, final_path,
                                 fmt, jobs, compress, verify, connect_timeout, started, started_at, created_dir)
     finally:
