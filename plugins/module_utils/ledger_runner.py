@@ -24,8 +24,9 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
 
 try:
     import psycopg2
+    from psycopg2.extensions import quote_ident
 except ImportError:  # pragma: no cover - connect() reports it
-    psycopg2 = None
+    psycopg2 = quote_ident = None
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import (
@@ -137,6 +138,19 @@ def _blockers(conn, s):
     except Exception:  # noqa: BLE001 - diagnostics only
         safe_rollback(conn)
         return []
+
+
+def _stats_blind_role(conn):
+    """The current role when it cannot see other roles' queries (neither superuser nor pg_read_all_stats), else None."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_user, r.rolsuper OR pg_catalog.pg_has_role(current_user, 'pg_read_all_stats',"
+                        " 'USAGE') FROM pg_catalog.pg_roles r WHERE r.rolname = current_user")
+            row = cur.fetchone()
+            return None if row is None or row[1] else row[0]
+    except Exception:  # noqa: BLE001 - diagnostics only
+        safe_rollback(conn)
+        return None
 
 
 def invalid_indexes(conn):
@@ -444,6 +458,11 @@ class Runner(object):
         }
         if err.get("sqlstate") in RETRIABLE:
             fields["blockers"] = _blockers(self.conn, self.s) if not self.conn.closed else []
+            if not fields["blockers"] and not self.conn.closed:
+                role = _stats_blind_role(self.conn)
+                if role:
+                    fields["blockers_hidden_from"] = role
+                    fields["blockers_grant"] = "GRANT pg_read_all_stats TO %s;" % quote_ident(role, self.conn)
         if extra:
             fields.update(extra)
         where = "%s line %s" % (filename, line) if line else filename
@@ -461,6 +480,11 @@ class Runner(object):
             for b in fields.get("blockers") or []:
                 msg += ("\n  likely blocker: pid %s (%s, %s, %s, transaction open %ss): %s"
                         % (b["pid"], b["user"], b["application"], b["state"], b["xact_age_s"], b["query"]))
+            if fields.get("blockers_hidden_from"):
+                role = fields["blockers_hidden_from"]
+                msg += ("\n  likely blocker: none visible: the role %s cannot see other roles' sessions in"
+                        " pg_stat_activity (a superuser can; or run `%s` so that it can name them)"
+                        % (role, fields["blockers_grant"]))
         elif err.get("sqlstate") == "57014":
             msg += "\n  the statement ran longer than statement_timeout=%s" % self.s["statement_timeout_sql"]
         if advice:
