@@ -51,6 +51,7 @@ DEFAULTS = {
     "lock_wait": None,  # lock_ttl + LOCK_WAIT_MARGIN: a re-run right after a killed run outwaits its lease
     "lock_ttl": 60.0,
     "connection_check": "1s",
+    "commit_settle_s": 120.0,  # see COMMIT_SETTLE_SECONDS
 }
 
 
@@ -278,10 +279,11 @@ def run_in_tx(conn, lease, s, statements, finish):
                     lease.renew_in_tx(cur)
             except psycopg2.Error as exc:
                 raise StepFailed(one_line(pg_error(exc)), None, lost=exc.pgcode is None)
+        backend_pid = conn.get_backend_pid()
         try:
             conn.commit()
         except psycopg2.Error as exc:
-            raise CommitUnknown(pg_error(exc))
+            raise CommitUnknown(pg_error(exc), backend_pid)
         return ms
     except BaseException:
         safe_rollback(conn)
@@ -292,9 +294,39 @@ def run_in_tx(conn, lease, s, statements, finish):
 
 
 class CommitUnknown(Exception):
-    def __init__(self, err):
+    """The reply to COMMIT never came: the server may have committed, or may still be committing."""
+
+    def __init__(self, err, backend_pid=None):
         super(CommitUnknown, self).__init__(err.get("message"))
         self.err = err
+        self.backend_pid = backend_pid
+
+
+# How long the truth about a lost COMMIT is waited for: the old backend may still be running it
+# (deferred triggers, synchronous replication). Beyond this, the outcome is reported as unknown.
+COMMIT_SETTLE_SECONDS = DEFAULTS["commit_settle_s"]
+
+
+def wait_backend_gone(conn, pid, timeout=COMMIT_SETTLE_SECONDS):
+    """Wait until backend `pid` has ended (its COMMIT then either happened or not); True if it has.
+
+    pg_stat_activity lists every backend's pid to every role, so this works without privileges.
+    Only after the backend is gone does the history tell the truth: while it is still committing,
+    a reader sees the state before its transaction.
+    """
+    if not pid:
+        return True
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_catalog.pg_stat_activity WHERE pid = %s", (pid,))
+            if cur.fetchone() is None:
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
 
 
 class Runner(object):
@@ -398,6 +430,11 @@ class Runner(object):
         It is reset and closed after the file, so nothing the file sets outlives it.
         """
         return connect(self.direct_url or self.url, autocommit=True)
+
+    def settle_commit(self, exc):
+        """After CommitUnknown: a new connection, and the old backend gone (True) or still running (False)."""
+        self.reconnect()
+        return wait_backend_gone(self.conn, exc.backend_pid, self.s.get("commit_settle_s", COMMIT_SETTLE_SECONDS))
 
     def reconnect(self):
         try:
