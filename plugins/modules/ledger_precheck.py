@@ -90,6 +90,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
     LedgerError, connect, describe_target, format_pg_error, log_event_autonomous,
     pg_error, redact, redact_obj,
 )
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_migration_set import load_migration_set
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import check_backup_dir, ensure_backup_dir, human_bytes
 
 try:
@@ -112,6 +113,8 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_precheck_ser
     check_pgbouncer,
     check_replication,
     check_roles,
+    check_stage_privileges,
+    down_drops,
     check_version,
     not_run,
     terminate_idle,
@@ -162,6 +165,21 @@ def _server_facts(cur):
     return {"server_version": version, "server_major": num // 10000, "db_size": size, "records": records}
 
 
+def _down_drops(migrations_dir):
+    """What the set's down scripts drop; an unreadable set is the migration_set check's to report."""
+    if not migrations_dir:
+        return []
+    try:
+        texts = []
+        for m in load_migration_set(migrations_dir):
+            if m.down_path:
+                with open(m.down_path, encoding="utf-8", errors="replace") as fh:
+                    texts.append(fh.read())
+        return down_drops(texts)
+    except (LedgerError, OSError):
+        return []
+
+
 def run_precheck(params, check_mode=False, now_utc=None):
     """Every check, in one call. Returns the result dict; result['failed'] tells whether the run must stop."""
     p = _defaults(params)
@@ -190,9 +208,11 @@ def run_precheck(params, check_mode=False, now_utc=None):
                 checks.append(check_version(facts, p["accepted_versions"]))
                 checks.append(check_backup_privilege(cur))
                 checks.extend(check_roles(cur, p["app_role"], p["required_roles"]))
+                checks.append(check_stage_privileges(cur, p["app_role"], _down_drops(p.get("migrations_dir"))))
                 checks.extend(check_replication(cur, p["max_replication_lag"]))
         else:
-            for name in ("backup_privilege", "app_role_login", "required_roles", "replication_lag",
+            for name in ("backup_privilege", "app_role_login", "required_roles", "stage_privileges",
+                         "replication_lag",
                          "replication_slots"):
                 checks.append(not_run(name, "no connection to %s" % target))
 

@@ -20,9 +20,10 @@ import pytest
 import yaml
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import ensure_records, log_event
+from ledgertest import RUNBOOK_SET
 
 ROOT = Path(__file__).resolve().parents[2]
-MIGRATIONS = ROOT / "files" / "migrations"
+MIGRATIONS = RUNBOOK_SET  # the runbook's 0008-0011, whatever else files/migrations holds
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).parent / "ansible-playbook")
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 from pghelpers import history, q
+from ledgertest import RUNBOOK_SET
 
 ROOT = Path(__file__).resolve().parents[2]
-MIGRATIONS = ROOT / "files" / "migrations"
+MIGRATIONS = RUNBOOK_SET  # the runbook's 0008-0011, whatever else files/migrations holds
 PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 FAILING_0012 = "-- 0012: fails at apply time, on purpose\nCREATE TABLE public.rb_probe (id int);\nSELECT 1 / 0;\n"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import pgcluster
+from ledgertest import RUNBOOK_SET
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
@@ -50,7 +51,8 @@ def test_starting_twice_is_harmless(pg_cluster):
 def _migrate_local(database_url, tmp_path):
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1", DATABASE_URL=database_url,
                ANSIBLE_HOME=str(tmp_path / ".ansible"))
-    res = subprocess.run([str(PLAYBOOK), "playbooks/migrate.yml", "-l", "local", "-e", f"backup_dir={tmp_path}/b"],
+    res = subprocess.run([str(PLAYBOOK), "playbooks/migrate.yml", "-l", "local", "-e", f"backup_dir={tmp_path}/b",
+                          "-e", f"migrations_dir={RUNBOOK_SET}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     return res.returncode, res.stdout + res.stderr
 
