@@ -241,7 +241,9 @@ def _next_after_failure(r, filename, line, err=None, lost=False):
         first = "fix %s%s and re-run `%s`" % (filename, " (line %s)" % line if line else "", rerun)
     if r.done:
         back = r.version_before or "base"
-        return "%s; or undo what this run applied with `%s`" % (first, r.advice.rollback("-e rollback_to=%s" % back))
+        return ("%s; the target is at %s (this run applied %s); or undo what this run applied with `%s`"
+                % (first, last_good, ", ".join(d["version"] for d in r.done),
+                   r.advice.rollback("-e rollback_to=%s" % back)))
     return ("%s; the target stays at %s (to go back further: `%s`)"
             % (first, last_good or "no version", r.advice.rollback("-e rollback_to=VERSION|base")))
 

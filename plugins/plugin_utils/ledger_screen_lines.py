@@ -106,7 +106,24 @@ def stage_line(action, res, check_mode=False):
         return migrate_line(res, check_mode)
     if action == "ledger_verify":
         return None if res.get("verification_failed") else verify_line(res)
+    if action == "ledger_rollback":
+        return rollback_line(res)
     return None
+
+
+def rollback_line(res):
+    """The down-script statements a revert plan's rehearsal did not run (its debug task shows the plan)."""
+    skipped = []
+    for r in res.get("rehearsal") or []:
+        for x in r.get("skipped") or r.get("skipped_statements") or []:
+            if isinstance(x, dict):
+                skipped.append("%s line %s (%s)" % (r.get("file") or r.get("filename"), x.get("line"),
+                                                    x.get("reason") or "not rehearsed"))
+            else:
+                skipped.append("%s: %s" % (r.get("file") or r.get("filename"), x))
+    if not skipped:
+        return None
+    return "rollback: not rehearsed: %s" % "; ".join(skipped)
 
 
 def failure_text(res, task_name):
