@@ -283,8 +283,10 @@ hint:
   returned: on failure
   type: str
 next_command:
-  description: The next command to run (fix and re-run, rollback, cleanup SQL or waiting for another run).
-  returned: on failure
+  description:
+    - The next command to run (fix and re-run, rollback, cleanup SQL or waiting for another run).
+    - With C(status), the accept_checksum command for the first drifted version.
+  returned: on failure, and with status when a file drifted
   type: str
 invalid_indexes:
   description: INVALID indexes a failed non-transactional migration left, each with its cleanup SQL.
@@ -398,6 +400,8 @@ def run(p, check_mode=False):
                   "current": st["current"], "target_version": st["target"], "above_target": st["above_target"],
                   "lease": st["lease"], "lines": st["lines"], "records": st["records"],
                   "msg": "\n".join(st["lines"])}
+        if st["drift"]:
+            result["next_command"] = common["advice"].accept_checksum(st["drift"][0]["version"])
         if p["fail_on_drift"] and (st["drift"] or st["out_of_order"]):
             fields = dict((k, v) for k, v in result.items() if k != "msg")
             raise LedgerError("drift on %s:\n%s\n  next: restore the applied file(s) as they were, or accept an"
