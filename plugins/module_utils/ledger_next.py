@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import shlex
 
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import redact
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import Advice
 
 # `<limit>`, `rollback_to=VERSION|base`: written as they are, for the operator to replace.
@@ -32,6 +33,8 @@ RUN_OPTIONS_SPEC = dict(type="list", elements="str", default=None)
 def run_options_from_cli(cliargs, default_inventory=None):
     """The options of this ansible-playbook run a re-run needs: -i (when given), -l, each -e, vault options.
 
+    A password in an -e value is redacted: the command then says ******** where the operator types it.
+
     cliargs is ansible.context.CLIARGS (or a dict of the same keys); default_inventory the
     inventory that applies without -i (ansible.cfg's), which is left out.
     """
@@ -43,7 +46,8 @@ def run_options_from_cli(cliargs, default_inventory=None):
     if cliargs.get("subset"):
         out += ["-l", cliargs["subset"]]
     for value in cliargs.get("extra_vars") or ():
-        out += ["-e", value]
+        # A password given with -e never reaches a result, an event or the screen (the one redaction rule).
+        out += ["-e", redact(value)]
     for vault_id in cliargs.get("vault_ids") or ():
         out += ["--vault-id", vault_id]
     for path in cliargs.get("vault_password_files") or ():

@@ -21,6 +21,8 @@ def test_the_run_options_come_from_the_command_line_and_the_default_inventory_is
     assert run_options_from_cli(CLI, default_inventory=["/p/inventory/local"]) == [
         "-i", "/srv/my inventory.yml", "-l", "staging", "-e", "migrations_dir=/x y", "-e", "precheck_rehearse=false",
         "-e", "rollback_to=0010", "-e", "@vars.yml", "-e", '{"a": "it\'s"}', "--vault-id", "production@prompt"]
+    secret = run_options_from_cli({"extra_vars": ("database_url=postgresql://u:s3cret@db/ledger",)})
+    assert secret == ["-e", "database_url=postgresql://u:********@db/ledger"]
     assert run_options_from_cli({"inventory": ["/p/inventory/local"], "subset": "local"},
                                 default_inventory=["/p/inventory/local"]) == ["-l", "local"]
 
