@@ -202,10 +202,11 @@ def check_stage_privileges(cur, app_role, drops):
         return check("stage_privileges", True, observed, None,
                      message="%s can SET ROLE %s, create a restore database and owns what the down scripts drop"
                              % (user, app_role))
+    needs = "; ".join(x["need"] for x in problems[:6])
+    if len(problems) > 6:
+        needs += "; and %d more" % (len(problems) - 6)
     return check("stage_privileges", False, observed, "what verify, revert and restore need", problems,
-                 "%s lacks what later stages need: %s" % (user, "; ".join(x["need"] for x in problems[:6])
-                                                         + ("; and %d more" % (len(problems) - 6)
-                                                            if len(problems) > 6 else "")),
+                 "%s lacks what later stages need: %s" % (user, needs),
                  "as a superuser: %s (see the README's minimum grants)" % " ".join(fixes))
 
 

@@ -237,12 +237,14 @@ def _revert_one(r, version, row, down):
                 return {"version": version, "filename": filename, "execution_ms": None, "attempts": 1,
                         "duration_ms": elapsed_ms(t0),
                         "note": "connection lost during COMMIT; the revert is confirmed by the history"}
+            if settled:
+                advice = "the session that ran the COMMIT has ended and %s is still in the history: not reverted" % (
+                    version)
+            else:
+                advice = ("the session (pid %s) that ran the COMMIT is still running: whether %s is reverted is not"
+                          " known yet; check `%s` once it has ended" % (exc.backend_pid, version, r.advice.status()))
             raise r.fail(version, filename, path, StepFailed(exc.err, None), "revert (commit)", next_command=nxt,
-                         advice=("the session that ran the COMMIT has ended and %s is still in the history: not"
-                                 " reverted" % version) if settled else
-                         ("the session (pid %s) that ran the COMMIT is still running: whether %s is reverted is"
-                          " not known yet; check `%s` once it has ended" % (exc.backend_pid, version,
-                                                                         r.advice.status())))
+                         advice=advice)
     else:
         nconn = r.nontx_conn()  # of its own (direct_url, else the URL; never a pooler): reset and closed after
         try:

@@ -97,6 +97,7 @@ def default_rerun():
     """What the operator runs after fixing a failure, with this run's options (ledger_next)."""
     return "the same ansible-playbook command (to back up alone: `%s`)" % playbook_command("backup")
 
+
 ARGUMENT_SPEC = dict(
     database_url=dict(type="str", required=True, no_log=True),
     backup_dir=dict(type="path", required=True),
@@ -116,7 +117,6 @@ ARGUMENT_SPEC = dict(
     rerun_command=dict(type="str"),
     connect_timeout=dict(type="int", default=10),
 )
-
 
 
 class Progress(object):

@@ -79,8 +79,8 @@ def migrate_line(res, check_mode):
     if not applied:
         return "migrate: nothing pending on %s (at %s)" % (target, res.get("version_after") or "none")
     ms = sum(int(a.get("execution_ms") or 0) for a in applied if isinstance(a, dict))
-    return "migrate: applied %s to %s in %d ms (now at %s)" % (_versions(applied), target, ms,
-                                                              res.get("version_after") or applied[-1].get("version"))
+    now_at = res.get("version_after") or applied[-1].get("version")
+    return "migrate: applied %s to %s in %d ms (now at %s)" % (_versions(applied), target, ms, now_at)
 
 
 def verify_line(res):

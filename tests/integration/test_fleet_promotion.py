@@ -324,7 +324,8 @@ def test_migrate_yml_promotes_a_set_from_staging_to_production(tmp_path, pg_clus
         def migrate(limit):
             cmd = [ANSIBLE_PLAYBOOK, "playbooks/migrate.yml", "-i", str(inventory), "-l", limit,
                    "-e", f"promotion_dir={tmp_path / 'promotions'}", "-e", f"backup_dir={tmp_path / 'backups'}",
-                   "-e", f"report_dir={tmp_path / 'reports'}", "-e", "maintenance_window_ack=true"]
+                   "-e", f"report_dir={tmp_path / 'reports'}", "-e", "maintenance_window_ack=true",
+                   "-e", f"migrations_dir={MIGRATIONS}"]
             env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
             for name in ("DATABASE_URL", "LEDGER_STAGING_URL"):
                 env.pop(name, None)
