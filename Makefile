@@ -8,7 +8,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 SANDBOX_DIR := .sandbox
-SANDBOX_PORT ?= 55432
+# The port the sandbox last ran on (.sandbox/cluster.json), else 55432; inventory/local reads the same.
+ifndef SANDBOX_PORT
+SANDBOX_PORT := $(shell $(PYTHON) scripts/pgcluster.py port --dir $(SANDBOX_DIR))
+endif
 BENCH_ARGS ?=
 
 export SANDBOX_PORT

@@ -122,6 +122,18 @@ def read_state(base: Path) -> dict | None:
         return None
 
 
+def remembered_port(base: Path) -> int:
+    """SANDBOX_PORT when set, else the port the sandbox in `base` last started on (cluster.json), else 55432.
+
+    `make migrate SANDBOX_PORT=56123` and a later bare `ansible-playbook ... -l local` (whose
+    inventory/local reads the same cluster.json) then reach the same sandbox.
+    """
+    if os.environ.get("SANDBOX_PORT"):
+        return int(os.environ["SANDBOX_PORT"])
+    state = read_state(base.resolve()) or {}
+    return int(state.get("port") or 55432)
+
+
 def server_home(base: Path) -> Path:
     """Where the data directory, socket and log live for the cluster described by `base`.
 
@@ -348,17 +360,22 @@ def destroy(base: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["start", "stop", "destroy", "status", "install-pgbackrest"])
+    parser.add_argument("action", choices=["start", "stop", "destroy", "status", "port", "install-pgbackrest"])
     parser.add_argument("--dir", required=True, type=Path)
-    parser.add_argument("--port", type=int, default=int(os.environ.get("SANDBOX_PORT", "55432")))
+    parser.add_argument("--port", type=int, default=None,
+                        help="default: SANDBOX_PORT, else the port this sandbox last ran on, else 55432")
     parser.add_argument("--db", default="ledger")
     parser.add_argument("--archive", choices=["", "pgbackrest"], default=os.environ.get("SANDBOX_ARCHIVE", ""),
                         help="archive WAL to a local pgBackRest repository (default: $SANDBOX_ARCHIVE)")
     parser.add_argument("--stanza", default="sandbox")
     args = parser.parse_args(argv)
+    if args.port is None:
+        args.port = remembered_port(args.dir)
     try:
         if args.action == "install-pgbackrest":
             print(f"pgbackrest: {find_pgbackrest()}")
+        elif args.action == "port":
+            print(args.port)
         elif args.action == "start":
             state = start(args.dir, args.port, args.db, archive=args.archive or None, stanza=args.stanza)
             print(f"PostgreSQL {PG_MAJOR} sandbox running: {state.get('url')} (data in {args.dir})")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import io
 import json
+import shutil
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -17,13 +20,30 @@ from ansible_collections.arrakis.ledger.plugins.module_utils import (
 
 ROOT = Path(__file__).resolve().parents[1]
 MIGRATIONS = ROOT / "files" / "migrations"
-# This project's own migration set (0008-0011), each with its down script.
-UPS = sorted(p for p in MIGRATIONS.glob("[0-9][0-9][0-9][0-9]_*.sql") if not p.name.endswith(".down.sql"))
+# The runbook's migrations (0008-0011), each with its down script. files/migrations may hold more:
+# an operator following "Adding a migration" adds a 0012 of their own there, and the suite must
+# still pass. Tests use RUNBOOK_SET (a copy of these four, their down scripts and .verify.json)
+# or sets of their own, so a migration a test adds (0012 above the runbook's 0011) never meets
+# the operator's.
 VERSIONS = ["0008", "0009", "0010", "0011"]
+UPS = sorted(p for p in MIGRATIONS.glob("[0-9][0-9][0-9][0-9]_*.sql")
+             if not p.name.endswith(".down.sql") and p.name[:4] in VERSIONS)
+
+
+def _runbook_set():
+    directory = Path(tempfile.mkdtemp(prefix="ledger-runbook-set-"))
+    atexit.register(shutil.rmtree, directory, True)
+    for version in VERSIONS:  # the up and down scripts and verify's .verify.json of each
+        for path in MIGRATIONS.glob(version + "_*"):
+            shutil.copy2(path, directory / path.name)
+    return directory
 
 
 def down_of(up: Path) -> Path:
     return up.with_name(up.name[:-4] + ".down.sql")
+
+
+RUNBOOK_SET = _runbook_set()
 
 
 def write_set(directory, files):

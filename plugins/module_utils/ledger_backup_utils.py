@@ -109,9 +109,44 @@ def utc_iso(when=None):
     return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def backup_basename(slug, schema_version, stamp):
-    """`<target-slug>_<schema-version>_<UTC yyyymmddThhmmssZ>` (no suffix)."""
-    return "%s_%s_%s" % (slug, schema_version or "base", stamp)
+def run_tag(run_id):
+    """The part of a run id that names its files: `48119d17` of `20261130T201516Z-48119d17`."""
+    tag = re.sub(r"[^A-Za-z0-9]", "", str(run_id or "").rsplit("-", 1)[-1])[:16]
+    return tag or "adhoc"
+
+
+def backup_basename(slug, schema_version, stamp, run_id=None):
+    """`<target-slug>_<schema-version>_<UTC yyyymmddThhmmssZ>_<run tag>` (no suffix).
+
+    The run's tag keeps two runs started in the same second apart; reserve_backup_path() then
+    creates the name exclusively, so that no two runs ever write one file.
+    """
+    return "%s_%s_%s_%s" % (slug, schema_version or "base", stamp, run_tag(run_id))
+
+
+def reserve_backup_path(backup_dir, slug, schema_version, stamp, run_id, suffix, directory=False):
+    """(final path, partial path) of a new backup, its partial created exclusively (O_EXCL / mkdir).
+
+    The partial file (or, for the directory format, the empty directory pg_dump fills) belongs to
+    this call alone: a name already taken, as a backup or as another run's partial, moves on to
+    `<stamp>-2`, `-3`, ...
+    """
+    n = 1
+    while True:
+        stamp_n = stamp if n == 1 else "%s-%d" % (stamp, n)
+        final_path = os.path.join(backup_dir, backup_basename(slug, schema_version, stamp_n, run_id) + suffix)
+        partial = final_path + ".partial"
+        n += 1
+        if os.path.lexists(final_path) or os.path.lexists(manifest_path_for(final_path)):
+            continue
+        try:
+            if directory:
+                os.mkdir(partial, 0o700)
+            else:
+                os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            continue
+        return final_path, partial
 
 
 def manifest_path_for(backup_path):

@@ -82,6 +82,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records impo
     safe_rollback,
 )
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_runner import (
+    COMMIT_SETTLE_SECONDS,
     CommitUnknown,
     RETRIABLE,
     Runner,
@@ -240,7 +241,9 @@ def _next_after_failure(r, filename, line, err=None, lost=False):
         first = "fix %s%s and re-run `%s`" % (filename, " (line %s)" % line if line else "", rerun)
     if r.done:
         back = r.version_before or "base"
-        return "%s; or undo what this run applied with `%s`" % (first, r.advice.rollback("-e rollback_to=%s" % back))
+        return ("%s; the target is at %s (this run applied %s); or undo what this run applied with `%s`"
+                % (first, last_good, ", ".join(d["version"] for d in r.done),
+                   r.advice.rollback("-e rollback_to=%s" % back)))
     return ("%s; the target stays at %s (to go back further: `%s`)"
             % (first, last_good or "no version", r.advice.rollback("-e rollback_to=VERSION|base")))
 
@@ -300,13 +303,26 @@ def _apply_tx(r, m):
                      advice="the migration was rolled back (one transaction: nothing of %s is applied)" % m.filename,
                      next_command=nxt)
     except CommitUnknown as exc:
-        r.reconnect()
+        # The truth first: the old backend may still be committing (a deferred trigger, synchronous
+        # replication); only once it has ended does the history say whether the COMMIT happened.
+        settled = r.settle_commit(exc)
         if _recorded(r, m.version):
             return {"version": m.version, "name": m.name, "filename": m.filename, "execution_ms": None,
-                    "attempts": 1, "transactional": True, "note": "commit confirmed after a lost connection"}
+                    "attempts": 1, "transactional": True,
+                    "note": "connection lost during COMMIT; the commit is confirmed by the history"}
+        if not settled:
+            raise LedgerError(
+                "migration of %s on %s: the connection was lost during COMMIT and the server session (pid %s) that"
+                " ran it is still running after %ss: whether %s is applied is NOT known yet (nothing recorded by this"
+                " run)\n  next: when that session has ended, `%s` shows whether %s is applied"
+                % (m.version, r.target, exc.backend_pid, r.s.get("commit_settle_s", COMMIT_SETTLE_SECONDS),
+                   m.filename, r.advice.status(), m.version),
+                target=r.target, version=m.version, file=m.filename, outcome="unknown", backend_pid=exc.backend_pid,
+                next_command=r.advice.status(), applied=[d["version"] for d in r.done])
         fake = StepFailed(exc.err, None)
         raise r.fail(m.version, m.filename, m.path, fake, "migration (commit)",
-                     advice="the connection was lost during COMMIT and the history has no row: not applied",
+                     advice="the connection was lost during COMMIT; the session that ran it has ended and the"
+                            " history has no row: not applied",
                      next_command=_next_after_failure(r, m.filename, None))
     notices = [n.strip() for n in r.conn.notices][-20:]
     return {"version": m.version, "name": m.name, "filename": m.filename, "execution_ms": ms,

@@ -138,6 +138,31 @@ def parse_directives(text, filename):
     return found
 
 
+# Bytes that must not reach libpq: it ends a query string at a NUL (running half a statement), and
+# the other control characters are invisible in an editor and in a review. Tab, LF and CR are text.
+CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufeff]")
+
+
+def _checked_text(text, filename):
+    """The file's text without a leading byte-order mark; a control character (or a BOM further on) refused.
+
+    A leading BOM is dropped before anything reads the text, so that it can never hide a BEGIN or a
+    COMMIT from the transaction-control check (the checksum stays the file's bytes).
+    """
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    bad = CONTROL_CHARS.search(text)
+    if bad:
+        ln = text.count("\n", 0, bad.start()) + 1
+        ch = bad.group()
+        what = "a byte-order mark (U+FEFF) after the start" if ch == "\ufeff" else "the control character 0x%02X%s" % (
+            ord(ch), " (NUL: libpq would stop reading the statement there and run only its first part)"
+            if ch == "\x00" else "")
+        raise LedgerError("%s line %d: %s; only tab, LF and CR are allowed in a migration: remove it"
+                          % (filename, ln, what), file=filename, line=ln)
+    return text
+
+
 def _parse_file(path, filename):
     """(bytes, text, transactional, statements) of one SQL file, validated."""
     with open(path, "rb") as fh:
@@ -146,6 +171,7 @@ def _parse_file(path, filename):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise LedgerError("%s is not UTF-8 (%s)" % (filename, exc), file=filename)
+    text = _checked_text(text, filename)
     transactional = NO_TRANSACTION not in parse_directives(text, filename)
     try:
         statements = split_sql(text)

@@ -28,6 +28,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
     pg_error,
     redact_obj,
 )
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import use_run_options
 
 try:
     import psycopg2
@@ -57,6 +58,8 @@ def module_result(name, run, params, check_mode=False, on_failure=None, unexpect
     whether a failed apply changed the target); ``unexpected`` words an internal error.
     """
     target = describe_target(params["database_url"])
+    # Every next command built during this call carries the run's -i/-l/-e (ledger_next).
+    use_run_options(params.get("run_options"))
     try:
         result = to_json(run(params, check_mode))
         if result.pop("failed", False):
@@ -76,6 +79,8 @@ def module_result(name, run, params, check_mode=False, on_failure=None, unexpect
         else:
             result = dict(unexpected_fields or {}, failed=True, target=target,
                           msg=unexpected.format(name=name, target=target, error=type(exc).__name__, detail=exc))
+    finally:
+        use_run_options(None)
     return redact_obj(result)
 
 

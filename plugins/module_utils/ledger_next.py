@@ -1,25 +1,125 @@
 # -*- coding: utf-8 -*-
-"""The next command an operator runs, worded as this collection's playbooks spell it.
+"""The next command an operator runs: the one home of its wording and of the options it carries.
 
-The engine's core says *what* comes next (run the migrate stage again, revert to a
-version, accept a checksum, show the status) through an Advice object; this is the
-module layer's wording of it, for one inventory limit. Modules pass
-PlaybookAdvice(limit) to the engine; the core never names a playbook itself.
+The engine's core says *what* comes next (run the migrate stage again, revert to a version,
+accept a checksum, show the status) through an Advice object; this is the module layer's
+wording of it. Every command is built here, as an argument list joined with shlex (so a value
+with a space or a quote is single-quoted once and can be pasted), and carries the options of
+the run that failed: its -i, -l, each -e and its vault options. The action plugins read those
+from ansible-playbook's command line (run_options_from_cli) and pass them to the module as its
+`run_options` argument; the module tail (ledger_module.module_result) makes them the options
+of every command built while the module runs. Without them (a module called by another
+playbook, a test) a command carries `-l <limit>`.
 """
 
 from __future__ import annotations
 
+import re
+import shlex
+
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import redact
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import Advice
+
+# `<limit>`, `rollback_to=VERSION|base`: written as they are, for the operator to replace.
+PLACEHOLDER = re.compile(r"<[a-z_]+>|[a-z_]+=VERSION\|base")
+
+# The options of the current module call (set by use_run_options; one module call per process).
+_RUN = {"options": None}
+
+# run_options: the module argument every ledger_* module with next commands takes.
+RUN_OPTIONS_SPEC = dict(type="list", elements="str", default=None)
+
+
+def run_options_from_cli(cliargs, default_inventory=None):
+    """The options of this ansible-playbook run a re-run needs: -i (when given), -l, each -e, vault options.
+
+    A password in an -e value is redacted: the command then says ******** where the operator types it.
+
+    cliargs is ansible.context.CLIARGS (or a dict of the same keys); default_inventory the
+    inventory that applies without -i (ansible.cfg's), which is left out.
+    """
+    out = []
+    inventory = list(cliargs.get("inventory") or [])
+    if inventory and inventory != list(default_inventory or []):
+        for source in inventory:
+            out += ["-i", source]
+    if cliargs.get("subset"):
+        out += ["-l", cliargs["subset"]]
+    for value in cliargs.get("extra_vars") or ():
+        # A password given with -e never reaches a result, an event or the screen (the one redaction rule).
+        out += ["-e", redact(value)]
+    for vault_id in cliargs.get("vault_ids") or ():
+        out += ["--vault-id", vault_id]
+    for path in cliargs.get("vault_password_files") or ():
+        out += ["--vault-password-file", path]
+    if cliargs.get("ask_vault_pass"):
+        out.append("--ask-vault-pass")
+    return out
+
+
+def use_run_options(options):
+    """Make `options` (a list of argv tokens, or None) the options of every command built from now on."""
+    _RUN["options"] = list(options) if options else None
+
+
+def _extra_keys(tokens):
+    """The variable names that `-e k=v` tokens set."""
+    keys = set()
+    for i, tok in enumerate(tokens):
+        if tok == "-e" and i + 1 < len(tokens) and "=" in tokens[i + 1]:
+            keys.add(tokens[i + 1].split("=", 1)[0])
+    return keys
+
+
+def _without(options, keys, drop_check=True):
+    """The run's options minus each `-e k=...` that the command sets itself."""
+    out, i = [], 0
+    while i < len(options):
+        tok = options[i]
+        if tok in ("-e", "--extra-vars") and i + 1 < len(options):
+            value = options[i + 1]
+            if "=" in value and not value.startswith(("@", "{")) and value.split("=", 1)[0] in keys:
+                i += 2
+                continue
+            out += [tok, value]
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
+def playbook_command(playbook, limit=None, extra=""):
+    """`ansible-playbook playbooks/<playbook>.yml <the run's options> <extra>`, shell-quoted.
+
+    extra is written as on a command line (`-e rollback_to=0009`); it wins over the run's -e of
+    the same variable.
+    """
+    extra_tokens = shlex.split(extra) if extra else []
+    options = _RUN["options"]
+    if options is None:
+        options = ["-l", limit or "<limit>"]
+    elif "-l" not in options and limit:
+        options = ["-l", limit] + list(options)
+    options = _without(options, _extra_keys(extra_tokens))
+    return " ".join(_quote(t) for t in ["ansible-playbook", "playbooks/%s.yml" % playbook] + options + extra_tokens)
+
+
+def _quote(token):
+    """shlex.quote, except for a placeholder the operator replaces (`<limit>`, `VERSION|base`)."""
+    if PLACEHOLDER.fullmatch(token):
+        return token
+    return shlex.quote(token)
 
 
 class PlaybookAdvice(Advice):
-    """Advice as `ansible-playbook playbooks/<stage>.yml -l <limit> ...` commands that can be pasted."""
+    """Advice as `ansible-playbook playbooks/<stage>.yml ...` commands that can be pasted."""
 
     def __init__(self, limit=None):
         self.limit = limit or "<limit>"
 
     def _playbook(self, name, extra=""):
-        return "ansible-playbook playbooks/%s.yml -l %s%s" % (name, self.limit, (" " + extra) if extra else "")
+        return playbook_command(name, self.limit, extra)
 
     def migrate(self):
         return self._playbook("migrate")

@@ -117,6 +117,99 @@ def check_roles(cur, app_role, required):
     return [app, roles]
 
 
+# --------------------------------------------------------------------------- what the later stages need
+
+# `DROP <kind> [IF EXISTS] <name>` in a down script: the objects a revert drops (their owner must be us).
+DROP_RE = re.compile(r"\bDROP\s+(TABLE|VIEW|MATERIALIZED\s+VIEW|SEQUENCE|FUNCTION|TYPE|SCHEMA)\s+(?:IF\s+EXISTS\s+)?"
+                     r"((?:\"[^\"]+\"|[A-Za-z_][A-Za-z0-9_$]*)(?:\.(?:\"[^\"]+\"|[A-Za-z_][A-Za-z0-9_$]*))?)", re.I)
+
+OWNER_SQL = {
+    "relation": "SELECT pg_catalog.pg_get_userbyid(relowner) FROM pg_catalog.pg_class WHERE oid = to_regclass(%s)",
+    "type": "SELECT pg_catalog.pg_get_userbyid(typowner) FROM pg_catalog.pg_type WHERE oid = to_regtype(%s)",
+    "schema": "SELECT pg_catalog.pg_get_userbyid(nspowner) FROM pg_catalog.pg_namespace"
+              " WHERE nspname = pg_catalog.btrim(%s, '\"')",
+    "function": "SELECT DISTINCT pg_catalog.pg_get_userbyid(p.proowner) FROM pg_catalog.pg_proc p"
+                " JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
+                " WHERE p.oid = ANY (SELECT oid FROM pg_catalog.pg_proc WHERE proname = %s)"
+                " AND (n.nspname = %s OR %s IS NULL)",
+}
+
+
+def down_drops(down_texts):
+    """[(kind, name)] of the objects the down scripts drop, in order, once each."""
+    seen, out = set(), []
+    for text in down_texts:
+        for m in DROP_RE.finditer(text or ""):
+            kind = " ".join(m.group(1).upper().split())
+            key = (kind, m.group(2))
+            if key not in seen:
+                seen.add(key)
+                out.append(key)
+    return out
+
+
+def _owner(cur, kind, name):
+    if kind == "SCHEMA":
+        cur.execute(OWNER_SQL["schema"], (name,))
+    elif kind == "TYPE":
+        cur.execute(OWNER_SQL["type"], (name,))
+    elif kind == "FUNCTION":
+        schema, _dot, fn = name.rpartition(".")
+        cur.execute(OWNER_SQL["function"], (fn.strip('"'), schema.strip('"') or None, schema.strip('"') or None))
+    else:
+        cur.execute(OWNER_SQL["relation"], (name,))
+    rows = cur.fetchall()
+    return [r[0] for r in rows if r[0]]
+
+
+def check_stage_privileges(cur, app_role, drops):
+    """What verify, a revert and a restore need of a non-superuser migration role, checked before anything runs.
+
+    - verify runs its tenant checks as the application role: SET ROLE needs membership;
+    - a restore creates a database beside the target: CREATEDB;
+    - a down script drops objects: only their owner (or a member of the owning role) may.
+    (Reading every row under forced RLS, for the backup and the revert guard, is backup_privilege.)
+    """
+    cur.execute("SELECT current_user, r.rolsuper, r.rolcreatedb,"
+                " pg_catalog.pg_has_role(current_user, r2.oid, 'MEMBER') FROM pg_catalog.pg_roles r LEFT JOIN pg_catalog.pg_roles r2 ON r2.rolname = %s"
+                " WHERE r.rolname = current_user", (app_role,))
+    user, superuser, createdb, member = cur.fetchone()
+    if superuser:
+        return check("stage_privileges", True, {"role": user, "superuser": True}, None,
+                     message="%s is a superuser: verify, revert and restore have every privilege they need" % user)
+    problems, fixes = [], []
+    if not member:
+        problems.append({"need": "SET ROLE %s (verify's tenant checks)" % app_role})
+        fixes.append("GRANT %s TO %s;" % (app_role, user))
+    if not createdb:
+        problems.append({"need": "CREATEDB (a restore creates a database beside the target)"})
+        fixes.append("ALTER ROLE %s CREATEDB;" % user)
+    foreign = []
+    for kind, name in drops:
+        for owner in _owner(cur, kind, name):
+            cur.execute("SELECT pg_catalog.pg_has_role(current_user, %s, 'USAGE')", (owner,))
+            if not cur.fetchone()[0]:
+                foreign.append({"need": "ownership of %s %s (a down script drops it)" % (kind.lower(), name),
+                                "owner": owner})
+    if foreign:
+        problems.extend(foreign)
+        owners = sorted({f["owner"] for f in foreign})
+        fixes.append("; ".join("GRANT %s TO %s;" % (o, user) for o in owners)
+                     + " (or REASSIGN OWNED BY %s TO %s in this database)" % (", ".join(owners), user))
+    observed = {"role": user, "superuser": False, "createdb": createdb, "member_of_app_role": bool(member),
+                "foreign_owned_drops": [f["need"] for f in foreign]}
+    if not problems:
+        return check("stage_privileges", True, observed, None,
+                     message="%s can SET ROLE %s, create a restore database and owns what the down scripts drop"
+                             % (user, app_role))
+    needs = "; ".join(x["need"] for x in problems[:6])
+    if len(problems) > 6:
+        needs += "; and %d more" % (len(problems) - 6)
+    return check("stage_privileges", False, observed, "what verify, revert and restore need", problems,
+                 "%s lacks what later stages need: %s" % (user, needs),
+                 "as a superuser: %s (see the README's minimum grants)" % " ".join(fixes))
+
+
 # --------------------------------------------------------------------------- sessions
 
 def check_connections(cur, threshold):

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import time
 
+try:
+    import psycopg2
+except ImportError:  # pragma: no cover - connect() reports it
+    psycopg2 = None
+
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
     LedgerError,
     log_event,
@@ -191,6 +196,18 @@ def _with_before(down, version, before_down):
     return path, filename, transactional, [hook] + statements
 
 
+def _revert_recorded(r, version):
+    """Whether THIS run's revert of `version` committed: its history row gone and its revert event there."""
+    try:
+        with r.conn.cursor() as cur:
+            cur.execute("SELECT NOT EXISTS (SELECT 1 FROM migrations.history WHERE version = %s)"
+                        " AND EXISTS (SELECT 1 FROM migrations.events WHERE action = 'revert' AND outcome = 'ok'"
+                        "             AND version = %s AND run_id = %s)", (version, version, r.run_id))
+            return bool(cur.fetchone()[0])
+    except psycopg2.Error:
+        return False
+
+
 def _revert_one(r, version, row, down):
     path, filename, transactional, statements = down
     t0 = r.t_step = time.monotonic()
@@ -214,8 +231,20 @@ def _revert_one(r, version, row, down):
             raise r.fail(version, filename, path, exc, "revert",
                          advice="this revert was rolled back: %s is still applied" % version, next_command=nxt)
         except CommitUnknown as exc:
-            r.reconnect()
-            raise r.fail(version, filename, path, StepFailed(exc.err, None), "revert (commit)", next_command=nxt)
+            # As for an apply: the truth once the session that ran the COMMIT has ended.
+            settled = r.settle_commit(exc)
+            if settled and _revert_recorded(r, version):
+                return {"version": version, "filename": filename, "execution_ms": None, "attempts": 1,
+                        "duration_ms": elapsed_ms(t0),
+                        "note": "connection lost during COMMIT; the revert is confirmed by the history"}
+            if settled:
+                advice = "the session that ran the COMMIT has ended and %s is still in the history: not reverted" % (
+                    version)
+            else:
+                advice = ("the session (pid %s) that ran the COMMIT is still running: whether %s is reverted is not"
+                          " known yet; check `%s` once it has ended" % (exc.backend_pid, version, r.advice.status()))
+            raise r.fail(version, filename, path, StepFailed(exc.err, None), "revert (commit)", next_command=nxt,
+                         advice=advice)
     else:
         nconn = r.nontx_conn()  # of its own (direct_url, else the URL; never a pooler): reset and closed after
         try:

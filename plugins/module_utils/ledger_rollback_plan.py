@@ -8,6 +8,7 @@ import random
 import re
 import time
 
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import RUN_OPTIONS_SPEC, playbook_command
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import with_defaults
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
     LedgerError, connect, describe_target, format_pg_error, pg_error,
@@ -58,6 +59,7 @@ ARGUMENT_SPEC = dict(
     lock_ttl=dict(type="float"),
     direct_url=dict(type="str", no_log=True),
     run_id=dict(type="str"),
+    run_options=RUN_OPTIONS_SPEC,
     host_label=dict(type="str"),
     connect_timeout=dict(type="int", default=10),
 )
@@ -73,8 +75,8 @@ def _defaults(params):
 
 
 def _cmd(host, *extra):
-    """The next command an operator runs, for this target."""
-    return " ".join(["ansible-playbook playbooks/rollback.yml -l %s" % (host or "<target>")] + list(extra))
+    """The next command an operator runs, for this target (worded by ledger_next, with the run's options)."""
+    return playbook_command("rollback", host or "<target>", " ".join(extra))
 
 
 # =========================================================================== revert: the plan

@@ -24,8 +24,9 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
 
 try:
     import psycopg2
+    from psycopg2.extensions import quote_ident
 except ImportError:  # pragma: no cover - connect() reports it
-    psycopg2 = None
+    psycopg2 = quote_ident = None
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import (
@@ -50,6 +51,7 @@ DEFAULTS = {
     "lock_wait": None,  # lock_ttl + LOCK_WAIT_MARGIN: a re-run right after a killed run outwaits its lease
     "lock_ttl": 60.0,
     "connection_check": "1s",
+    "commit_settle_s": 120.0,  # see COMMIT_SETTLE_SECONDS
 }
 
 
@@ -137,6 +139,19 @@ def _blockers(conn, s):
     except Exception:  # noqa: BLE001 - diagnostics only
         safe_rollback(conn)
         return []
+
+
+def _stats_blind_role(conn):
+    """The current role when it cannot see other roles' queries (neither superuser nor pg_read_all_stats), else None."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_user, r.rolsuper OR pg_catalog.pg_has_role(current_user, 'pg_read_all_stats',"
+                        " 'USAGE') FROM pg_catalog.pg_roles r WHERE r.rolname = current_user")
+            row = cur.fetchone()
+            return None if row is None or row[1] else row[0]
+    except Exception:  # noqa: BLE001 - diagnostics only
+        safe_rollback(conn)
+        return None
 
 
 def invalid_indexes(conn):
@@ -264,10 +279,11 @@ def run_in_tx(conn, lease, s, statements, finish):
                     lease.renew_in_tx(cur)
             except psycopg2.Error as exc:
                 raise StepFailed(one_line(pg_error(exc)), None, lost=exc.pgcode is None)
+        backend_pid = conn.get_backend_pid()
         try:
             conn.commit()
         except psycopg2.Error as exc:
-            raise CommitUnknown(pg_error(exc))
+            raise CommitUnknown(pg_error(exc), backend_pid)
         return ms
     except BaseException:
         safe_rollback(conn)
@@ -278,9 +294,39 @@ def run_in_tx(conn, lease, s, statements, finish):
 
 
 class CommitUnknown(Exception):
-    def __init__(self, err):
+    """The reply to COMMIT never came: the server may have committed, or may still be committing."""
+
+    def __init__(self, err, backend_pid=None):
         super(CommitUnknown, self).__init__(err.get("message"))
         self.err = err
+        self.backend_pid = backend_pid
+
+
+# How long the truth about a lost COMMIT is waited for: the old backend may still be running it
+# (deferred triggers, synchronous replication). Beyond this, the outcome is reported as unknown.
+COMMIT_SETTLE_SECONDS = DEFAULTS["commit_settle_s"]
+
+
+def wait_backend_gone(conn, pid, timeout=COMMIT_SETTLE_SECONDS):
+    """Wait until backend `pid` has ended (its COMMIT then either happened or not); True if it has.
+
+    pg_stat_activity lists every backend's pid to every role, so this works without privileges.
+    Only after the backend is gone does the history tell the truth: while it is still committing,
+    a reader sees the state before its transaction.
+    """
+    if not pid:
+        return True
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_catalog.pg_stat_activity WHERE pid = %s", (pid,))
+            if cur.fetchone() is None:
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
 
 
 class Runner(object):
@@ -385,6 +431,11 @@ class Runner(object):
         """
         return connect(self.direct_url or self.url, autocommit=True)
 
+    def settle_commit(self, exc):
+        """After CommitUnknown: a new connection, and the old backend gone (True) or still running (False)."""
+        self.reconnect()
+        return wait_backend_gone(self.conn, exc.backend_pid, self.s.get("commit_settle_s", COMMIT_SETTLE_SECONDS))
+
     def reconnect(self):
         try:
             self.conn.close()
@@ -444,6 +495,11 @@ class Runner(object):
         }
         if err.get("sqlstate") in RETRIABLE:
             fields["blockers"] = _blockers(self.conn, self.s) if not self.conn.closed else []
+            if not fields["blockers"] and not self.conn.closed:
+                role = _stats_blind_role(self.conn)
+                if role:
+                    fields["blockers_hidden_from"] = role
+                    fields["blockers_grant"] = "GRANT pg_read_all_stats TO %s;" % quote_ident(role, self.conn)
         if extra:
             fields.update(extra)
         where = "%s line %s" % (filename, line) if line else filename
@@ -461,6 +517,11 @@ class Runner(object):
             for b in fields.get("blockers") or []:
                 msg += ("\n  likely blocker: pid %s (%s, %s, %s, transaction open %ss): %s"
                         % (b["pid"], b["user"], b["application"], b["state"], b["xact_age_s"], b["query"]))
+            if fields.get("blockers_hidden_from"):
+                role = fields["blockers_hidden_from"]
+                msg += ("\n  likely blocker: none visible: the role %s cannot see other roles' sessions in"
+                        " pg_stat_activity (a superuser can; or run `%s` so that it can name them)"
+                        % (role, fields["blockers_grant"]))
         elif err.get("sqlstate") == "57014":
             msg += "\n  the statement ran longer than statement_timeout=%s" % self.s["statement_timeout_sql"]
         if advice:

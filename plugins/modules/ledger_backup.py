@@ -41,6 +41,7 @@ options:
   space_margin: {description: Free space needed in backup_dir as a multiple of the database size., type: float, default: 1.2}
   pg_bindir: {description: Directory of pg_dump/pg_restore (default the server's major version's)., type: path}
   run_id: {description: The run id recorded in the event and the manifest., type: str}
+  run_options: {description: The ansible-playbook options (-i -l -e vault) every next command carries; set by the action plugin., type: list, elements: str}
   progress_file: {description: Internal. JSON progress written every second (read by plugins/action/ledger_backup.py)., type: path}
   progress_interval: {description: Seconds between progress lines (used by plugins/action/ledger_backup.py)., type: float, default: 10}
   rerun_command: {description: What the operator runs after fixing a failure (shown in the message)., type: str}
@@ -74,6 +75,7 @@ import time
 import uuid
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import RUN_OPTIONS_SPEC, playbook_command
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
     LedgerError, connect, describe_target, format_pg_error, log_event_autonomous, pg_error, redact,
     redact_obj, url_with_database,
@@ -81,7 +83,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import (
     run_tool,
     FORMAT_SUFFIX, MANIFEST_FORMAT, apply_retention, backup_basename, check_backup_dir, count_rows,
-    ensure_backup_dir, find_bindir, full_read_check, human_bytes, libpq_env, path_size, server_identity,
+    reserve_backup_path, ensure_backup_dir, find_bindir, full_read_check, human_bytes, libpq_env, path_size, server_identity,
     sha256_path, target_slug, tool_major, tool_version, utc_iso, utc_stamp, write_manifest,
 )
 
@@ -89,6 +91,12 @@ try:
     import psycopg2
 except ImportError:  # pragma: no cover - reported by connect()
     psycopg2 = None
+
+
+def default_rerun():
+    """What the operator runs after fixing a failure, with this run's options (ledger_next)."""
+    return "the same ansible-playbook command (to back up alone: `%s`)" % playbook_command("backup")
+
 
 ARGUMENT_SPEC = dict(
     database_url=dict(type="str", required=True, no_log=True),
@@ -103,13 +111,12 @@ ARGUMENT_SPEC = dict(
     space_margin=dict(type="float", default=1.2),
     pg_bindir=dict(type="path"),
     run_id=dict(type="str"),
+    run_options=RUN_OPTIONS_SPEC,
     progress_file=dict(type="path"),
     progress_interval=dict(type="float", default=10),
     rerun_command=dict(type="str"),
     connect_timeout=dict(type="int", default=10),
 )
-
-DEFAULT_RERUN = "ansible-playbook playbooks/backup.yml -l <target>"
 
 
 class Progress(object):
@@ -252,7 +259,7 @@ def run_backup(params, check_mode=False):
     jobs = int(params.get("jobs") or 1)
     compress = int(params.get("compress") if params.get("compress") is not None else 1)
     verify = params.get("verify") or "read"
-    rerun = params.get("rerun_command") or DEFAULT_RERUN
+    rerun = params.get("rerun_command") or default_rerun()
     connect_timeout = int(params.get("connect_timeout") or 10)
     if jobs < 1:
         raise LedgerError("backup_jobs must be 1 or more (got %d)" % jobs, target=target)
@@ -275,14 +282,9 @@ def run_backup(params, check_mode=False):
     slug = target_slug(url)
     stamp = utc_stamp()
     backup_dir = os.path.abspath(params["backup_dir"])
-    name = backup_basename(slug, facts["schema_version"], stamp) + FORMAT_SUFFIX[fmt]
-    final_path = os.path.join(backup_dir, name)
-    suffix = 2
-    while os.path.exists(final_path):
-        name = backup_basename(slug, facts["schema_version"], "%s-%d" % (stamp, suffix)) + FORMAT_SUFFIX[fmt]
-        final_path = os.path.join(backup_dir, name)
-        suffix += 1
-    partial = final_path + ".partial"
+    # The name a --check run reports; a real run reserves it (or the next free one) exclusively below.
+    final_path = os.path.join(backup_dir, backup_basename(slug, facts["schema_version"], stamp, run_id)
+                              + FORMAT_SUFFIX[fmt])
     needed = int(facts["db_size"] * float(params.get("space_margin") or 1.2))
     verify_method = "pg_dump exit status + sha256 + full read (pg_restore -f /dev/null)"
     if verify == "restore":
@@ -321,6 +323,10 @@ def run_backup(params, check_mode=False):
     old_umask = os.umask(0o077)
     try:
         created_dir = ensure_backup_dir(backup_dir)
+        # Every file of this run is its own: two runs in one second never share a name (run id in it,
+        # the partial created with O_EXCL / mkdir).
+        final_path, partial = reserve_backup_path(backup_dir, slug, facts["schema_version"], stamp, run_id,
+                                                  FORMAT_SUFFIX[fmt], directory=fmt == "directory")
         return _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, partial, final_path,
                                 fmt, jobs, compress, verify, connect_timeout, started, started_at, created_dir)
     finally:
@@ -329,7 +335,7 @@ def run_backup(params, check_mode=False):
 
 def _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, partial, final_path, fmt, jobs,
                      compress, verify, connect_timeout, started, started_at, created_dir):
-    rerun = params.get("rerun_command") or DEFAULT_RERUN
+    rerun = params.get("rerun_command") or default_rerun()
     progress = Progress(params.get("progress_file"), facts["db_size"], partial).start()
     source_counts = None
     snap = None

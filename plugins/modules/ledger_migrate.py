@@ -66,6 +66,12 @@ options:
     description:
       - Identifier of this run, written to every event and history row. Generated when empty.
     type: str
+  run_options:
+    description:
+      - The options of the ansible-playbook run (-i, -l, each -e, vault options) that every next command carries.
+      - Set by the collection's action plugin from the command line; a task rarely sets it.
+    type: list
+    elements: str
   lock_timeout:
     description:
       - C(lock_timeout) of every migration transaction (PostgreSQL duration such as C(2s) or C(500ms)).
@@ -277,8 +283,10 @@ hint:
   returned: on failure
   type: str
 next_command:
-  description: The next command to run (fix and re-run, rollback, cleanup SQL or waiting for another run).
-  returned: on failure
+  description:
+    - The next command to run (fix and re-run, rollback, cleanup SQL or waiting for another run).
+    - With C(status), the accept_checksum command for the first drifted version.
+  returned: on failure, and with status when a file drifted
   type: str
 invalid_indexes:
   description: INVALID indexes a failed non-transactional migration left, each with its cleanup SQL.
@@ -288,6 +296,7 @@ invalid_indexes:
 """
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import RUN_OPTIONS_SPEC
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, describe_target
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_engine import (
@@ -391,6 +400,8 @@ def run(p, check_mode=False):
                   "current": st["current"], "target_version": st["target"], "above_target": st["above_target"],
                   "lease": st["lease"], "lines": st["lines"], "records": st["records"],
                   "msg": "\n".join(st["lines"])}
+        if st["drift"]:
+            result["next_command"] = common["advice"].accept_checksum(st["drift"][0]["version"])
         if p["fail_on_drift"] and (st["drift"] or st["out_of_order"]):
             fields = dict((k, v) for k, v in result.items() if k != "msg")
             raise LedgerError("drift on %s:\n%s\n  next: restore the applied file(s) as they were, or accept an"
@@ -429,6 +440,7 @@ ARGUMENT_SPEC = dict(
                 choices=["apply", "status", "baseline", "accept_checksum", "revert"]),
     target=dict(type="str"),
     run_id=dict(type="str"),
+    run_options=RUN_OPTIONS_SPEC,
     lock_timeout=dict(type="str", default="2s"),
     statement_timeout=dict(type="str", default="0"),
     lock_retries=dict(type="int", default=3),

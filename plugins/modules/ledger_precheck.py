@@ -56,6 +56,7 @@ options:
   maintenance_window: {description: "Window {start: 'HH:MM', end: 'HH:MM', days: [mon, ...], timezone: UTC}.", type: dict}
   terminate_idle_minutes: {description: "Opt-in remedy: terminate idle sessions older than this many minutes.", type: float}
   run_id: {description: Run id for the event., type: str}
+  run_options: {description: The ansible-playbook options (-i -l -e vault) every next command carries; set by the action plugin., type: list, elements: str}
   rerun_command: {description: The command an operator runs after fixing a refusal., type: str}
   connect_timeout: {description: Seconds to wait for a connection., type: int, default: 10}
 author: Arrakis platform team (@arrakis-platform)
@@ -84,10 +85,12 @@ terminated: {description: "Sessions ended by terminate_idle_minutes (or that wou
 import time
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module, with_defaults
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import RUN_OPTIONS_SPEC, playbook_command
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
     LedgerError, connect, describe_target, format_pg_error, log_event_autonomous,
     pg_error, redact, redact_obj,
 )
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_migration_set import load_migration_set
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import check_backup_dir, ensure_backup_dir, human_bytes
 
 try:
@@ -110,6 +113,8 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_precheck_ser
     check_pgbouncer,
     check_replication,
     check_roles,
+    check_stage_privileges,
+    down_drops,
     check_version,
     not_run,
     terminate_idle,
@@ -141,6 +146,7 @@ ARGUMENT_SPEC = dict(
     maintenance_window=dict(type="dict"),
     terminate_idle_minutes=dict(type="float"),
     run_id=dict(type="str"),
+    run_options=RUN_OPTIONS_SPEC,
     rerun_command=dict(type="str"),
     connect_timeout=dict(type="int", default=10),
 )
@@ -157,6 +163,21 @@ def _server_facts(cur):
                 " pg_database_size(current_database()), to_regclass('migrations.events') IS NOT NULL")
     version, num, size, records = cur.fetchone()
     return {"server_version": version, "server_major": num // 10000, "db_size": size, "records": records}
+
+
+def _down_drops(migrations_dir):
+    """What the set's down scripts drop; an unreadable set is the migration_set check's to report."""
+    if not migrations_dir:
+        return []
+    try:
+        texts = []
+        for m in load_migration_set(migrations_dir):
+            if m.down_path:
+                with open(m.down_path, encoding="utf-8", errors="replace") as fh:
+                    texts.append(fh.read())
+        return down_drops(texts)
+    except (LedgerError, OSError):
+        return []
 
 
 def run_precheck(params, check_mode=False, now_utc=None):
@@ -187,9 +208,11 @@ def run_precheck(params, check_mode=False, now_utc=None):
                 checks.append(check_version(facts, p["accepted_versions"]))
                 checks.append(check_backup_privilege(cur))
                 checks.extend(check_roles(cur, p["app_role"], p["required_roles"]))
+                checks.append(check_stage_privileges(cur, p["app_role"], _down_drops(p.get("migrations_dir"))))
                 checks.extend(check_replication(cur, p["max_replication_lag"]))
         else:
-            for name in ("backup_privilege", "app_role_login", "required_roles", "replication_lag",
+            for name in ("backup_privilege", "app_role_login", "required_roles", "stage_privileges",
+                         "replication_lag",
                          "replication_slots"):
                 checks.append(not_run(name, "no connection to %s" % target))
 
@@ -294,7 +317,8 @@ def run_precheck(params, check_mode=False, now_utc=None):
         "database_size_bytes": facts["db_size"] if facts else None,
         "environment": p["environment"], "duration_s": round(time.time() - started, 3), "check_mode": check_mode,
     }
-    rerun = p.get("rerun_command") or "ansible-playbook playbooks/precheck.yml -l <target>"
+    rerun = p.get("rerun_command") or "the same ansible-playbook command (to re-check alone: `%s`)" % (
+        playbook_command("precheck"))
     if failed:
         lines = ["precheck refused %s: %d of %d checks failed (nothing was changed)" % (
             target, len(failed), len([c for c in checks if c["passed"] is not None]))]

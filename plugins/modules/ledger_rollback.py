@@ -75,6 +75,7 @@ options:
     description: A URL of the same database that bypasses PgBouncer, used only for no-transaction down scripts.
     type: str
   run_id: {description: The run id recorded in the events., type: str}
+  run_options: {description: The ansible-playbook options (-i -l -e vault) every next command carries; set by the action plugin., type: list, elements: str}
   host_label: {description: How the operator names this target with -l (used in the next commands)., type: str}
   connect_timeout: {description: Seconds to wait for a connection., type: int, default: 10}
 author: Arrakis platform team (@arrakis-platform)

@@ -46,6 +46,7 @@ options:
   lock_timeout_ms: {description: lock_timeout of the verification transaction (never queue the application)., type: int, default: 2000}
   leak_attempts: {description: Attempts to land two PgBouncer clients on the same server connection., type: int, default: 20}
   run_id: {description: Run id recorded with the verify event., type: str}
+  run_options: {description: The ansible-playbook options (-i -l -e vault) every next command carries; set by the action plugin., type: list, elements: str}
   record_event: {description: Append a verify event to migrations.events on a real run., type: bool, default: true}
   limit: {description: The inventory limit used in the next-command hints., type: str, default: "<environment>"}
   connect_timeout: {description: Seconds to wait for a connection., type: int, default: 10}
@@ -82,6 +83,7 @@ import time
 import uuid
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import RUN_OPTIONS_SPEC, playbook_command
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
     LedgerError, connect, describe_target, log_event_autonomous, new_run_id, redact,
 )
@@ -126,6 +128,7 @@ ARGUMENT_SPEC = dict(
     lock_timeout_ms=dict(type="int", default=2000),
     leak_attempts=dict(type="int", default=20),
     run_id=dict(type="str"),
+    run_options=RUN_OPTIONS_SPEC,
     record_event=dict(type="bool", default=True),
     limit=dict(type="str", default="<environment>"),
     connect_timeout=dict(type="int", default=10),
@@ -156,24 +159,25 @@ def next_steps(failed, limit, exp):
     steps = []
     if groups & {"structure", "runbook", "behaviour", "cleanup"}:
         versions = sorted({c["version"] for c in failed if c.get("version") in exp.known_versions})
-        steps.append("look for drift: 'ansible-playbook playbooks/status.yml -l %s'" % limit)
+        steps.append("look for drift: `%s`" % playbook_command("status", limit))
         if versions:
             first = exp.known_versions.index(versions[0])
             prev = exp.known_versions[first - 1] if first > 0 else "base"
             steps.append("repair the objects named above as files/migrations/%s define%s them (where the ledger"
-                         " holds no data worth keeping, 'ansible-playbook playbooks/rollback.yml -l %s -e rollback_to=%s'"
-                         " then 'ansible-playbook playbooks/migrate.yml -l %s' re-creates them: reverting drops"
-                         " their data; or restore the backup: 'ansible-playbook playbooks/rollback.yml -l %s"
-                         " -e rollback_mode=restore')"
+                         " holds no data worth keeping, `%s`"
+                         " then `%s` re-creates them: reverting drops"
+                         " their data; or restore the backup: `%s`)"
                          % (", ".join(exp.files[v] for v in versions), "s" if len(versions) == 1 else "",
-                            limit, prev, limit, limit))
+                            playbook_command("rollback", limit, "-e rollback_to=%s" % prev),
+                            playbook_command("migrate", limit),
+                            playbook_command("rollback", limit, "-e rollback_mode=restore")))
     if "pgbouncer" in groups:
         steps.append("check PgBouncer: pool_mode = transaction, and the application sets its tenant with"
                      " app.set_community_context() / set_config(..., true) inside a transaction, never SET")
     if "http" in groups:
         steps.append("check the application (its logs; 'curl -sS -m 5 <url>'); the JWKS endpoint must serve"
                      " exactly the active rows of s2s_jwks_public_keys")
-    steps.append("then re-run 'ansible-playbook playbooks/verify.yml -l %s'" % limit)
+    steps.append("then re-run `%s`" % playbook_command("verify", limit))
     return "; ".join(steps)
 
 
@@ -212,8 +216,8 @@ def run(p, check_mode=False):
     try:
         conn = connect(url, autocommit=True, connect_timeout=p["connect_timeout"])
     except LedgerError as exc:
-        raise LedgerError("%s. Next: check database_url and that the target is up ('ansible-playbook"
-                          " playbooks/precheck.yml -l %s')." % (exc.msg, p["limit"]), **result)
+        raise LedgerError("%s. Next: check database_url and that the target is up (`%s`)."
+                          % (exc.msg, playbook_command("precheck", p["limit"])), **result)
     try:
         cur = conn.cursor()
         applied, source = applied_versions(cur, exp)
@@ -269,7 +273,7 @@ def run(p, check_mode=False):
         conn.close()
         abort(check_mode, p, url, run_id, result,
               "verify could not run on %s: %s. Next: check the target's health, then re-run"
-              " 'ansible-playbook playbooks/verify.yml -l %s'." % (target, err_text(exc), p["limit"]),
+              " `%s`." % (target, err_text(exc), playbook_command("verify", p["limit"])),
               sqlstate=exc.pgcode)
     except Exception as exc:  # noqa: BLE001 - an operator gets a message, never a traceback
         conn.close()

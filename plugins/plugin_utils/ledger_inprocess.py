@@ -31,12 +31,15 @@ import importlib
 import os
 import sys
 
+from ansible import constants as C
+from ansible import context
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 from ansible.module_utils.common.parameters import remove_values
 from ansible.module_utils.errors import UnsupportedError
 from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
 from ansible.utils.vars import merge_hash
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import run_options_from_cli
 
 display = Display()
 
@@ -165,6 +168,9 @@ class LedgerAction(ActionBase):
         del tmp
         task_vars = task_vars or {}
         args = dict(self._task.args)
+        if "run_options" not in args and "run_options" in getattr(load_module(self.MODULE), "ARGUMENT_SPEC", {}):
+            # The next commands of the module carry this run's -i, -l, -e (ledger_next, the one rule).
+            args["run_options"] = run_options_from_cli(context.CLIARGS, C.DEFAULT_HOST_LIST)
         if self._task.async_val:
             wrap_async = not self._connection.has_native_async
             return merge_hash(result, self._execute_module(module_args=args, task_vars=task_vars,

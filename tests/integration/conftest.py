@@ -16,9 +16,10 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+from ledgertest import RUNBOOK_SET
 
 ROOT = Path(__file__).resolve().parents[2]
-MIGRATIONS = ROOT / "files" / "migrations"
+MIGRATIONS = RUNBOOK_SET  # the runbook's 0008-0011, whatever else files/migrations holds
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import pgcluster  # noqa: E402

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -62,9 +63,10 @@ def test_backup_is_verified_by_a_restore_and_rows_compare(seeded_db, pg_cluster,
     assert result["changed"] and result["verified"]
     assert result["row_counts"] == {"app.settings": 2, "public.customers": 20000}
     assert result["restore_check"]["rows"] == 20002
-    # Name: <target-slug>_<schema-version>_<UTC timestamp>.dump (no records: schema version "base").
+    # Name: <target-slug>_<schema-version>_<UTC timestamp>_<run tag>.dump (no records: schema version "base").
     slug = bu.target_slug(seeded_db)
-    assert path.name.startswith(slug + "_base_") and path.name.endswith("Z.dump")
+    tag = bu.run_tag(json.loads(Path(result["manifest"]).read_text())["run_id"])
+    assert re.fullmatch(re.escape(slug) + r"_base_[0-9]{8}T[0-9]{6}Z_" + tag + r"\.dump", path.name), path.name
     # Modes: 0600 files in a 0700 directory; no partial file left.
     assert stat.S_IMODE(backups.stat().st_mode) == 0o700
     assert sorted(p.name for p in backups.iterdir()) == [path.name, path.name + ".json"]
@@ -278,5 +280,6 @@ def test_unreachable_target_fails_with_the_target_and_no_password(tmp_path):
     with pytest.raises(LedgerError) as info:
         run("postgresql://someone:hunter2@127.0.0.1:1/ledger", tmp_path / "b", connect_timeout=2)
     assert "someone@127.0.0.1:1/ledger" in info.value.msg and "hunter2" not in info.value.msg
-    assert "re-run: ansible-playbook playbooks/backup.yml" in info.value.msg
+    assert "re-run: the same ansible-playbook command (to back up alone: `ansible-playbook playbooks/backup.yml" \
+        " -l <limit>`)" in info.value.msg
     assert not (tmp_path / "b").exists()

@@ -38,9 +38,11 @@ def test_backup_playbook_failure_names_the_target_and_next_command(empty_db, tmp
     backups = tmp_path / "backups"
     backups.mkdir(mode=0o755)
     backups.chmod(0o755)
-    rc, out = playbook(["-i", str(inventory(tmp_path, empty_db)), "playbooks/backup.yml", "-l", "mydb",
-                        "-e", f"backup_dir={backups}"], tmp_path)
+    inv = inventory(tmp_path, empty_db)
+    rc, out = playbook(["-i", str(inv), "playbooks/backup.yml", "-l", "mydb", "-e", f"backup_dir={backups}"], tmp_path)
     assert rc == 2, out
     assert "backup of postgres@127.0.0.1" in out and f"chmod 0700 {backups}" in out
-    assert "ansible-playbook playbooks/backup.yml -l mydb" in out
+    # The run's own options, in the order given (the report_dir the helper adds last).
+    assert (f"`ansible-playbook playbooks/backup.yml -i {inv} -l mydb -e backup_dir={backups}"
+            f" -e report_dir={tmp_path / 'reports'}`") in " ".join(out.split())
     assert list(backups.iterdir()) == []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ledgertest import MIGRATIONS, VERSIONS
+from ledgertest import RUNBOOK_SET, VERSIONS
 from pghelpers import history, q
 
 PLAYBOOK = {
@@ -32,7 +32,7 @@ PLAYBOOK = {
 
 def test_an_outside_playbook_runs_the_installed_roles_by_fqcn(tmp_path, empty_db, installed_collection):
     team = tmp_path / "other-team"
-    shutil.copytree(MIGRATIONS, team / "migrations")
+    shutil.copytree(RUNBOOK_SET, team / "migrations")
     (team / "ansible.cfg").write_text("[defaults]\ngathering = explicit\n")  # the team's own, not ours
     (team / "site.yml").write_text(yaml.safe_dump([PLAYBOOK], sort_keys=False))
     (team / "hosts.yml").write_text(yaml.safe_dump({"ledger_databases": {"hosts": {"ledger-1": {

@@ -235,6 +235,38 @@ def test_a_lock_released_during_the_back_off_lets_the_retry_succeed(held_table, 
     assert history(empty_db) == ["0001", "0002"]
 
 
+def test_a_role_that_cannot_see_other_sessions_is_told_so_and_which_grant_fixes_it(tmp_path, pg_cluster):
+    """A non-superuser without pg_read_all_stats sees no other role's query: the empty list is explained."""
+    role = "mig_" + os.urandom(4).hex()
+    name = pg_cluster.create_db()
+    admin = pg_cluster.connect(name)
+    try:
+        with admin.cursor() as cur:
+            cur.execute("CREATE ROLE %s LOGIN" % role)
+            cur.execute('GRANT CREATE ON DATABASE "%s" TO %s' % (name, role))
+            cur.execute("GRANT CREATE ON SCHEMA public TO %s" % role)
+        url = pg_cluster.url(name, user=role)
+        d = write_set(tmp_path / "m", LOCKED)
+        apply(url, d, target="0001")
+        blocker = pg_cluster.connect(name, autocommit=False)  # another role: postgres
+        with blocker.cursor() as cur:
+            cur.execute("LOCK TABLE t IN ACCESS SHARE MODE")
+        time.sleep(0.25)
+        with pytest.raises(LedgerError) as exc:
+            apply(url, d, lock_timeout="200ms", lock_retries=0)
+        blocker.close()
+        f = exc.value.fields
+        assert f["sqlstate"] == "55P03" and f["blockers"] == [] and f["blockers_hidden_from"] == role
+        assert ("likely blocker: none visible: the role %s cannot see other roles' sessions" % role) in exc.value.msg
+        assert "`GRANT pg_read_all_stats TO \"%s\";`" % role in exc.value.msg
+        assert exc.value.msg.count("likely blocker:") == 1
+    finally:
+        admin.close()
+        pg_cluster.drop_db(name)
+        with pg_cluster.connect() as c, c.cursor() as cur:
+            cur.execute("DROP ROLE IF EXISTS %s" % role)
+
+
 def test_an_application_query_queued_behind_the_migration_waits_no_longer_than_lock_timeout(held_table, empty_db):
     d, blocker, _ = held_table
     mig = Bg(apply, empty_db, d, lock_timeout="1s", lock_retries=0)

@@ -17,6 +17,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 import yaml
+from ledgertest import RUNBOOK_SET
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).parent / "ansible-playbook")
@@ -57,7 +58,7 @@ class Fleet:
         before = set(self.reports.glob("*.json")) if self.reports.exists() else set()
         cmd = [ANSIBLE_PLAYBOOK, "playbooks/migrate.yml", "-i", str(self.inventory), "-l", "all",
                "-e", f"backup_dir={self.tmp / 'backups'}", "-e", f"report_dir={self.reports}",
-               "-e", "migrate_batch_size=2", *extra]
+               "-e", "migrate_batch_size=2", "-e", f"migrations_dir={RUNBOOK_SET}", *extra]
         env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
         env.pop("DATABASE_URL", None)
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)

@@ -20,9 +20,10 @@ import pytest
 import yaml
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import ensure_records, log_event
+from ledgertest import RUNBOOK_SET
 
 ROOT = Path(__file__).resolve().parents[2]
-MIGRATIONS = ROOT / "files" / "migrations"
+MIGRATIONS = RUNBOOK_SET  # the runbook's 0008-0011, whatever else files/migrations holds
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).parent / "ansible-playbook")
 
 
@@ -323,7 +324,8 @@ def test_migrate_yml_promotes_a_set_from_staging_to_production(tmp_path, pg_clus
         def migrate(limit):
             cmd = [ANSIBLE_PLAYBOOK, "playbooks/migrate.yml", "-i", str(inventory), "-l", limit,
                    "-e", f"promotion_dir={tmp_path / 'promotions'}", "-e", f"backup_dir={tmp_path / 'backups'}",
-                   "-e", f"report_dir={tmp_path / 'reports'}", "-e", "maintenance_window_ack=true"]
+                   "-e", f"report_dir={tmp_path / 'reports'}", "-e", "maintenance_window_ack=true",
+                   "-e", f"migrations_dir={MIGRATIONS}"]
             env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
             for name in ("DATABASE_URL", "LEDGER_STAGING_URL"):
                 env.pop(name, None)

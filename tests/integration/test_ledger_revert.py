@@ -21,10 +21,10 @@ import pytest
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import RECORDS_DDL
 
 from test_ledger_sql import Session, Tenant, seed_tenant
-from ledgertest import UPS, down_of
+from ledgertest import RUNBOOK_SET, UPS, down_of
 
 ROOT = Path(__file__).resolve().parents[2]
-MIGRATIONS = ROOT / "files" / "migrations"
+MIGRATIONS = RUNBOOK_SET  # the runbook's 0008-0011, whatever else files/migrations holds
 def execute_file(url: str, path: Path) -> None:
     """One file in one transaction, as the engine and the conftest apply them."""
     conn = psycopg2.connect(url)

@@ -18,11 +18,12 @@ from pathlib import Path
 import psycopg2
 import pytest
 from pghelpers import load_module
+from ledgertest import RUNBOOK_SET
 
 
 
 ROOT = Path(__file__).resolve().parents[2]
-MIGRATIONS = ROOT / "files" / "migrations"
+MIGRATIONS = RUNBOOK_SET  # the runbook's 0008-0011, whatever else files/migrations holds
 
 
 precheck = load_module("ledger_precheck", prefix="")
@@ -601,3 +602,38 @@ def test_unreachable_server_names_the_target_never_the_password():
     assert "someone@127.0.0.1:1/ledger" in result["msg"]
     assert "s3cret-pw" not in repr(result)
     assert by_name(result)["server_version"]["observed"] == {"reachable": False}
+
+
+def test_a_non_superuser_migration_role_is_checked_for_what_verify_revert_and_restore_need(pg_cluster):
+    """Membership for SET ROLE arrakis_app, CREATEDB for a restore, ownership of what the down scripts drop."""
+    from conftest import apply_sql_files
+
+    role = "mig_" + uuid.uuid4().hex[:8]
+    name = pg_cluster.create_db()
+    admin = pg_cluster.connect(name)
+    try:
+        with admin.cursor() as cur:
+            cur.execute("CREATE ROLE %s LOGIN BYPASSRLS" % role)
+            cur.execute('GRANT CREATE ON DATABASE "%s" TO %s' % (name, role))
+            cur.execute("GRANT CREATE ON SCHEMA public TO %s" % role)
+        url = pg_cluster.url(name, user=role)
+        c = by_name(run(url, migrations_dir=str(MIGRATIONS)))["stage_privileges"]
+        assert c["passed"] is False
+        assert "SET ROLE arrakis_app" in c["message"] and "CREATEDB" in c["message"]
+        assert "GRANT arrakis_app TO %s;" % role in c["next"] and "ALTER ROLE %s CREATEDB;" % role in c["next"]
+        with admin.cursor() as cur:
+            cur.execute("GRANT arrakis_app TO %s" % role)
+            cur.execute("ALTER ROLE %s CREATEDB" % role)
+        assert by_name(run(url, migrations_dir=str(MIGRATIONS)))["stage_privileges"]["passed"] is True
+        # 0008-0009 applied by another role (postgres): their down scripts drop what this role does not own.
+        apply_sql_files(pg_cluster.url(name), up_to="0009")
+        c = by_name(run(url, migrations_dir=str(MIGRATIONS)))["stage_privileges"]
+        assert c["passed"] is False and "ownership of table public.lot_entries" in c["message"] + str(c["offenders"])
+        assert "GRANT postgres TO %s;" % role in c["next"]
+        # A superuser has it all.
+        assert by_name(run(pg_cluster.url(name), migrations_dir=str(MIGRATIONS)))["stage_privileges"]["passed"]
+    finally:
+        admin.close()
+        pg_cluster.drop_db(name)
+        with pg_cluster.connect() as conn, conn.cursor() as cur:
+            cur.execute("DROP ROLE IF EXISTS %s" % role)

@@ -29,7 +29,10 @@ def inventory(tmp_path, url, **host_vars):
 
 
 def playbook(args, tmp_path):
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_HOME=str(tmp_path / ".ansible"),
+    # -v (the default callback's full results): these tests read the modules' messages and results;
+    # tests/integration/test_screen.py covers the operator's screen at default verbosity.
+    env = dict(os.environ, ANSIBLE_VERBOSITY="1",
+               ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_HOME=str(tmp_path / ".ansible"),
                ANSIBLE_NOCOLOR="1", PATH=str(PLAYBOOK.parent) + os.pathsep + os.environ.get("PATH", ""))
     env.pop("DATABASE_URL", None)
     res = subprocess.run([str(PLAYBOOK), *args, "-e", f"report_dir={tmp_path / 'reports'}"], cwd=ROOT, env=env,
@@ -69,7 +72,8 @@ def test_precheck_playbook_refuses_with_every_reason(empty_db, tmp_path):
     pid = idle.get_backend_pid()
     time.sleep(1.2)
     try:
-        rc, out = playbook(["-i", str(inventory(tmp_path, empty_db)), "playbooks/precheck.yml", "-l", "mydb",
+        inv = inventory(tmp_path, empty_db)
+        rc, out = playbook(["-i", str(inv), "playbooks/precheck.yml", "-l", "mydb",
                             "-e", "precheck_long_tx_seconds=1", "-e", "ledger_environment=production"], tmp_path)
     finally:
         idle.close()
@@ -77,7 +81,8 @@ def test_precheck_playbook_refuses_with_every_reason(empty_db, tmp_path):
     assert "precheck refused postgres@127.0.0.1" in out and "2 of" in out
     assert "- maintenance_window: production requires an acknowledged maintenance window" in out
     assert "- idle_in_transaction: 1 session(s) idle in transaction" in out and f"pid {pid}" in out
-    assert "ansible-playbook playbooks/precheck.yml -l mydb" in out
+    assert ("`ansible-playbook playbooks/precheck.yml -i %s -l mydb -e precheck_long_tx_seconds=1"
+            " -e ledger_environment=production -e report_dir=%s`" % (inv, tmp_path / "reports")) in " ".join(out.split())
     assert not schema_exists(empty_db)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 import yaml
+from ledgertest import RUNBOOK_SET
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).parent / "ansible-playbook")
@@ -50,6 +51,7 @@ def run(tmp: Path, url: str, *extra: str, limit: str | None = "all", host_vars: 
     inventory = tmp / "inventory.yml"
     inventory.write_text(yaml.safe_dump({"all": {"hosts": {"ledger-1": {"database_url": url, **(host_vars or {})}}}}))
     cmd = [ANSIBLE_PLAYBOOK, "playbooks/migrate.yml", "-i", str(inventory), "-e", f"backup_dir={tmp / 'backups'}",
+           "-e", f"migrations_dir={RUNBOOK_SET}",
            *extra]
     if limit:
         cmd += ["-l", limit]

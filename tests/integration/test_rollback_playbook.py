@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 from pghelpers import history, q
+from ledgertest import RUNBOOK_SET
 
 ROOT = Path(__file__).resolve().parents[2]
-MIGRATIONS = ROOT / "files" / "migrations"
+MIGRATIONS = RUNBOOK_SET  # the runbook's 0008-0011, whatever else files/migrations holds
 PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 FAILING_0012 = "-- 0012: fails at apply time, on purpose\nCREATE TABLE public.rb_probe (id int);\nSELECT 1 / 0;\n"
 
@@ -36,7 +37,10 @@ class Runner:
                                   % (url, tmp_path / "backups"))
 
     def run(self, playbook, *args):
-        env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_HOME=str(self.tmp / ".ansible"),
+        # -v (the default callback's full results): these tests read the modules' messages and results;
+        # tests/integration/test_screen.py covers the operator's screen at default verbosity.
+        env = dict(os.environ, ANSIBLE_VERBOSITY="1",
+                   ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_HOME=str(self.tmp / ".ansible"),
                    ANSIBLE_NOCOLOR="1", PATH=str(PLAYBOOK.parent) + os.pathsep + os.environ.get("PATH", ""))
         env.pop("DATABASE_URL", None)
         cmd = [str(PLAYBOOK), "-i", str(self.inventory), "-l", "rbdb", "playbooks/%s" % playbook,
@@ -134,7 +138,10 @@ def test_on_failure_stop_keeps_the_last_good_version_and_its_command_works(runne
     rc, out = runner.run("migrate.yml", "-e", "precheck_rehearse=false")
     assert rc != 0, out
     assert history(runner.url) == ["0008", "0009", "0010", "0011"]
-    command = "ansible-playbook playbooks/rollback.yml -l rbdb -e rollback_to=base"
+    # The failed run's options (-i, -l, each -e), then the rollback's own.
+    command = ("ansible-playbook playbooks/rollback.yml -i %s -l rbdb -e migrations_dir=%s -e report_dir=%s"
+               " -e precheck_rehearse=false -e rollback_to=base"
+               % (runner.inventory, runner.migrations, runner.tmp / "reports"))
     assert command in out
 
     # --check says what it would revert and changes nothing.

@@ -20,9 +20,10 @@ import pytest
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, ensure_records
 from pghelpers import history, load_module, q
+from ledgertest import RUNBOOK_SET
 
 ROOT = Path(__file__).resolve().parents[2]
-MIGRATIONS = ROOT / "files" / "migrations"
+MIGRATIONS = RUNBOOK_SET  # the runbook's 0008-0011, whatever else files/migrations holds
 
 
 

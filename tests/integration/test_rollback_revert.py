@@ -19,9 +19,10 @@ import pytest
 from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
 from pghelpers import history, load_module, q
+from ledgertest import RUNBOOK_SET
 
 ROOT = Path(__file__).resolve().parents[2]
-MIGRATIONS = ROOT / "files" / "migrations"
+MIGRATIONS = RUNBOOK_SET  # the runbook's 0008-0011, whatever else files/migrations holds
 SET_0011 = ["0008", "0009", "0010", "0011"]
 LEDGER_TABLES = ["public.credit_lot_balances", "public.credit_lots", "public.crypto_payments", "public.lot_entries",
                  "public.reconciliation_cursor", "public.s2s_jwks_public_keys", "public.usage_events",

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import yaml
 
-from ledgertest import ROOT, VERSIONS
+from ledgertest import ROOT, RUNBOOK_SET, VERSIONS
 from test_secrets import PASSWORD, USER, db, scram  # noqa: F401 - fixtures: a scram cluster and a database
 
 RUNNER = str(Path(sys.executable).parent / "ansible-runner")
@@ -38,7 +38,8 @@ def test_migrate_under_ansible_runner_exits_0_and_no_event_holds_the_password(tm
         "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
     }))
     (pdd / "env" / "extravars").write_text(yaml.safe_dump(
-        {"backup_dir": str(tmp_path / "backups"), "report_dir": str(tmp_path / "reports")}))
+        {"backup_dir": str(tmp_path / "backups"), "report_dir": str(tmp_path / "reports"),
+         "migrations_dir": str(RUNBOOK_SET)}))
     env = dict(os.environ)
     env.pop("DATABASE_URL", None)
     env.pop("ANSIBLE_CONFIG", None)

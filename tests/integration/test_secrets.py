@@ -26,6 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 import pgcluster  # noqa: E402
+from ledgertest import RUNBOOK_SET
 
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).parent / "ansible-playbook")
 ANSIBLE_VAULT = str(Path(sys.executable).parent / "ansible-vault")
@@ -104,7 +105,8 @@ def run(tmp: Path, *extra: str, host_vars: dict | None = None, env_url: str | No
         inv.write_text(yaml.safe_dump({"all": {"hosts": {"ledger-1": host_vars or {}}}}))
         inventory = str(inv)
     cmd = [ANSIBLE_PLAYBOOK, "playbooks/migrate.yml", "-i", inventory, "-l", limit, "-vvv",
-           "-e", f"backup_dir={tmp / 'backups'}", "-e", f"report_dir={tmp / 'reports'}", *extra]
+           "-e", f"backup_dir={tmp / 'backups'}", "-e", f"report_dir={tmp / 'reports'}",
+           "-e", f"migrations_dir={RUNBOOK_SET}", *extra]
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
     env.pop("DATABASE_URL", None)
     if env_url:

@@ -102,3 +102,33 @@ def test_squawk_still_flags_a_blocking_change(tmp_path):
     assert res.returncode != 0
     for rule in ("require-concurrent-index-creation", "require-table-schema", "prefer-bigint-over-int"):
         assert rule in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("content,line,needle", [
+    (b"SELECT 1;\nALTER TABLE t ENABLE ROW LEVEL SECURITY\x00, FORCE ROW LEVEL SECURITY;\n", 2, "NUL"),
+    (b"SELECT 1;\n\nSELECT 2\x1b[0m;\n", 3, "0x1B"),
+    (b"SELECT 1;\x0c\n", 1, "0x0C"),
+    (b"SELECT 1;\n\xef\xbb\xbfSELECT 2;\n", 2, "byte-order mark"),
+])
+def test_control_characters_are_refused_with_file_and_line(tmp_path, content, line, needle):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "0001_a.sql").write_bytes(content)
+    with pytest.raises(LedgerError) as err:
+        load(d)
+    assert err.value.fields["file"] == "0001_a.sql" and err.value.fields["line"] == line
+    assert err.value.msg.startswith("0001_a.sql line %d: " % line) and needle in err.value.msg
+
+
+def test_a_leading_bom_is_dropped_and_never_hides_transaction_control(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "0001_a.sql").write_bytes(b"\xef\xbb\xbfCREATE TABLE t (id int);\n\tSELECT 1;\r\n")
+    ms = load(d)
+    assert [s.line for s in ms[0].statements] == [1, 2]
+    assert not ms[0].statements[0].text.startswith("\ufeff")
+    assert ms[0].checksum == hashlib.sha256((d / "0001_a.sql").read_bytes()).hexdigest()
+    (d / "0001_a.sql").write_bytes(b"\xef\xbb\xbfBEGIN;\nCREATE TABLE t (id int);\nCOMMIT;\n")
+    with pytest.raises(LedgerError) as err:
+        load(d)
+    assert "transaction control (BEGIN)" in err.value.msg and err.value.fields["line"] == 1

@@ -1,0 +1,49 @@
+"""The next command (ledger_next): exact, shell-safe, with the failed run's -i, -l and each -e."""
+
+from __future__ import annotations
+
+import shlex
+
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_next
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import (
+    PlaybookAdvice,
+    playbook_command,
+    run_options_from_cli,
+    use_run_options,
+)
+
+CLI = {"inventory": ["/srv/my inventory.yml"], "subset": "staging", "vault_ids": ["production@prompt"],
+       "extra_vars": ("migrations_dir=/x y", "precheck_rehearse=false", "rollback_to=0010", "@vars.yml",
+                      '{"a": "it\'s"}')}
+
+
+def test_the_run_options_come_from_the_command_line_and_the_default_inventory_is_left_out():
+    assert run_options_from_cli(CLI, default_inventory=["/p/inventory/local"]) == [
+        "-i", "/srv/my inventory.yml", "-l", "staging", "-e", "migrations_dir=/x y", "-e", "precheck_rehearse=false",
+        "-e", "rollback_to=0010", "-e", "@vars.yml", "-e", '{"a": "it\'s"}', "--vault-id", "production@prompt"]
+    secret = run_options_from_cli({"extra_vars": ("database_url=postgresql://u:s3cret@db/ledger",)})
+    assert secret == ["-e", "database_url=postgresql://u:********@db/ledger"]
+    assert run_options_from_cli({"inventory": ["/p/inventory/local"], "subset": "local"},
+                                default_inventory=["/p/inventory/local"]) == ["-l", "local"]
+
+
+def test_a_command_pastes_back_to_exactly_the_run_options_plus_its_own():
+    use_run_options(run_options_from_cli(CLI))
+    try:
+        cmd = PlaybookAdvice("ignored").rollback("-e rollback_to=0009")
+        argv = shlex.split(cmd)
+        # The command's own -e rollback_to wins over the run's; every other option is carried once.
+        assert argv == ["ansible-playbook", "playbooks/rollback.yml", "-i", "/srv/my inventory.yml", "-l", "staging",
+                        "-e", "migrations_dir=/x y", "-e", "precheck_rehearse=false", "-e", "@vars.yml",
+                        "-e", '{"a": "it\'s"}', "--vault-id", "production@prompt", "-e", "rollback_to=0009"]
+        assert "''" not in cmd.replace("'\"'\"'", "")  # no YAML-doubled quotes
+    finally:
+        use_run_options(None)
+
+
+def test_without_run_options_a_command_names_the_limit_and_keeps_placeholders_readable():
+    assert ledger_next._RUN["options"] is None
+    assert playbook_command("migrate", "local") == "ansible-playbook playbooks/migrate.yml -l local"
+    assert playbook_command("backup") == "ansible-playbook playbooks/backup.yml -l <limit>"
+    assert PlaybookAdvice("a b").rollback("-e rollback_to=VERSION|base") == \
+        "ansible-playbook playbooks/rollback.yml -l 'a b' -e rollback_to=VERSION|base"
