@@ -120,3 +120,119 @@ def describe(items, limit=6):
     if len(items) > limit:
         out.append("and %d more" % (len(items) - limit))
     return "; ".join(out)
+
+
+def leftovers_check(cur, dbname, host_label=None):
+    """The precheck's restore_leftovers check: informational (never fails the run), naming each with size and age."""
+    found = leftover_databases(cur, dbname)
+    if not found:
+        return {"name": "restore_leftovers", "passed": True, "observed": [], "threshold": None, "offenders": [],
+                "message": "no scratch or kept databases of %s from earlier restores" % dbname, "next": None}
+    scratch = [d for d in found if d["kind"] == "scratch"]
+    return {"name": "restore_leftovers", "passed": True, "observed": found, "threshold": None, "offenders": found,
+            "message": "%d database(s) of %s left by earlier restores: %s%s" % (
+                len(found), dbname, describe(found),
+                "; the scratch copies are of restores that were interrupted (nothing uses them)" if scratch else ""),
+            "next": "drop them when nothing in them is wanted: ansible-playbook playbooks/rollback.yml -l %s "
+                    "-e rollback_drop_leftovers=true" % (host_label or "<target>")}
+
+
+def diagnose_refused(url, maintenance_db, connect_timeout, host_label=None):
+    """Why the target refuses connections when its server answers: (message, next) or None.
+
+    Connects through the maintenance database and reads the target's pg_database row: a database with
+    datallowconn = false (left by an interrupted restore of an older version, or set by hand) refuses
+    every connection with a message that looks like an access problem.
+    """
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
+        LedgerError, connect, url_with_database)
+    dbname = Target(url).dbname
+    if not dbname or dbname == maintenance_db:
+        return None
+    try:
+        conn = connect(url_with_database(url, maintenance_db), autocommit=True, connect_timeout=connect_timeout)
+    except LedgerError:
+        return None
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT datallowconn, datconnlimit FROM pg_database WHERE datname = %s", (dbname,))
+            row = cur.fetchone()
+            if row is None:
+                kept = [d["name"] for d in leftover_databases(cur, dbname) if d["kind"] == "kept"]
+                return ("the database %s does not exist on this server (reached through %s)%s" % (
+                    dbname, maintenance_db, "; databases kept by restores: %s" % ", ".join(kept) if kept else ""),
+                    "check database_url; if a restore's swap was done by hand halfway, rename a kept database back")
+            allow, limit = row
+            if not allow:
+                return ("the database %s refuses every connection: its datallowconn is false (left by an interrupted "
+                        "restore of an older version of this project, or set by hand)" % dbname,
+                        "allow connections again: ansible-playbook playbooks/rollback.yml -l %s "
+                        "-e rollback_allow_connections=true (or: ALTER DATABASE \"%s\" ALLOW_CONNECTIONS true)" % (
+                            host_label or "<target>", dbname.replace('"', '""')))
+            if limit == 0:
+                return ("the database %s refuses every connection: its CONNECTION LIMIT is 0" % dbname,
+                        "ALTER DATABASE \"%s\" CONNECTION LIMIT -1, then re-run" % dbname.replace('"', '""'))
+            return None
+    finally:
+        conn.close()
+
+
+def run_cleanup(p, check_mode=False):
+    """mode=cleanup: allow connections again (with consent) and drop the leftovers (with consent).
+
+    Runs on the maintenance database; a database is said dropped only once DROP DATABASE returned.
+    """
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
+        LedgerError, connect, describe_target, url_with_database)
+    url = p["database_url"]
+    dbname = Target(url).dbname
+    if dbname == p["maintenance_db"]:
+        raise LedgerError("the target database %s is also the maintenance database: set rollback_maintenance_db to "
+                          "another one (e.g. template1). Nothing was changed" % dbname)
+    admin_url = url_with_database(url, p["maintenance_db"])
+    how = drop_how(admin_url)
+    conn = connect(admin_url, autocommit=True, connect_timeout=p["connect_timeout"])
+    out = {"target": describe_target(url), "changed": False, "dropped": [], "not_dropped": [], "leftovers": [],
+           "connections_allowed": None}
+    said = []
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (dbname,))
+            row = cur.fetchone()
+            if row is not None and not row[0]:
+                if p.get("allow_connections"):
+                    if not check_mode:
+                        cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(dbname)))
+                    out["connections_allowed"] = True
+                    out["changed"] = True
+                    said.append("%s %s connections again" % (dbname, "would accept" if check_mode else "accepts"))
+                else:
+                    out["connections_allowed"] = False
+                    said.append("%s refuses connections (datallowconn false): -e rollback_allow_connections=true "
+                                "allows them again" % dbname)
+            found = leftover_databases(cur, dbname)
+            out["leftovers"] = found
+            if found and not p.get("drop_leftovers"):
+                said.append("left by earlier restores (kept): %s" % describe(found))
+            for d in found if p.get("drop_leftovers") else []:
+                if check_mode:
+                    out["dropped"].append(d)
+                    continue
+                ok, error = drop_database(cur, d["name"])
+                if ok:
+                    out["dropped"].append(d)
+                else:
+                    out["not_dropped"].append(dict(d, error=error, command=drop_command(how, d["name"])))
+            out["changed"] = out["changed"] or bool(out["dropped"])
+    finally:
+        conn.close()
+    if out["dropped"]:
+        said.append("%s: %s" % ("would drop" if check_mode else "dropped", describe(out["dropped"], limit=20)))
+    if out["not_dropped"]:
+        said.append("could NOT drop: %s" % "; ".join("%s (%s): %s" % (d["name"], d["error"], d["command"])
+                                                     for d in out["not_dropped"]))
+    if not found and out["connections_allowed"] is None:
+        said.append("no leftovers of restores of %s; it accepts connections" % dbname)
+    out["msg"] = "; ".join(said)
+    out["failed"] = bool(out["not_dropped"])
+    return out

@@ -23,7 +23,7 @@ import pytest
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_leftovers import leftover_databases
 from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_rollback_restore as restore_mod
-from pghelpers import history, q
+from pghelpers import history, load_module, q
 from test_rollback_restore import databases, revert_0011, target  # noqa: F401 - the shared fixture
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -225,3 +225,30 @@ def test_a_refused_restore_of_a_corrupted_backup_logs_its_failed_event(target):
     rows = q(target.url, "SELECT outcome, run_id, detail->>'error' FROM migrations.events WHERE action = 'restore'")
     assert [r[:2] for r in rows] == [("failed", "test-restore")] and "sha256" in rows[0][2]
     assert q(target.url, "SELECT count(*) FROM migrations.lock")[0][0] == 0
+
+
+# --------------------------------------------------------------------------- 2 + 3. the precheck says what it found
+
+def test_the_precheck_lists_leftovers_and_says_why_a_target_refuses_connections(target):
+    precheck = load_module("ledger_precheck")
+    scratch = target.name + "_restore_20260101000000_abcdef"
+    kept = target.name + "_pre_restore_20260101000000_abcdef"
+    for name in (scratch, kept):
+        q(target.cluster.url(), 'CREATE DATABASE "%s"' % name)
+    try:
+        result = precheck.run_precheck({"database_url": target.url})
+        found = next(c for c in result["checks"] if c["name"] == "restore_leftovers")
+        assert found["passed"] is True
+        assert sorted((d["name"], d["kind"]) for d in found["observed"]) == [(kept, "kept"), (scratch, "scratch")]
+        assert all(d["size_bytes"] > 0 and d["age_s"] > 0 for d in found["observed"])
+        assert scratch in found["message"] and "rollback_drop_leftovers=true" in found["next"]
+
+        q(target.cluster.url(), 'ALTER DATABASE "%s" ALLOW_CONNECTIONS false' % target.name)
+        result = precheck.run_precheck({"database_url": target.url})
+        reach = next(c for c in result["checks"] if c["name"] == "server_version")
+        assert reach["passed"] is False and "datallowconn is false" in reach["message"]
+        assert "rollback_allow_connections=true" in reach["next"] and "pg_hba" not in reach["next"]
+    finally:
+        q(target.cluster.url(), 'ALTER DATABASE "%s" ALLOW_CONNECTIONS true' % target.name)
+        for name in (scratch, kept):
+            target.cluster.drop_db(name)
