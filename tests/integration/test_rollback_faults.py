@@ -252,3 +252,16 @@ def test_the_precheck_lists_leftovers_and_says_why_a_target_refuses_connections(
         q(target.cluster.url(), 'ALTER DATABASE "%s" ALLOW_CONNECTIONS true' % target.name)
         for name in (scratch, kept):
             target.cluster.drop_db(name)
+
+
+def test_a_run_waiting_for_a_dead_runners_lease_says_so_while_it_waits(target, capsys):
+    from ansible.utils.display import Display  # the worker's Display: loaded, so the module speaks through it
+    Display()
+    target.take_backup()
+    q(target.url, "INSERT INTO migrations.lock (id, run_id, holder, acquired_at, renewed_at, expires_at)"
+                  " VALUES (1, 'dead-run', 'ops@db1 pid 4242 lease abc', now() - interval '5 minutes',"
+                  " now() - interval '5 minutes', now() + interval '2 seconds')")
+    result = target.restore(lock_wait=30, lock_ttl=60)
+    out = capsys.readouterr().out
+    assert "waiting for the run lease" in out and "dead-run" in out and "expires in" in out
+    assert result["changed"] is True
