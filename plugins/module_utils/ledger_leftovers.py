@@ -113,10 +113,9 @@ def describe(items, limit=6):
         age = d["age_s"]
         age_text = ("%dd" % (age // 86400) if age >= 86400 else "%dh" % (age // 3600) if age >= 3600
                     else "%dm" % (age // 60)) if age is not None else "age unknown"
-        out.append("%s (%s, %s, %s old)" % (d["name"], "scratch copy of a restore that did not finish"
-                                          if d["kind"] == "scratch" else "kept by a restore",
-                                          human_bytes(d["size_bytes"]) if d["size_bytes"] is not None
-                                          else "size unknown", age_text))
+        kind = "scratch copy of a restore that did not finish" if d["kind"] == "scratch" else "kept by a restore"
+        size = human_bytes(d["size_bytes"]) if d["size_bytes"] is not None else "size unknown"
+        out.append("%s (%s, %s, %s old)" % (d["name"], kind, size, age_text))
     if len(items) > limit:
         out.append("and %d more" % (len(items) - limit))
     return "; ".join(out)

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
 import time
-import uuid
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
@@ -311,8 +309,8 @@ def _drop_scratch(cur, admin_url, name, how, p, what="The partial copy"):
     if ok:
         return "%s %s was dropped" % (what, name), True
     return ("%s %s could NOT be dropped (%s): it is still on the server; drop it with: %s, or with the rollback "
-            "playbook and -e rollback_drop_leftovers=true" % (what, name, redact(error or "no connection"),
-                                                             drop_command(how, name))), False
+            "playbook and -e rollback_drop_leftovers=true"
+            % (what, name, redact(error or "no connection"), drop_command(how, name))), False
 
 
 def _log_if_recorded(url, p, outcome, version, duration_ms, detail):
@@ -584,8 +582,8 @@ def _restore(p, check_mode, started, lease, lifeline):
                 "restore of %s failed half-way (pg_restore exited %d): %s. %s; %s is "
                 "unchanged. Choose another backup (-e backup_file=PATH) or revert with the down scripts: %s"
                 % (path, res.returncode, redact(res.stderr.strip())[-1500:] or "no message", cleanup, target,
-                   _cmd(host, "-e rollback_to=<version>"))), dict(base, pg_restore_rc=res.returncode,
-                                                                 scratch_dropped=dropped))
+                   _cmd(host, "-e rollback_to=<version>"))),
+                dict(base, pg_restore_rc=res.returncode, scratch_dropped=dropped))
         # 3. Check the copy before it replaces anything.
         try:
             problems, counts = _check_copy(url_with_database(url, new_db), manifest, bindir, path, p)
@@ -709,8 +707,8 @@ def _swap(cur, dbname, new_db, old_db, p, base, url, started, admin_url, how):
             _restore_failed(url, p, started, (
                 "the restored copy could not be swapped in for %s: server process(es) that are not client "
                 "sessions connected to it: %s. They are never terminated by the restore. %s; "
-                "%s is unchanged. Stop them, then re-run" % (dbname, _describe_sessions(others), cleanup,
-                                                             describe_target(url))),
+                "%s is unchanged. Stop them, then re-run"
+                % (dbname, _describe_sessions(others), cleanup, describe_target(url))),
                 dict(base, refused="server_processes", server_processes=others, scratch_dropped=dropped))
         try:
             cur.execute("BEGIN")
