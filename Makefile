@@ -23,7 +23,7 @@ help:
 	@echo "make migrate       set up, start the PostgreSQL 15 sandbox, run playbooks/migrate.yml -l local"
 	@echo "make test          lint, pytest and molecule test --all"
 	@echo "make setup         only the virtualenv and the collections"
-	@echo "make sandbox       start the sandbox (SANDBOX_PORT=$(SANDBOX_PORT)); make sandbox-stop stops it"
+	@echo "make sandbox       start the sandbox (SANDBOX_PORT=$(SANDBOX_PORT); SANDBOX_ARCHIVE=pgbackrest archives its WAL); make sandbox-stop stops it"
 	@echo "make lint          ansible-lint (production), yamllint, squawk, ansible-test sanity"
 	@echo "make bench         benchmarks (BENCH_ARGS='--sizes 0,1.5')"
 
@@ -53,7 +53,7 @@ collection: setup
 	$(BIN)/ansible-galaxy collection build --output-path dist .
 
 sandbox:
-	@$(PYTHON) scripts/pgcluster.py start --dir $(SANDBOX_DIR) --port $(SANDBOX_PORT)
+	@$(PYTHON) scripts/pgcluster.py start --dir $(SANDBOX_DIR) --port $(SANDBOX_PORT) $(if $(SANDBOX_ARCHIVE),--archive $(SANDBOX_ARCHIVE))
 
 sandbox-stop:
 	@$(PYTHON) scripts/pgcluster.py stop --dir $(SANDBOX_DIR)
@@ -71,6 +71,7 @@ lint: setup collection
 
 pytest: setup
 	@$(PYTHON) scripts/pgbouncer_ctl.py install || echo "note: without pgbouncer, the PgBouncer tests are skipped (CI fails them)"
+	@$(PYTHON) scripts/pgcluster.py install-pgbackrest --dir $(SANDBOX_DIR) || echo "note: without pgbackrest, the pgBackRest tests are skipped (CI fails them)"
 	$(BIN)/pytest
 
 # Each run takes its own block of free ports (scenario ports are base + offset):

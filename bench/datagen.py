@@ -189,3 +189,27 @@ def generate(cluster: Cluster, db: str, gigabytes: float, workers: int = 2) -> d
     size = cluster.db_size(db)
     return {"requested_gb": gigabytes, "bytes": size, "tables": len(TABLES), "rows": rows,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def append_share(cluster: Cluster, db: str, share: float = 0.01) -> int:
+    """A day of a growing database: append `share` of each table's rows (new ids, as a ledger grows).
+
+    Returns the rows appended. The same INSERT ... SELECT as the generation, beyond each table's max id.
+    """
+    conn = cluster.connect(db)
+    total = 0
+    try:
+        with conn.cursor() as cur:
+            cur.execute("CREATE EXTENSION IF NOT EXISTS pgcrypto WITH SCHEMA public")
+            cur.execute("SELECT (SELECT max(id) FROM shop.customers), (SELECT max(id) FROM shop.orders)")
+            customers, orders = cur.fetchone()
+            for name, (_share, _ddl, ins, _idx) in TABLES.items():
+                cur.execute(f"SELECT coalesce(max(id), 0), count(*) FROM shop.{name}")
+                top, count = cur.fetchone()
+                rows = max(1, int(count * share))
+                cur.execute(_sql(ins, {"customers": customers, "orders": orders, "lo": top + 1, "hi": top + rows}))
+                total += rows
+            cur.execute("DROP EXTENSION pgcrypto")
+    finally:
+        conn.close()
+    return total

@@ -109,17 +109,18 @@ def sh(cmd, *, env=None, timeout=None, cwd=ROOT, stdin: str | None = None) -> Re
 class Cluster:
     """One throwaway PostgreSQL 15 cluster started by scripts/pgcluster.py on a free port."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, archive: str | None = None, stanza: str = "bench"):
         self.base = Path(base).resolve()
         # A cluster left by an interrupted run is removed first: results must come from a fresh one.
         try:
             pgcluster.destroy(self.base)
             self.port = pgcluster.free_port()
-            state = pgcluster.start(self.base, self.port, "postgres")
+            state = pgcluster.start(self.base, self.port, "postgres", archive=archive, stanza=stanza)
         except pgcluster.ClusterError as exc:
             raise BenchError(f"cannot start the benchmark cluster in {self.base}: {exc}") from exc
         self.bindir = Path(state["bindir"])
         self.home = Path(state["home"])
+        self.state = state
 
     def url(self, db: str = "postgres", user: str = "postgres") -> str:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{db}"

@@ -23,12 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from context import Context, SectionResult  # noqa: E402
 from lib import BENCH, BenchError, Cluster, log, machine_info  # noqa: E402
-from sections import fleet, ledger, money, overhead, restore, size, traffic  # noqa: E402
+from sections import fleet, ledger, money, overhead, pitr, restore, size, traffic  # noqa: E402
 
 SECTIONS = {
     "overhead": overhead.run,
     "size": size.run,
     "restore": restore.run,
+    "pitr": pitr.run,
     "traffic": traffic.run,
     "ledger": ledger.run,
     "money": money.run,
@@ -38,7 +39,7 @@ SECTIONS = {
 
 def cleanup(workdir: Path) -> None:
     """Remove what the sections left in the work directory (only our own names: it may be a shared path)."""
-    for name in ("runs", "floor", "dumps", "traffic_migrations"):
+    for name in ("runs", "floor", "dumps", "traffic_migrations", "pg_pitr"):
         shutil.rmtree(workdir / name, ignore_errors=True)
     for pattern in ("timings-*.json", "script-*"):
         for path in workdir.glob(pattern):

@@ -5,7 +5,7 @@ One implementation serves the three places that need a real server: the
 `make sandbox` target, Molecule's shared create/destroy playbooks and the pytest
 fixtures. Standard library only, so it runs before the virtualenv exists.
 
-    pgcluster.py start --dir .sandbox --port 55432 [--db ledger]
+    pgcluster.py start --dir .sandbox --port 55432 [--db ledger] [--archive pgbackrest [--stanza sandbox]]
     pgcluster.py stop  --dir .sandbox
     pgcluster.py status --dir .sandbox
 
@@ -13,6 +13,12 @@ The cluster listens on 127.0.0.1 only, trusts loopback (it is a throwaway), and
 holds the roles the runbook's pre-migration checklist expects: `arrakis_app`
 (LOGIN, with a password kept in DIR/arrakis_app.password, mode 0600) and
 `arrakis_admin` (BYPASSRLS).
+
+With `--archive pgbackrest` the cluster archives its WAL to a local pgBackRest
+repository beside its data (DIR/pgbackrest/: repo, log, lock and the config file
+that every pgbackrest call of the project names with --config; nothing in /etc),
+under the stanza `--stanza` (default `sandbox`), with a first full backup: what
+`SANDBOX_ARCHIVE=pgbackrest make sandbox` starts, for `backup_method=pgbackrest`.
 """
 
 from __future__ import annotations
@@ -175,7 +181,66 @@ $roles$;
 """
 
 
-def start(base: Path, port: int, db: str) -> dict:
+PGBACKREST = "pgbackrest"
+
+
+def find_pgbackrest() -> str:
+    """The pgbackrest binary; installed with apt-get as root where missing (as postgresql-15 is)."""
+    found = shutil.which(PGBACKREST)
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("pgbackrest not found; installing the Debian package pgbackrest with apt-get", file=sys.stderr)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", PGBACKREST]):
+            res = subprocess.run(cmd, env=env, check=False)
+            if res.returncode != 0:
+                raise ClusterError(f"'{' '.join(cmd)}' failed (exit {res.returncode}); install pgbackrest by hand")
+        found = shutil.which(PGBACKREST)
+        if found:
+            return found
+    raise ClusterError("pgbackrest not found: install it as root ('apt-get install pgbackrest') "
+                       "or start the sandbox without SANDBOX_ARCHIVE=pgbackrest")
+
+
+def pgbackrest_paths(home: Path) -> dict:
+    root = home / "pgbackrest"
+    return {"root": root, "config": root / "pgbackrest.conf", "repo": root / "repo", "log": root / "log",
+            "lock": root / "lock", "spool": root / "spool"}
+
+
+def _setup_pgbackrest(home: Path, data: Path, port: int, stanza: str) -> dict:
+    """Write the repository's config and the server's archive settings (both rewritten on each
+    start: the port may change; postgresql.conf includes the settings' file once)."""
+    binary = find_pgbackrest()
+    paths = pgbackrest_paths(home)
+    owner = _owner_env()
+    for key in ("root", "repo", "log", "lock", "spool"):
+        paths[key].mkdir(mode=0o750, exist_ok=True)
+        if owner is not None:
+            os.chown(paths[key], owner.pw_uid, owner.pw_gid)
+    # A throwaway repository: lz4 and 2 processes favour speed over size; two fulls are kept.
+    paths["config"].write_text(
+        "[global]\n"
+        f"repo1-path={paths['repo']}\nrepo1-retention-full=2\n"
+        f"log-path={paths['log']}\nlock-path={paths['lock']}\nspool-path={paths['spool']}\n"
+        "log-level-file=info\nlog-level-console=warn\nstart-fast=y\ncompress-type=lz4\nprocess-max=2\n"
+        f"\n[{stanza}]\npg1-path={data}\npg1-port={port}\npg1-socket-path={home}\n")
+    os.chmod(paths["config"], 0o640)
+    if owner is not None:
+        os.chown(paths["config"], owner.pw_uid, owner.pw_gid)
+    archive_command = f"{binary} --config={paths['config']} --stanza={stanza} archive-push %p"
+    return {"stanza": stanza, "config": str(paths["config"]), "binary": binary,
+            "settings": {"archive_mode": "on", "archive_command": archive_command, "wal_level": "replica"}}
+
+
+def pgbackrest(info: dict, *args: str, timeout: float = 600) -> None:
+    """Run pgbackrest for a cluster's repository ({config, stanza} of its state) as the cluster's owner."""
+    _run([info.get("binary") or find_pgbackrest(), f"--config={info['config']}", f"--stanza={info['stanza']}", *args],
+         timeout=timeout)
+
+
+def start(base: Path, port: int, db: str, archive: str | None = None, stanza: str = "sandbox") -> dict:
     base = base.resolve()
     bindir = find_bindir()
     owner = _owner_env()
@@ -212,6 +277,18 @@ def start(base: Path, port: int, db: str) -> dict:
             "log_min_messages = warning\n"
         )
         _append_as_owner(conf, extra)
+    archive_info = None
+    if archive == "pgbackrest" or (state or {}).get("pgbackrest"):
+        stanza = ((state or {}).get("pgbackrest") or {}).get("stanza", stanza)
+        archive_info = _setup_pgbackrest(home, data, port, stanza)
+        settings = data / "ledger_archive.conf"
+        settings.write_text("# pgcluster.py --archive pgbackrest (rewritten at each start)\n"
+                            + "".join(f"{k} = '{v}'\n" for k, v in archive_info["settings"].items()))
+        if owner is not None:
+            os.chown(settings, owner.pw_uid, owner.pw_gid)
+        include = "include_if_exists = 'ledger_archive.conf'\n"
+        if include not in (data / "postgresql.conf").read_text():
+            _append_as_owner(data / "postgresql.conf", include)
     log = home / "server.log"
     res = _run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", f"-p {port}", "-w", "-t", "60", "start"],
                check=False)
@@ -235,7 +312,16 @@ def start(base: Path, port: int, db: str) -> dict:
     if not exists:
         psql(bindir, home, port, f'CREATE DATABASE "{db}"')
     state = {"dir": str(base), "home": str(home), "port": port, "db": db, "bindir": str(bindir),
-             "url": f"postgresql://postgres@127.0.0.1:{port}/{db}"}
+             "url": f"postgresql://postgres@127.0.0.1:{port}/{db}",
+             "os_user": owner.pw_name if owner is not None else pwd.getpwuid(os.geteuid()).pw_name}
+    if archive_info:
+        repo = pgbackrest_paths(home)["repo"]
+        if not (repo / "backup" / archive_info["stanza"] / "backup.info").exists():
+            # The stanza and a first full backup: the base every restore point builds on.
+            pgbackrest(archive_info, "stanza-create")
+            pgbackrest(archive_info, "check")
+            pgbackrest(archive_info, "--type=full", "backup")
+        state["pgbackrest"] = {"stanza": archive_info["stanza"], "config": archive_info["config"]}
     _state_file(base).write_text(json.dumps(state, indent=2) + "\n")
     return state
 
@@ -262,15 +348,23 @@ def destroy(base: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["start", "stop", "destroy", "status"])
+    parser.add_argument("action", choices=["start", "stop", "destroy", "status", "install-pgbackrest"])
     parser.add_argument("--dir", required=True, type=Path)
     parser.add_argument("--port", type=int, default=int(os.environ.get("SANDBOX_PORT", "55432")))
     parser.add_argument("--db", default="ledger")
+    parser.add_argument("--archive", choices=["", "pgbackrest"], default=os.environ.get("SANDBOX_ARCHIVE", ""),
+                        help="archive WAL to a local pgBackRest repository (default: $SANDBOX_ARCHIVE)")
+    parser.add_argument("--stanza", default="sandbox")
     args = parser.parse_args(argv)
     try:
-        if args.action == "start":
-            state = start(args.dir, args.port, args.db)
+        if args.action == "install-pgbackrest":
+            print(f"pgbackrest: {find_pgbackrest()}")
+        elif args.action == "start":
+            state = start(args.dir, args.port, args.db, archive=args.archive or None, stanza=args.stanza)
             print(f"PostgreSQL {PG_MAJOR} sandbox running: {state.get('url')} (data in {args.dir})")
+            if state.get("pgbackrest"):
+                print(f"WAL archived by pgBackRest: stanza {state['pgbackrest']['stanza']}, "
+                      f"config {state['pgbackrest']['config']}")
         elif args.action == "stop":
             stop(args.dir)
             print(f"PostgreSQL sandbox in {args.dir} stopped")

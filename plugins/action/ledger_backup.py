@@ -57,6 +57,8 @@ def progress_line(host, progress_file, elapsed):
 class ActionModule(LedgerAction):
 
     MODULE = "ledger_backup"
+    # ledger_pgbackrest's action plugin reuses this one with its own line.
+    progress_line = staticmethod(progress_line)
 
     def around(self, args, task_vars, execute):
         if self._task.check_mode or self._connection.transport not in LOCAL_TRANSPORTS:
@@ -85,7 +87,7 @@ class ActionModule(LedgerAction):
                 worker.join(interval)
                 if not worker.is_alive():
                     break
-                display.display(progress_line(host, progress_file, time.time() - started))
+                display.display(self.progress_line(host, progress_file, time.time() - started))
         finally:
             try:
                 os.unlink(progress_file)

@@ -59,6 +59,7 @@ KEEP_KEYS = (
     "backup_file", "backup", "path", "manifest", "manifest_file", "sha256", "size", "size_bytes", "format",
     "verified", "verification", "checks", "failed_checks", "passed", "reverted", "restored", "mode",
     "stamp", "stamp_file", "set_checksum", "override", "refused", "taken", "duration_ms", "elapsed",
+    "method", "restore_point", "lsn", "timeline", "backup_label",  # backup_method=pgbackrest
 )
 FAILURE_KEYS = ("msg", "sqlstate", "file", "line", "version", "hint", "detail", "next_command", "failed_checks")
 
@@ -464,7 +465,9 @@ class CallbackModule(CallbackBase):
         manifest_file = details.get("manifest_file") or (
             details.get("manifest") if isinstance(details.get("manifest"), str) else None)
         return {"taken": True, "file": file_, "sha256": sha, "manifest": manifest_file,
-                "verified": details.get("verified", nested.get("verified", manifest.get("verified")))}
+                "verified": details.get("verified", nested.get("verified", manifest.get("verified"))),
+                "restore_point": details.get("restore_point"), "lsn": details.get("lsn"),
+                "backup_label": details.get("backup_label")}
 
     @staticmethod
     def _verify(stages):

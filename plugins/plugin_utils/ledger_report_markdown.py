@@ -61,6 +61,9 @@ def render_markdown(report):
         backup = tgt.get("backup")
         if backup and backup.get("file") and backup.get("sha256"):
             lines.append("- Backup: `%s` (sha256 `%s`)" % (backup["file"], backup["sha256"]))
+        elif backup and backup.get("restore_point") and backup.get("verified"):
+            lines.append("- Backup: restore point `%s` at %s on pgBackRest backup %s (manifest `%s`)"
+                         % (backup["restore_point"], backup.get("lsn"), backup.get("backup_label"), backup["file"]))
         elif backup and backup.get("file"):
             lines.append("- Backup: %s `%s`" % ("would write" if report.get("check_mode") else "not completed:",
                                                 backup["file"]))

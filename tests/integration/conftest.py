@@ -151,12 +151,12 @@ def installed_collection(tmp_path_factory):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """With LEDGER_REQUIRE_PGBOUNCER=1 (set by .ci/run, which installs it), a test that
-    skips for want of PgBouncer fails instead: CI must prove the PgBouncer claims."""
+    """With LEDGER_REQUIRE_PGBOUNCER=1 (set by .ci/run, which installs both), a test that
+    skips for want of PgBouncer or pgBackRest fails instead: CI must prove those claims."""
     outcome = yield
     report = outcome.get_result()
     if report.skipped and os.environ.get("LEDGER_REQUIRE_PGBOUNCER") == "1":
         reason = str(report.longrepr).lower()
-        if "pgbouncer" in reason:
+        if "pgbouncer" in reason or "pgbackrest" in reason:
             report.outcome = "failed"
-            report.longrepr = "PgBouncer is required here (LEDGER_REQUIRE_PGBOUNCER=1) but the test skipped: " + reason
+            report.longrepr = "PgBouncer and pgBackRest are required here (LEDGER_REQUIRE_PGBOUNCER=1) but the test skipped: " + reason

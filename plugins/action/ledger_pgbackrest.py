@@ -1,0 +1,33 @@
+# -*- coding: utf-8 -*-
+"""Action plugin for ledger_pgbackrest: in-process when it can, and progress lines while it runs.
+
+A pgBackRest backup of a large cluster, or a point-in-time recovery, takes minutes. The
+threading and the progress file are ledger_backup's (arrakis.ledger's ledger_backup action); only
+the line differs: the module writes its phase and pgbackrest's percentage of files copied,
+printed every `progress_interval` seconds on a local connection:
+
+    [ledger-db1] pgbackrest: pgbackrest incr backup, 42% of the files, 30 s
+"""
+
+from __future__ import annotations
+
+import json
+
+from ansible_collections.arrakis.ledger.plugins.action.ledger_backup import ActionModule as BackupAction
+
+
+def progress_line(host, progress_file, elapsed):
+    try:
+        with open(progress_file) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        data = {}
+    percent = data.get("percent")
+    share = ", %d%% of the files" % percent if isinstance(percent, (int, float)) else ""
+    return "  [%s] pgbackrest: %s%s, %d s" % (host, data.get("phase", "starting"), share, elapsed)
+
+
+class ActionModule(BackupAction):
+
+    MODULE = "ledger_pgbackrest"
+    progress_line = staticmethod(progress_line)

@@ -1,0 +1,282 @@
+"""backup_method=pgbackrest on a real PostgreSQL 15 that archives to a real pgBackRest repository.
+
+One cluster for the whole module (started by scripts/pgcluster.py --archive pgbackrest, as
+`SANDBOX_ARCHIVE=pgbackrest make sandbox` does): the refusals first (archiving broken, backup
+too old, restore point not archived, data loss without consent), then a restore point and a
+point-in-time recovery, a recovery whose copy fails its check (the target stays as it was),
+and the rollback playbook's PITR. The tests run in file order and share the cluster.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import apply_sql_files
+from pghelpers import history, load_module, q
+
+import pgcluster
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
+
+pytestmark = pytest.mark.skipif(shutil.which("pgbackrest") is None and os.geteuid() != 0,
+                                reason="pgbackrest is not installed (make pytest installs it as root)")
+
+
+@pytest.fixture(scope="module")
+def archived():
+    """A PostgreSQL 15 archiving to a pgBackRest repository (stanza `pytest`), at 0011 with records."""
+    base = Path(tempfile.mkdtemp(prefix="ledger-pgbackrest-"))
+    state = pgcluster.start(base / "pg", pgcluster.free_port(), "ledger", archive="pgbackrest", stanza="pytest")
+    url = state["url"]
+    apply_sql_files(url)
+    mod = load_module("ledger_pgbackrest")
+    from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_common as common
+    import psycopg2
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        common.ensure_records(cur)
+        for version in ("0008", "0009", "0010", "0011"):
+            cur.execute("INSERT INTO migrations.history (version, name, checksum, applied_by, execution_ms, run_id)"
+                        " VALUES (%s, 'm', repeat('a', 64), 'pytest', 1, 'seed')", (version,))
+        cur.execute("CREATE TABLE public.pitr_probe (id int PRIMARY KEY)")
+        cur.execute("INSERT INTO public.pitr_probe SELECT generate_series(1, 100)")
+    conn.close()
+    env = {"url": url, "state": state, "base": base, "mod": mod, "backups": str(base / "backups"),
+           "config": state["pgbackrest"]["config"], "home": Path(state["home"])}
+    try:
+        yield env
+    finally:
+        pgcluster.destroy(base / "pg")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def params(env, action, **kw):
+    p = dict(action=action, database_url=env["url"], stanza="pytest", config=env["config"], os_user=env["state"]["os_user"],
+             max_age="7d", check_timeout=120, backup_type="none", backup_dir=env["backups"], backup_file=None,
+             row_counts=True, lock_timeout="10s", archive_timeout=60, allow_data_loss=False, recovery_timeout=300,
+             space_margin=1.2, pg_bindir=None, progress_file=None, progress_interval=10, run_id="pytest",
+             host_label="pitrdb", rerun_command="re-run")
+    p.update(kw)
+    return p
+
+
+def set_archive_command(env, command):
+    q(env["url"], "ALTER SYSTEM SET archive_command = %s", (command,))
+    q(env["url"], "SELECT pg_reload_conf()")
+    time.sleep(0.5)
+
+
+def wait_archiver_failure(env, timeout=60):
+    q(env["url"], "CREATE TEMP TABLE wal_filler AS SELECT 1")  # some WAL (catalog rows), no user rows
+    q(env["url"], "SELECT pg_switch_wal()")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if q(env["url"], "SELECT failed_count > 0 AND last_failed_time > coalesce(last_archived_time, '-infinity')"
+                         " FROM pg_stat_archiver")[0][0]:
+            return
+        time.sleep(0.3)
+    raise AssertionError("the archiver did not fail")
+
+
+def test_precheck_passes_on_a_healthy_archive(archived):
+    res = archived["mod"].result_of(params(archived, "check"))
+    assert not res.get("failed"), res["msg"]
+    assert [c["name"] for c in res["checks"]] == ["archive_mode", "archiver", "pgbackrest_check", "backup_age"]
+    assert all(c["ok"] for c in res["checks"])
+
+
+def test_precheck_refuses_a_backup_older_than_max_age(archived):
+    res = archived["mod"].result_of(params(archived, "check", max_age="1"))
+    assert res["failed"] and res["failed_checks"] == ["backup_age"]
+    age = [c for c in res["checks"] if c["name"] == "backup_age"][0]
+    assert "at most 1" in age["message"]
+    assert "--type=diff backup" in age["next"] and "--stanza=pytest" in age["next"] and archived["config"] in age["next"]
+
+
+def test_precheck_refuses_a_bad_max_age(archived):
+    res = archived["mod"].result_of(params(archived, "check", max_age="a week"))
+    assert res["failed"] and "not an age" in res["msg"]
+
+
+def test_broken_archiving_refuses_the_precheck_and_the_restore_point(archived):
+    """archive_command fails: the precheck says so (pg_stat_archiver and pgbackrest check) and the
+    backup stage's restore point is refused as not archived, with a failed event and no manifest."""
+    good = q(archived["url"], "SHOW archive_command")[0][0]
+    set_archive_command(archived, "false")
+    try:
+        wait_archiver_failure(archived)
+        res = archived["mod"].result_of(params(archived, "check", check_timeout=10))
+        assert res["failed"]
+        assert "archiver" in res["failed_checks"] and "pgbackrest_check" in res["failed_checks"]
+        archiver = [c for c in res["checks"] if c["name"] == "archiver"][0]
+        assert "archiving fails" in archiver["message"] and "check" in archiver["next"]
+        assert "next: " in res["msg"] and "re-run" in res["msg"]
+
+        res = archived["mod"].result_of(params(archived, "backup", archive_timeout=5, run_id="broken"))
+        assert res["failed"], res
+        assert "not archived" in res["msg"] or "archiving failed" in res["msg"]
+        assert "no safety net" in res["msg"] and "Nothing was migrated" in res["msg"]
+        assert not glob.glob(os.path.join(archived["backups"], "*.pitr.json"))
+        assert q(archived["url"], "SELECT outcome, detail->>'restore_point' FROM migrations.events"
+                                  " WHERE run_id = 'broken' AND action = 'backup'") == [("failed", "ledger-broken")]
+    finally:
+        set_archive_command(archived, good)
+    deadline = time.time() + 60
+    while q(archived["url"], "SELECT last_failed_time > coalesce(last_archived_time, '-infinity')"
+                             " FROM pg_stat_archiver")[0][0]:
+        assert time.time() < deadline, "archiving did not recover"
+        q(archived["url"], "SELECT pg_switch_wal()")
+        time.sleep(0.5)
+
+
+def test_restore_point_with_an_incremental_backup(archived):
+    res = archived["mod"].result_of(params(archived, "backup", backup_type="incr", run_id="run1"))
+    assert not res.get("failed"), res["msg"]
+    assert res["restore_point"] == "ledger-run1" and res["backup_label"].endswith("I")
+    manifest = json.loads(Path(res["backup_file"]).read_text())
+    assert res["backup_file"].endswith(".pitr.json") and oct(os.stat(res["backup_file"]).st_mode & 0o777) == "0o600"
+    for key in ("method", "stanza", "backup_label", "restore_point", "restore_point_lsn", "timeline",
+                "system_identifier", "applied", "row_counts", "wal_file"):
+        assert manifest[key] not in (None, ""), key
+    assert manifest["method"] == "pgbackrest" and manifest["applied"] == ["0008", "0009", "0010", "0011"]
+    assert manifest["row_counts"]["public.pitr_probe"] == 100
+    assert q(archived["url"], "SELECT detail->>'restore_point', detail->>'lsn' FROM migrations.events"
+                              " WHERE run_id = 'run1' AND action = 'backup' AND outcome = 'ok'") == \
+        [("ledger-run1", res["lsn"])]
+    archived["manifest"] = res["backup_file"]
+
+
+def test_check_mode_says_what_it_would_do_and_changes_nothing(archived):
+    """--check: the backup stage and the recovery report, write no manifest, no event, no directory."""
+    before = sorted(glob.glob(os.path.join(archived["backups"], "*.pitr.json")))
+    events = q(archived["url"], "SELECT count(*) FROM migrations.events")[0][0]
+    res = archived["mod"].result_of(params(archived, "backup", run_id="checkmode"), check_mode=True)
+    assert not res.get("failed") and res["changed"] and res["msg"].startswith("would take a none backup")
+    res = archived["mod"].result_of(params(archived, "restore", backup_file=before[-1]), check_mode=True)
+    assert not res.get("failed") and res["msg"].startswith("would refuse without rollback_allow_data_loss=true")
+    res = archived["mod"].result_of(params(archived, "restore", backup_file=before[-1], allow_data_loss=True),
+                                    check_mode=True)
+    assert not res.get("failed") and res["msg"].startswith("would recover (consented)")
+    data_dir = q(archived["url"], "SHOW data_directory")[0][0]
+    assert not glob.glob(data_dir + ".pitr_*")
+    assert sorted(glob.glob(os.path.join(archived["backups"], "*.pitr.json"))) == before
+    assert q(archived["url"], "SELECT count(*) FROM migrations.events")[0][0] == events
+
+
+def test_recovery_without_consent_is_refused_and_counts_the_loss(archived):
+    q(archived["url"], "INSERT INTO public.pitr_probe SELECT generate_series(1001, 1050)")
+    q(archived["url"], "DELETE FROM migrations.history WHERE version = '0011'")
+    res = archived["mod"].result_of(params(archived, "restore", backup_file=archived["manifest"]))
+    assert res["failed"]
+    assert res["msg"].startswith("refused: point-in-time recovery")
+    assert "rollback_allow_data_loss=true" in res["msg"] and "Nothing was changed" in res["msg"]
+    assert res["data_at_risk"]["transaction_ids"] >= 2 and res["data_at_risk"]["wal_bytes"] > 0
+    assert res["data_at_risk"]["versions_reverted_since"] == ["0011"]
+    assert q(archived["url"], "SELECT count(*) FROM public.pitr_probe")[0][0] == 150
+
+
+def test_a_copy_that_fails_its_check_leaves_the_target_as_it_was(archived, tmp_path):
+    manifest = json.loads(Path(archived["manifest"]).read_text())
+    manifest["row_counts"]["public.pitr_probe"] = 99  # the copy will hold 100
+    bad = tmp_path / "bad.pitr.json"
+    bad.write_text(json.dumps(manifest))
+    data_dir = q(archived["url"], "SHOW data_directory")[0][0]
+    res = archived["mod"].result_of(params(archived, "restore", backup_file=str(bad), allow_data_loss=True,
+                                           run_id="badcopy"))
+    assert res["failed"] and "does not match the manifest" in res["msg"] and "was not replaced" in res["msg"]
+    assert q(archived["url"], "SELECT count(*) FROM public.pitr_probe")[0][0] == 150
+    assert history(archived["url"]) == ["0008", "0009", "0010"]
+    assert not glob.glob(data_dir + ".pitr_*") and not glob.glob(data_dir + ".pre_pitr_*")
+    assert q(archived["url"], "SELECT outcome FROM migrations.events WHERE run_id = 'badcopy'") == [("failed",)]
+
+
+def test_recovery_with_consent_rewinds_to_the_restore_point(archived):
+    data_dir = q(archived["url"], "SHOW data_directory")[0][0]
+    res = archived["mod"].result_of(params(archived, "restore", backup_file=archived["manifest"],
+                                           allow_data_loss=True, run_id="pitr1"))
+    assert not res.get("failed"), res["msg"]
+    assert q(archived["url"], "SELECT count(*) FROM public.pitr_probe")[0][0] == 100
+    assert history(archived["url"]) == ["0008", "0009", "0010", "0011"]
+    assert res["check"]["row_counts_differ"] == {} and res["check"]["history_ok"]
+    assert os.path.isdir(res["previous_data_directory"]) and res["previous_data_directory"].startswith(data_dir)
+    events = q(archived["url"], "SELECT action, outcome, detail->>'restore_point' FROM migrations.events"
+                                " WHERE run_id = 'pitr1'")
+    assert events == [("restore", "ok", "ledger-run1")]
+    # The recovered cluster archives again (a new timeline), so the next run's precheck passes.
+    res = archived["mod"].result_of(params(archived, "check"))
+    assert not res.get("failed"), res["msg"]
+
+
+def test_rollback_playbook_recovers_with_consent(archived, tmp_path):
+    """migrate-like state → restore point through backup.yml → rows → rollback.yml PITR."""
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(json.dumps({"all": {"hosts": {"pitrdb": {
+        "database_url": archived["url"], "backup_dir": archived["backups"], "backup_method": "pgbackrest",
+        "pgbackrest_stanza": "pytest", "pgbackrest_config": archived["config"],
+        "pgbackrest_os_user": archived["state"]["os_user"], "pgbackrest_backup_type": "none"}}}}))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_HOME=str(tmp_path / ".ansible"),
+               ANSIBLE_NOCOLOR="1", PATH=str(PLAYBOOK.parent) + os.pathsep + os.environ.get("PATH", ""))
+
+    def run(playbook, *args):
+        return subprocess.run([str(PLAYBOOK), "-i", str(inventory), str(ROOT / "playbooks" / playbook), "-l", "pitrdb",
+                               *args], capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
+
+    # A full backup takes seconds here: with a 1 s interval its progress lines show.
+    out = run("backup.yml", "-e", "pgbackrest_backup_type=full", "-e", "backup_progress_interval=1")
+    assert out.returncode == 0, out.stdout[-3000:]
+    text = " ".join(out.stdout.split())  # the YAML callback wraps long messages
+    assert "restore point ledger-" in text and "on full backup" in text
+    assert "] pgbackrest: pgbackrest full backup" in text
+    report = Path(text.split("Run report: ")[1].split(" ")[0]).read_text()
+    assert "- Backup: restore point `ledger-" in report and ".pitr.json" in report
+    q(archived["url"], "INSERT INTO public.pitr_probe SELECT generate_series(2001, 2010)")
+    out = run("rollback.yml", "-e", "rollback_mode=restore")
+    assert out.returncode != 0 and "rollback_allow_data_loss=true" in out.stdout
+    assert q(archived["url"], "SELECT count(*) FROM public.pitr_probe")[0][0] == 110
+    out = run("rollback.yml", "-e", "rollback_mode=restore", "-e", "rollback_allow_data_loss=true")
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "recovered postgres@" in out.stdout
+    assert q(archived["url"], "SELECT count(*) FROM public.pitr_probe")[0][0] == 100
+    assert history(archived["url"]) == ["0008", "0009", "0010", "0011"]
+
+
+def test_on_failure_rollback_recovers_the_run_restore_point_with_consent(archived, tmp_path):
+    """A run applies 0008-0011 to a fresh database, 0012 fails, 0011 has no down script: with
+    on_failure=rollback and rollback_allow_data_loss=true, the run's own restore point is recovered."""
+    base = archived["url"].rsplit("/", 1)[0]
+    q(base + "/postgres", "CREATE DATABASE onfail")
+    url = base + "/onfail"
+    migrations = tmp_path / "migrations"
+    shutil.copytree(ROOT / "files" / "migrations", migrations)
+    for down in migrations.glob("0011_*.down.sql"):
+        down.unlink()
+    (migrations / "0012_fails_on_purpose.sql").write_text("-- fails at apply time, on purpose\nSELECT 1 / 0;\n")
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(json.dumps({"all": {"hosts": {"onfail": {
+        "database_url": url, "backup_dir": str(tmp_path / "backups"), "backup_method": "pgbackrest",
+        "pgbackrest_stanza": "pytest", "pgbackrest_config": archived["config"],
+        "pgbackrest_os_user": archived["state"]["os_user"], "pgbackrest_backup_type": "none"}}}}))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_HOME=str(tmp_path / ".ansible"),
+               ANSIBLE_NOCOLOR="1", PATH=str(PLAYBOOK.parent) + os.pathsep + os.environ.get("PATH", ""))
+    out = subprocess.run([str(PLAYBOOK), "-i", str(inventory), str(ROOT / "playbooks" / "migrate.yml"), "-l", "onfail",
+                          "-e", "migrations_dir=%s" % migrations, "-e", "on_failure=rollback",
+                          "-e", "rollback_allow_data_loss=true", "-e", "precheck_rehearse=false"],
+                         capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=600)
+    text = " ".join(out.stdout.split())
+    assert out.returncode != 0, text[-3000:]
+    assert "0012_fails_on_purpose.sql line 2: SQLSTATE 22012" in text
+    assert "on_failure=rollback: recovered postgres@" in text, text[-3000:]
+    assert history(url) == []
+    assert q(url, "SELECT action, outcome FROM migrations.events WHERE action = 'restore'") == [("restore", "ok")]
+
