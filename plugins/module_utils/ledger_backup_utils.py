@@ -135,7 +135,9 @@ def reserve_backup_path(backup_dir, slug, schema_version, stamp, run_id, suffix,
     while True:
         stamp_n = stamp if n == 1 else "%s-%d" % (stamp, n)
         final_path = os.path.join(backup_dir, backup_basename(slug, schema_version, stamp_n, run_id) + suffix)
-        partial = final_path + ".partial"
+        # <final>.partial-<run tag>: deterministic per final name, so O_EXCL below is the reservation;
+        # the tag also names this run's staged manifest (stage_manifest).
+        partial = "%s.partial-%s" % (final_path, run_tag(run_id))
         n += 1
         if os.path.lexists(final_path) or os.path.lexists(manifest_path_for(final_path)):
             continue
@@ -384,6 +386,41 @@ def write_manifest(backup_path, manifest):
     path = manifest_path_for(backup_path)
     _write_private(path, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     return path
+
+
+def stage_manifest(backup_path, manifest, tag):
+    """Write the manifest under a name of this run only (created exclusively, fsynced): <manifest>.partial-<tag>.
+
+    It becomes the manifest with publish_backup(), once the dump beside it is complete too.
+    """
+    path = "%s.partial-%s" % (manifest_path_for(backup_path), tag)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path
+
+
+def publish_backup(partial, final_path, staged_manifest):
+    """Both complete: the manifest takes its name first, then the dump (the moment the backup exists).
+
+    A manifest whose file is not there yet is no backup (restores need the file present), and a dump
+    never has its final name without its manifest. The directory is fsynced after the renames.
+    """
+    manifest = manifest_path_for(final_path)
+    os.replace(staged_manifest, manifest)
+    os.replace(partial, final_path)
+    fd = os.open(os.path.dirname(final_path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return manifest
 
 
 def read_manifest(path):

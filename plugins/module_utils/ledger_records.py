@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import sys
 import threading
 import time
 import uuid
@@ -34,6 +35,21 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_migration_se
 # Default lock_wait = lock_ttl + this: a run started right after a runner was SIGKILLed
 # waits for the dead run's lease to expire (at most lock_ttl) and takes it over.
 LOCK_WAIT_MARGIN = 30.0
+
+
+def say_now(text):
+    """A line for the operator while a run waits (not in the result, which comes at the end).
+
+    Only where Ansible's Display is already loaded (the in-process modules run in the playbook's worker,
+    whose Display goes to the operator's terminal); a module run as its own process says nothing here, since
+    its stdout is its JSON result.
+    """
+    mod = sys.modules.get("ansible.utils.display")
+    if mod is not None:
+        try:
+            mod.Display().display("[ledger] %s" % text)
+        except Exception:  # noqa: BLE001 - a progress line must never fail the run
+            pass
 
 
 def elapsed_ms(t0):
@@ -331,6 +347,7 @@ class Lease(object):
         deadline = t0 + self.wait
         logged = False
         holder = None
+        said_at = t0
         while True:
             try:
                 state, info = self._try()
@@ -349,10 +366,19 @@ class Lease(object):
                 self._start_heartbeat()
                 return self
             holder = info or holder
+            now = time.monotonic()
             if not logged:
                 self._event("waiting", None, {"holder": holder, "lock_wait_s": self.wait})
                 logged = True
-            now = time.monotonic()
+            if now >= said_at:
+                said_at = now + 15.0
+                say_now("waiting for the run lease on %s (%ds of at most %ds): %s" % (
+                    describe_target(self.url), now - t0, self.wait,
+                    "held by run %s (%s), expires in %ss%s" % (
+                        holder["run_id"], holder["holder"], holder["expires_in_s"],
+                        " (a run that stopped renewing it: it is taken over when it expires)"
+                        if holder["renewed_s_ago"] is not None and holder["renewed_s_ago"] > self.ttl else "")
+                    if holder else "its row is locked by a running migration"))
             if now >= deadline:
                 self._event("timeout", elapsed_ms(t0), {"holder": holder})
                 raise LedgerError(self._busy_message(holder), target=describe_target(self.url), holder=holder,

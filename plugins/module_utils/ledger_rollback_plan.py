@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - reported by connect()
 # ledger_rollback's arguments (the module's DOCUMENTATION describes them); _defaults() fills them in.
 ARGUMENT_SPEC = dict(
     database_url=dict(type="str", required=True, no_log=True),
-    mode=dict(type="str", choices=["revert", "restore"], default="revert"),
+    mode=dict(type="str", choices=["revert", "restore", "cleanup"], default="revert"),
     step=dict(type="str", choices=["plan", "run"], default="run"),
     migrations_dir=dict(type="path"),
     rollback_to=dict(type="str"),
@@ -46,6 +46,8 @@ ARGUMENT_SPEC = dict(
     backup_file=dict(type="path"),
     backup_other_target=dict(type="bool", default=False),
     terminate_connections=dict(type="bool", default=False),
+    drop_leftovers=dict(type="bool", default=False),
+    allow_connections=dict(type="bool", default=False),
     maintenance_db=dict(type="str", default="postgres"),
     restore_jobs=dict(type="int", default=1),
     restore_space_margin=dict(type="float", default=1.2),

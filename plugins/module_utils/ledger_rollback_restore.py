@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import os
-import random
 import re
-import shlex
 import subprocess
 import time
 
@@ -15,6 +13,11 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
     LedgerError, connect, describe_target, ensure_records, format_pg_error, log_event, pg_error,
     redact, redact_obj, url_with_database,
 )
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_leftovers import (
+    drop_command, drop_database, drop_how as _drop_how, leftover_databases, restore_names,
+)
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_lifeline import Lifeline, child_preexec
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import Lease
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import (
     find_bindir, find_newest_verified, full_read_check, human_bytes, libpq_env, list_manifests,
     manifest_path_for, read_manifest, same_target, server_identity, target_slug, verify_against_manifest,
@@ -175,24 +178,139 @@ def _locate_backup(p, url, host, identity=None):
     return manifest["backup_path"], dict(manifest, other_target=False)
 
 
-def _short_name(dbname, suffix):
-    """`<db><suffix>` within PostgreSQL's 63-byte identifiers (the database name is shortened, not the suffix)."""
-    room = 63 - len(suffix.encode())
-    base = dbname.encode()[:room].decode("utf-8", "ignore")
-    return base + suffix
-
-
 def _db_exists(cur, name):
     cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
     return cur.fetchone() is not None
 
 
-def _drop_db(cur, name):
-    try:
-        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        return True
-    except psycopg2.Error:
-        return False
+def _connect_through_swap(url, connect_timeout):
+    """connect(), retried twice: a connection that arrives during another restore's swap waits on the
+    database's lock, then is refused once ("database ... does not exist. It seems to have just been dropped
+    or renamed"); the name is back (the restored copy) a moment later."""
+    for attempt in range(3):
+        try:
+            return connect(url, autocommit=True, connect_timeout=connect_timeout)
+        except LedgerError:
+            if attempt == 2:
+                raise
+            time.sleep(0.3)
+
+
+class RestoreLease(Lease):
+    """The per-target run lease of migrate and revert (migrations.lock), taken by a restore.
+
+    Unlike migrate's, it holds no connection to the target between its polls and beats: a
+    session connected to the target would block the swap (ALTER DATABASE ... RENAME refuses while
+    anyone is connected). Before the swap park() stops the heartbeat and pushes the expiry out by
+    ``hold`` seconds, so nobody takes the lease while the names change; after the swap the row is
+    in the kept database (and deleted there), and the restored database's lease was cleared with
+    the copy's check: the target is free again.
+    """
+
+    def __init__(self, url, run_id, ttl, wait, connect_timeout, advice=None):
+        super(RestoreLease, self).__init__(url, None, run_id, ttl=ttl if ttl is not None else 60.0, wait=wait,
+                                           advice=advice)
+        self.holder = "restore by " + self.holder
+        self.connect_timeout = connect_timeout
+
+    def _fresh(self):
+        self.conn = _connect_through_swap(self.url, self.connect_timeout)
+        return self.conn
+
+    def _try(self):
+        self._fresh()
+        try:
+            return super(RestoreLease, self)._try()
+        finally:
+            self.conn.close()
+
+    def _event(self, outcome, duration_ms=None, detail=None):
+        try:
+            self._fresh()
+        except LedgerError:
+            return
+        try:
+            super(RestoreLease, self)._event(outcome, duration_ms, detail)
+        finally:
+            self.conn.close()
+
+    def _beat(self):
+        """Renew every ttl/3 seconds, each time on a connection of its own, closed at once."""
+        interval = max(0.3, self.ttl / 3.0)
+        while not self._stop.wait(interval):
+            try:
+                conn = connect(self.url, autocommit=True, connect_timeout=self.connect_timeout)
+            except LedgerError:
+                continue  # a missed beat is retried; the lease outlives two of them
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("UPDATE migrations.lock SET renewed_at = clock_timestamp(),"
+                                " expires_at = clock_timestamp() + %s * interval '1 second'"
+                                " WHERE id = 1 AND run_id = %s AND holder = %s RETURNING 1",
+                                (self.ttl, self.run_id, self.holder))
+                    if cur.fetchone() is None:
+                        self.lost = "someone else"
+            except psycopg2.Error:
+                pass
+            finally:
+                conn.close()
+
+    def park(self, hold):
+        """Stop the heartbeat and extend the lease by ``hold`` seconds; no connection to the target stays open."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        conn = self._fresh()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("UPDATE migrations.lock SET renewed_at = clock_timestamp(),"
+                            " expires_at = clock_timestamp() + %s * interval '1 second'"
+                            " WHERE id = 1 AND run_id = %s AND holder = %s", (self.ttl + hold, self.run_id, self.holder))
+        finally:
+            conn.close()
+
+    def release_in(self, url):
+        """Delete this lease's row from the database at ``url`` (the kept database after the swap)."""
+        self._stop.set()
+        self.held = False
+        try:
+            conn = connect(url, autocommit=True, connect_timeout=self.connect_timeout)
+        except LedgerError:
+            return False
+        try:
+            with conn.cursor() as cur:
+                cur.execute("DELETE FROM migrations.lock WHERE id = 1 AND run_id = %s AND holder = %s",
+                            (self.run_id, self.holder))
+            return True
+        except psycopg2.Error:
+            return False
+        finally:
+            conn.close()
+
+
+def _drop_scratch(cur, admin_url, name, how, p, what="The partial copy"):
+    """Drop this run's scratch copy; the sentence saying what happened, known before it is said.
+
+    The admin connection may be gone with the server (stopped mid-restore): one fresh connection is
+    tried; a copy that still can't be dropped is named with the command that drops it.
+    """
+    ok, error = drop_database(cur, name) if cur is not None and not cur.connection.closed else (False, None)
+    if not ok:
+        try:
+            conn = connect(admin_url, autocommit=True, connect_timeout=p["connect_timeout"])
+        except LedgerError as exc:
+            error = error or exc.msg
+        else:
+            try:
+                with conn.cursor() as cur2:
+                    ok, error = drop_database(cur2, name)
+            finally:
+                conn.close()
+    if ok:
+        return "%s %s was dropped" % (what, name), True
+    return ("%s %s could NOT be dropped (%s): it is still on the server; drop it with: %s, or with the rollback "
+            "playbook and -e rollback_drop_leftovers=true"
+            % (what, name, redact(error or "no connection"), drop_command(how, name))), False
 
 
 def _log_if_recorded(url, p, outcome, version, duration_ms, detail):
@@ -267,27 +385,6 @@ def _restore_space(cur, url, props, margin):
     return out
 
 
-def _previous_copies(cur, dbname):
-    """The <db>_pre_restore_* databases earlier restores kept: [{name, size_bytes}], oldest first."""
-    like = dbname.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "\\_pre\\_restore\\_%"
-    cur.execute("SELECT datname, CASE WHEN has_database_privilege(oid, 'CONNECT') THEN pg_database_size(oid) END"
-                "  FROM pg_database WHERE datname LIKE %s ORDER BY datname", (like,))
-    return [{"name": r[0], "size_bytes": r[1]} for r in cur.fetchall()]
-
-
-def _drop_how(admin_url):
-    """Where a kept database is dropped from: the maintenance database, named without any URL or password."""
-    admin = Target(admin_url)
-    return {"host": admin.host, "port": admin.port, "user": admin.user, "dbname": admin.dbname, "target": admin.name}
-
-
-def _drop_command(how, name):
-    """psql command dropping a kept database (host, port, user and database names only: no URL, no password)."""
-    return "psql -h %s -p %s -U %s -d %s -c %s" % (
-        shlex.quote(str(how["host"])), how["port"], shlex.quote(str(how["user"])), shlex.quote(str(how["dbname"])),
-        shlex.quote('DROP DATABASE "%s"' % name.replace('"', '""')))
-
-
 def _copies_advice(copies, how):
     if not copies:
         return "Free space on the server (or restore on another one), then re-run"
@@ -297,7 +394,7 @@ def _copies_advice(copies, how):
         names += " and %d more" % (len(copies) - 5)
     return ("%d database(s) kept by earlier restores hold %s: %s. Drop those no longer needed (after checking "
             "that nothing written to them is still wanted), e.g.: %s" % (
-                len(copies), human_bytes(total), names, _drop_command(how, copies[0]["name"])))
+                len(copies), human_bytes(total), names, drop_command(how, copies[0]["name"])))
 
 
 def _describe_space(space, props):
@@ -313,17 +410,67 @@ def _describe_space(space, props):
     return text
 
 
+def _take_lease(p):
+    """The target's run lease (the one migrate and revert take), or a refusal naming its holder."""
+    url = p["database_url"]
+    conn = _connect_through_swap(url, p["connect_timeout"])
+    try:
+        with conn.cursor() as cur:
+            # The lease lives in migrations.lock: a target never migrated gets its (empty) records here.
+            ensure_records(cur)
+    except psycopg2.Error as exc:
+        raise LedgerError("cannot prepare the run lease on %s: %s. Nothing was changed"
+                          % (describe_target(url), format_pg_error(pg_error(exc))), sqlstate=exc.pgcode)
+    finally:
+        conn.close()
+    lease = RestoreLease(url, p.get("run_id") or "adhoc", p.get("lock_ttl"), p.get("lock_wait"),
+                         p["connect_timeout"], advice=_RestoreAdvice(p.get("host_label")))
+    return lease.acquire()
+
+
+class _RestoreAdvice(object):
+    def __init__(self, host):
+        self.host = host
+
+    def migrate(self):
+        return _cmd(self.host, "-e rollback_mode=restore")
+
+
 def run_restore(params, check_mode=False):
+    """Restore a verified backup; every failure of a real run is logged as a restore:failed event."""
     p = _defaults(params)
     started = time.time()
-    url = p["database_url"]
-    target = describe_target(url)
-    host = p.get("host_label")
-    dbname = Target(url).dbname
+    dbname = Target(p["database_url"]).dbname
     if dbname == p["maintenance_db"]:
         raise LedgerError("the target database %s is also the maintenance database the restore connects to for the "
                           "swap: set rollback_maintenance_db to another one (e.g. template1). Nothing was changed"
                           % dbname)
+    if check_mode:
+        return _restore(p, True, started, None, None)
+    # The work dies with the playbook (Ansible's worker is in its own session: see ledger_lifeline).
+    lifeline = Lifeline().die_with_parent()
+    lease = None
+    try:
+        lease = _take_lease(p)
+        return _restore(p, False, started, lease, lifeline)
+    except LedgerError as exc:
+        if "event_logged" not in exc.fields:
+            fields = exc.fields
+            exc.fields["event_logged"] = _log_if_recorded(
+                p["database_url"], p, "failed", fields.get("schema_version"), int((time.time() - started) * 1000),
+                dict(redact_obj(dict((k, v) for k, v in fields.items() if k != "blocking_sessions")),
+                     error=redact(exc.msg)))
+        raise
+    finally:
+        if lease is not None and lease.held:
+            lease.release()
+
+
+def _restore(p, check_mode, started, lease, lifeline):
+    url = p["database_url"]
+    target = describe_target(url)
+    host = p.get("host_label")
+    dbname = Target(url).dbname
     admin_url = url_with_database(url, p["maintenance_db"])
     admin = connect(admin_url, autocommit=True, connect_timeout=p["connect_timeout"])
     try:
@@ -353,15 +500,13 @@ def run_restore(params, check_mode=False):
                                   "CREATEDB). Nothing was changed" % target)
             sessions = _sessions(cur, dbname)
             space = _restore_space(cur, url, props, float(p.get("restore_space_margin") or 1.2))
-            space["previous_copies"] = _previous_copies(cur, dbname)
-            stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
-            new_db = _short_name(dbname, "_restore_%s" % stamp)
-            old_db = _short_name(dbname, "_pre_restore_%s" % stamp)
-            n = 2
+            leftovers = leftover_databases(cur, dbname)
+            space["previous_copies"] = [{"name": d["name"], "size_bytes": d["size_bytes"]}
+                                        for d in leftovers if d["kind"] == "kept"]
+            # Unique per run (a stamp and a random tag): two restores never share a scratch copy.
+            new_db, old_db = restore_names(dbname)
             while _db_exists(cur, new_db) or _db_exists(cur, old_db):
-                new_db = _short_name(dbname, "_restore_%s_%d" % (stamp, n))
-                old_db = _short_name(dbname, "_pre_restore_%s_%d" % (stamp, n))
-                n += 1
+                new_db, old_db = restore_names(dbname)
     finally:
         admin.close()
     clients = [s for s in sessions if s["backend_type"] in CLIENT_BACKENDS]
@@ -411,42 +556,66 @@ def run_restore(params, check_mode=False):
 
     admin = connect(admin_url, autocommit=True, connect_timeout=p["connect_timeout"])
     swapped = False
+    cur = None
     try:
-        with admin.cursor() as cur:
-            # 2. The copy: a new database like the current one, restored with --exit-on-error.
-            try:
-                _create_like(cur, new_db, props)
-            except psycopg2.Error as exc:
-                err = pg_error(exc)
-                _drop_db(cur, new_db)
-                _restore_failed(url, p, started, "cannot create the database %s to restore %s into: %s. %s is "
-                                "unchanged" % (new_db, path, format_pg_error(err), dbname),
-                                dict(base, sqlstate=err["sqlstate"]))
-            cmd = [os.path.join(bindir, "pg_restore"), "--exit-on-error", "--no-password"]
-            if int(p.get("restore_jobs") or 1) > 1:
-                cmd += ["--jobs=%d" % int(p["restore_jobs"])]
-            with libpq_env(url, p["connect_timeout"]) as (env, conninfo):
-                res = subprocess.run(cmd + ["--dbname=%s" % url_with_database(conninfo, new_db), path],
-                                     capture_output=True, text=True, env=env, check=False, cwd="/")
-            if res.returncode != 0:
-                _drop_db(cur, new_db)
-                _restore_failed(url, p, started, (
-                    "restore of %s failed half-way (pg_restore exited %d): %s. The partial copy %s was dropped; %s is "
-                    "unchanged. Choose another backup (-e backup_file=PATH) or revert with the down scripts: %s"
-                    % (path, res.returncode, redact(res.stderr.strip())[-1500:] or "no message", new_db, target,
-                       _cmd(host, "-e rollback_to=<version>"))), dict(base, pg_restore_rc=res.returncode))
-            # 3. Check the copy before it replaces anything.
+        cur = admin.cursor()
+        # 2. The copy: a new database like the current one, restored with --exit-on-error.
+        try:
+            _create_like(cur, new_db, props)
+        except psycopg2.Error as exc:
+            err = pg_error(exc)
+            cleanup, dropped = _drop_scratch(cur, admin_url, new_db, drop_how, p, "The new database")
+            _restore_failed(url, p, started, "cannot create the database %s to restore %s into: %s. %s. %s is "
+                            "unchanged" % (new_db, path, format_pg_error(err), cleanup, target),
+                            dict(base, sqlstate=err["sqlstate"], scratch_dropped=dropped))
+        cmd = [os.path.join(bindir, "pg_restore"), "--exit-on-error", "--no-password"]
+        if int(p.get("restore_jobs") or 1) > 1:
+            cmd += ["--jobs=%d" % int(p["restore_jobs"])]
+        with libpq_env(url, p["connect_timeout"]) as (env, conninfo):
+            # pg_restore dies with this process (a killed worker must not leave it loading).
+            res = subprocess.run(cmd + ["--dbname=%s" % url_with_database(conninfo, new_db), path],
+                                 capture_output=True, text=True, env=env, check=False, cwd="/",
+                                 preexec_fn=child_preexec)
+        if res.returncode != 0:
+            cleanup, dropped = _drop_scratch(cur, admin_url, new_db, drop_how, p)
+            _restore_failed(url, p, started, (
+                "restore of %s failed half-way (pg_restore exited %d): %s. %s; %s is "
+                "unchanged. Choose another backup (-e backup_file=PATH) or revert with the down scripts: %s"
+                % (path, res.returncode, redact(res.stderr.strip())[-1500:] or "no message", cleanup, target,
+                   _cmd(host, "-e rollback_to=<version>"))),
+                dict(base, pg_restore_rc=res.returncode, scratch_dropped=dropped))
+        # 3. Check the copy before it replaces anything.
+        try:
             problems, counts = _check_copy(url_with_database(url, new_db), manifest, bindir, path, p)
-            if problems:
-                _drop_db(cur, new_db)
-                _restore_failed(url, p, started, (
-                    "the restored copy of %s does not match its manifest: %s. It was dropped; %s is unchanged"
-                    % (path, "; ".join(problems), target)), dict(base, problems=problems))
-            # 4. The swap.
-            terminated = _swap(cur, dbname, new_db, old_db, p, base, url, started)
-            swapped = True
+        except (LedgerError, psycopg2.Error) as exc:
+            cleanup, dropped = _drop_scratch(cur, admin_url, new_db, drop_how, p)
+            _restore_failed(url, p, started, "the restored copy %s could not be checked: %s. %s; %s is unchanged" % (
+                new_db, redact(getattr(exc, "msg", None) or str(exc)).strip(), cleanup, target),
+                dict(base, scratch_dropped=dropped))
+        if problems:
+            cleanup, dropped = _drop_scratch(cur, admin_url, new_db, drop_how, p, "It")
+            _restore_failed(url, p, started, (
+                "the restored copy of %s does not match its manifest: %s. %s; %s is unchanged"
+                % (path, "; ".join(problems), cleanup, target)), dict(base, problems=problems, scratch_dropped=dropped))
+        # 4. The swap: the point of no return. Only while the playbook that started it is alive.
+        if not lifeline.parent_alive():
+            cleanup, dropped = _drop_scratch(cur, admin_url, new_db, drop_how, p, "The restored copy")
+            _restore_failed(url, p, started, (
+                "the playbook that started this restore of %s is gone (its process exited): the swap was not done. "
+                "%s; %s is unchanged" % (target, cleanup, target)), dict(base, scratch_dropped=dropped,
+                                                                         refused="parent_gone"))
+        lease.park(max(int(p.get("swap_timeout") or 15), 1) + 30)
+        terminated = _swap(cur, dbname, new_db, old_db, p, base, url, started, admin_url, drop_how)
+        swapped = True
+    except BaseException:
+        # Anything unforeseen (an internal error, an interrupt) still drops this run's own copy.
+        if not swapped and cur is not None and not admin.closed:
+            _drop_scratch(cur, admin_url, new_db, drop_how, p)
+        raise
     finally:
         admin.close()
+    # The lease row went with the kept database: delete it there (the restored one's was cleared).
+    lease.release_in(url_with_database(url, old_db))
     duration_ms = int((time.time() - started) * 1000)
     detail = {"backup_file": path, "sha256": manifest.get("sha256"), "backup_taken_at": manifest.get("started_at"),
               "backup_run_id": manifest.get("run_id"), "applied": manifest.get("applied"),
@@ -465,7 +634,7 @@ def run_restore(params, check_mode=False):
             conn.close()
     except (LedgerError, psycopg2.Error) as exc:
         logged, log_error = False, redact(getattr(exc, "msg", None) or str(exc)).strip()
-    drop_cmd = _drop_command(drop_how, old_db)
+    drop_cmd = drop_command(drop_how, old_db)
     warnings = [] if logged else ["the restore could not be logged in migrations.events: %s" % log_error]
     if space["previous_copies"]:
         warnings.append("%d earlier copies kept by restores are still on the server: %s" % (
@@ -516,75 +685,67 @@ def _check_copy(copy_url, manifest, bindir, path, p):
     return problems, counts
 
 
-def _swap(cur, dbname, new_db, old_db, p, base, url, started):
+def _swap(cur, dbname, new_db, old_db, p, base, url, started, admin_url, how):
     """Rename the current database away and the copy into its place, in one transaction.
 
-    ALTER DATABASE ... RENAME refuses while anyone is connected to the database (55006). With
-    terminate_connections, new connections are held off (ALLOW_CONNECTIONS false) while the client sessions are
-    terminated; the setting is restored on the kept database whatever happens. Autovacuum workers are always
-    terminated (they restart on their own); any other server process (a walsender, a background worker) that
-    connected since the pre-check fails the swap, naming it: it is never terminated.
+    ALTER DATABASE ... RENAME refuses while anyone is connected to the database (55006). The sessions
+    are terminated inside the transaction that renames: RENAME first takes the database's lock (a new
+    connection waits on it, then finds the name gone or taken by the restored copy) and then waits up to 5 s
+    for the terminated sessions to exit. Nothing is changed outside that transaction (no ALLOW_CONNECTIONS
+    false, which a kill would leave behind): a kill at any instant leaves either the original or the
+    restored database under the name, and both accept connections. Autovacuum workers are always terminated
+    (they restart on their own); any other server process (a walsender, a background worker) fails the swap,
+    naming it: it is never terminated. Retried on 55006 until swap_timeout.
     """
-    terminated = []
+    terminated = {}
     deadline = time.time() + max(int(p.get("swap_timeout") or 15), 1)
-    blocked = False
-    try:
-        if p.get("terminate_connections"):
-            cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(dbname)))
-            blocked = True
-        while True:
-            sessions = _sessions(cur, dbname)
-            others = [s for s in sessions if s["backend_type"] not in CLIENT_BACKENDS + SELF_RESTARTING]
-            if others:
-                _drop_db(cur, new_db)
-                _restore_failed(url, p, started, (
-                    "the restored copy could not be swapped in for %s: server process(es) that are not client "
-                    "sessions connected to it: %s. They are never terminated by the restore. The copy was dropped; "
-                    "%s is unchanged. Stop them, then re-run" % (dbname, _describe_sessions(others),
-                                                                 describe_target(url))),
-                                dict(base, refused="server_processes", server_processes=others))
+    while True:
+        sessions = _sessions(cur, dbname)
+        others = [s for s in sessions if s["backend_type"] not in CLIENT_BACKENDS + SELF_RESTARTING]
+        if others:
+            cleanup, dropped = _drop_scratch(cur, admin_url, new_db, how, p, "The restored copy")
+            _restore_failed(url, p, started, (
+                "the restored copy could not be swapped in for %s: server process(es) that are not client "
+                "sessions connected to it: %s. They are never terminated by the restore. %s; "
+                "%s is unchanged. Stop them, then re-run"
+                % (dbname, _describe_sessions(others), cleanup, describe_target(url))),
+                dict(base, refused="server_processes", server_processes=others, scratch_dropped=dropped))
+        try:
+            cur.execute("BEGIN")
             for s in sessions:
-                if s["backend_type"] in SELF_RESTARTING:
-                    # Autovacuum workers don't belong to anyone; they restart on their own.
+                # Autovacuum workers don't belong to anyone; they restart on their own. A parallel worker
+                # goes with its leader.
+                if s["backend_type"] in SELF_RESTARTING or (
+                        s["backend_type"] == "client backend" and p.get("terminate_connections")):
                     cur.execute("SELECT pg_terminate_backend(%s)", (s["pid"],))
-                elif s["backend_type"] == "client backend" and p.get("terminate_connections"):
-                    # A parallel worker goes with its leader.
-                    cur.execute("SELECT pg_terminate_backend(%s)", (s["pid"],))
-                    terminated.append(s)
+                    if s["backend_type"] == "client backend":
+                        terminated.setdefault(s["pid"], s)
+            cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(dbname),
+                                                                         sql.Identifier(old_db)))
+            cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new_db),
+                                                                         sql.Identifier(dbname)))
+            cur.execute("COMMIT")
+            return list(terminated.values())
+        except psycopg2.Error as exc:
             try:
-                cur.execute("BEGIN")
-                cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(dbname),
-                                                                             sql.Identifier(old_db)))
-                cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new_db),
-                                                                             sql.Identifier(dbname)))
-                cur.execute("COMMIT")
-                break
-            except psycopg2.Error as exc:
                 cur.execute("ROLLBACK")
-                err = pg_error(exc)
-                if err["sqlstate"] != "55006" or time.time() > deadline:
-                    left = _sessions(cur, dbname)
-                    _drop_db(cur, new_db)
-                    _restore_failed(url, p, started, (
-                        "the restored copy could not be swapped in for %s: %s%s. The copy was dropped; %s is "
-                        "unchanged. %s" % (
-                            dbname, format_pg_error(err), " (still connected: %s)" % _describe_sessions(left)
-                            if left else "", describe_target(url),
-                            "Re-run with the sessions stopped, or: %s" % _cmd(
-                                p.get("host_label"), "-e rollback_mode=restore",
-                                "-e rollback_terminate_connections=true")
-                            if not p.get("terminate_connections") else "Re-run when they are gone")),
-                        dict(base, sqlstate=err["sqlstate"], blocking_sessions=left))
-                time.sleep(0.1 + random.random() * 0.1)
-    finally:
-        if blocked:
-            # The kept database (renamed or not) accepts connections again.
-            for name in (old_db, dbname):
-                try:
-                    cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
-                except psycopg2.Error:
-                    pass
-    return terminated
+            except psycopg2.Error:
+                pass
+            err = pg_error(exc)
+            if err["sqlstate"] != "55006" or time.time() > deadline:
+                left = _sessions(cur, dbname) if not cur.connection.closed else []
+                cleanup, dropped = _drop_scratch(cur, admin_url, new_db, how, p, "The restored copy")
+                _restore_failed(url, p, started, (
+                    "the restored copy could not be swapped in for %s: %s%s. %s; %s is "
+                    "unchanged. %s" % (
+                        dbname, format_pg_error(err), " (still connected: %s)" % _describe_sessions(left)
+                        if left else "", cleanup, describe_target(url),
+                        "Re-run with the sessions stopped, or: %s" % _cmd(
+                            p.get("host_label"), "-e rollback_mode=restore",
+                            "-e rollback_terminate_connections=true")
+                        if not p.get("terminate_connections") else "Re-run when they are gone")),
+                    dict(base, sqlstate=err["sqlstate"], blocking_sessions=left, scratch_dropped=dropped))
+            time.sleep(0.1)
 
 
 # =========================================================================== entry point

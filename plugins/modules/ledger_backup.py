@@ -83,8 +83,9 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import (
     run_tool,
     FORMAT_SUFFIX, MANIFEST_FORMAT, apply_retention, backup_basename, check_backup_dir, count_rows,
-    reserve_backup_path, ensure_backup_dir, find_bindir, full_read_check, human_bytes, libpq_env, path_size, server_identity,
-    sha256_path, target_slug, tool_major, tool_version, utc_iso, utc_stamp, write_manifest,
+    reserve_backup_path, ensure_backup_dir, find_bindir, full_read_check, human_bytes, libpq_env, path_size,
+    server_identity, sha256_path, target_slug, tool_major, tool_version, utc_iso, utc_stamp, manifest_path_for,
+    stage_manifest, publish_backup,
 )
 
 try:
@@ -196,12 +197,34 @@ def _fail(msg, url, run_id, check_mode, started, fields):
     raise LedgerError(msg, **fields)
 
 
+def _remove_partials(partial, final_path):
+    """This run's own temporary files: the partial dump and a staged manifest (never another run's)."""
+    _remove(partial)
+    tag = partial.rsplit(".partial-", 1)[1]
+    staged = "%s.partial-%s" % (manifest_path_for(final_path), tag)
+    if os.path.exists(staged):
+        os.unlink(staged)
+
+
 def _remove(path):
     import shutil
     if os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.exists(path):
         os.unlink(path)
+
+
+def _write_failure(target, backup_dir, exc, needed, rerun):
+    """The refusal for an OS error while writing the backup (ENOSPC, EFBIG, EDQUOT, EACCES, ...)."""
+    try:
+        st = os.statvfs(backup_dir)
+        free = human_bytes(st.f_bavail * st.f_frsize)
+    except OSError:
+        free = "unknown"
+    return ("backup of %s failed writing to %s: %s. The backup needs about %s there (the database's size x "
+            "backup_space_margin); %s free now. Nothing was kept (this run's partial files were removed) and nothing "
+            "was migrated. Free space (or set backup_dir), then re-run: %s" % (
+                target, backup_dir, exc.strerror or exc, human_bytes(needed), free, rerun))
 
 
 def _restore_and_compare(url, bindir, backup_path, source_counts, jobs, env, conninfo, connect_timeout, progress):
@@ -323,10 +346,15 @@ def run_backup(params, check_mode=False):
     old_umask = os.umask(0o077)
     try:
         created_dir = ensure_backup_dir(backup_dir)
+        base["space_needed_bytes"] = needed
         # Every file of this run is its own: two runs in one second never share a name (run id in it,
-        # the partial created with O_EXCL / mkdir).
-        final_path, partial = reserve_backup_path(backup_dir, slug, facts["schema_version"], stamp, run_id,
-                                                  FORMAT_SUFFIX[fmt], directory=fmt == "directory")
+        # the partial created with O_EXCL / mkdir); a full disk here is a clean refusal.
+        try:
+            final_path, partial = reserve_backup_path(backup_dir, slug, facts["schema_version"], stamp, run_id,
+                                                      FORMAT_SUFFIX[fmt], directory=fmt == "directory")
+        except OSError as exc:
+            _fail(_write_failure(target, backup_dir, exc, needed, rerun), url, run_id, False, started,
+                  dict(base, errno=exc.errno))
         return _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, partial, final_path,
                                 fmt, jobs, compress, verify, connect_timeout, started, started_at, created_dir)
     finally:
@@ -422,7 +450,6 @@ def _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, 
                                       mismatches=mismatches)
                 restore = {"scratch_database": scratch, "tables": len(restored_counts),
                            "rows": sum(restored_counts.values())}
-        os.replace(partial, final_path)
         finished_at = utc_iso()
         manifest = dict(
             base, kind="ledger-backup", manifest_format=MANIFEST_FORMAT, file=os.path.basename(final_path),
@@ -432,18 +459,30 @@ def _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, 
             row_counts=source_counts, row_counts_method="count(*) in the dump's snapshot" if want_counts else None,
             snapshot_consistent=True, run_id=run_id,
         )
-        manifest_path = write_manifest(final_path, manifest)
+        staged = stage_manifest(final_path, manifest, partial.rsplit(".partial-", 1)[1])
+        manifest_path = publish_backup(partial, final_path, staged)
     except LedgerError as exc:
         if snap is not None:
             snap.close()
         progress.stop("failed")
-        _remove(partial)
-        _fail(exc.msg, url, run_id, False, started, dict(base, **exc.fields))
+        _remove_partials(partial, final_path)
+        msg = exc.msg
+        if "No space left on device" in msg or "File too large" in msg:
+            msg = "%s. The backup needs about %s free in %s (the database's size x backup_space_margin)" % (
+                msg, human_bytes(base["space_needed_bytes"]), os.path.dirname(final_path))
+        _fail(msg, url, run_id, False, started, dict(base, **exc.fields))
+    except OSError as exc:
+        if snap is not None:
+            snap.close()
+        progress.stop("failed")
+        _remove_partials(partial, final_path)
+        _fail(_write_failure(target, os.path.dirname(final_path), exc, base["space_needed_bytes"], rerun),
+              url, run_id, False, started, dict(base, errno=exc.errno))
     except psycopg2.Error as exc:
         if snap is not None:
             snap.close()
         progress.stop("failed")
-        _remove(partial)
+        _remove_partials(partial, final_path)
         err = pg_error(exc)
         _fail("backup of %s failed: %s; re-run: %s" % (target, format_pg_error(err), rerun),
               url, run_id, False, started, dict(base, sqlstate=err["sqlstate"]))

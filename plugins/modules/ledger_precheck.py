@@ -53,6 +53,7 @@ options:
   backup_space_margin: {description: Free space needed as a multiple of the database size., type: float, default: 1.2}
   environment: {description: The environment (production requires a maintenance window)., type: str, default: unknown}
   maintenance_window_ack: {description: Explicit acknowledgement of the maintenance window., type: bool, default: false}
+  maintenance_db: {description: "Database reached when the target refuses connections, to say why (its datallowconn).", type: str, default: postgres}
   maintenance_window: {description: "Window {start: 'HH:MM', end: 'HH:MM', days: [mon, ...], timezone: UTC}.", type: dict}
   terminate_idle_minutes: {description: "Opt-in remedy: terminate idle sessions older than this many minutes.", type: float}
   run_id: {description: Run id for the event., type: str}
@@ -92,6 +93,8 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
 )
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_migration_set import load_migration_set
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import check_backup_dir, ensure_backup_dir, human_bytes
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_leftovers import diagnose_refused, leftovers_check
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 
 try:
     import psycopg2
@@ -144,6 +147,7 @@ ARGUMENT_SPEC = dict(
     environment=dict(type="str", default="unknown"),
     maintenance_window_ack=dict(type="bool", default=False),
     maintenance_window=dict(type="dict"),
+    maintenance_db=dict(type="str", default="postgres"),
     terminate_idle_minutes=dict(type="float"),
     run_id=dict(type="str"),
     run_options=RUN_OPTIONS_SPEC,
@@ -197,9 +201,13 @@ def run_precheck(params, check_mode=False, now_utc=None):
     try:
         conn = connect(url, autocommit=True, connect_timeout=p["connect_timeout"])
     except LedgerError as exc:
+        # The server may answer while the database refuses (datallowconn false): say why, through the
+        # maintenance database, instead of blaming the URL or pg_hba.conf.
+        why = diagnose_refused(url, p["maintenance_db"], p["connect_timeout"])
         checks.append(check("server_version", False, {"reachable": False}, {"accepted_majors": p["accepted_versions"]},
-                            message=exc.msg, next_step="check database_url, the network and the server's "
-                                                       "pg_hba.conf, then re-run"))
+                            message="%s: %s" % (exc.msg, why[0]) if why else exc.msg,
+                            next_step=why[1] if why else "check database_url, the network and the server's "
+                                                         "pg_hba.conf, then re-run"))
     try:
         if conn is not None:
             with conn.cursor() as cur:
@@ -210,6 +218,8 @@ def run_precheck(params, check_mode=False, now_utc=None):
                 checks.extend(check_roles(cur, p["app_role"], p["required_roles"]))
                 checks.append(check_stage_privileges(cur, p["app_role"], _down_drops(p.get("migrations_dir"))))
                 checks.extend(check_replication(cur, p["max_replication_lag"]))
+                # Scratch copies of interrupted restores and databases kept by restores, with size and age.
+                checks.append(leftovers_check(cur, Target(url).dbname))
         else:
             for name in ("backup_privilege", "app_role_login", "required_roles", "stage_privileges",
                          "replication_lag",

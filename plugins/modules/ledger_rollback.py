@@ -43,7 +43,8 @@ description:
     restore, naming it."
 options:
   database_url: {description: libpq URI of the target database., type: str, required: true}
-  mode: {description: revert (down scripts) or restore (a backup)., type: str, choices: [revert, restore], default: revert}
+  mode: {description: "revert (down scripts), restore (a backup), or cleanup (what interrupted restores left: see
+    O(drop_leftovers) and O(allow_connections))", type: str, choices: [revert, restore, cleanup], default: revert}
   step: {description: "plan: read-only checks (revert only); run: do it (or rehearse it in check mode).", type: str, choices: [plan, run], default: run}
   migrations_dir: {description: The migration set (NNNN_name.sql and NNNN_name.down.sql)., type: path}
   rollback_to: {description: "Revert the applied migrations above this version; C(base) reverts all.", type: str}
@@ -59,6 +60,10 @@ options:
     description: Terminate the sessions connected to the target so that the restored database can be swapped in.
     type: bool
     default: false
+  drop_leftovers: {description: "cleanup - drop the target's C(<db>_restore_*) scratch copies of interrupted restores and the
+    C(<db>_pre_restore_*) databases kept by restores (each with its size and age in the result).", type: bool, default: false}
+  allow_connections: {description: "cleanup - set ALLOW_CONNECTIONS true on the target when it refuses connections
+    (datallowconn false, left by an interrupted restore of an older version).", type: bool, default: false}
   maintenance_db: {description: Database to connect to for CREATE/ALTER DATABASE during a restore., type: str, default: postgres}
   restore_jobs: {description: Parallel pg_restore jobs into the new database., type: int, default: 1}
   restore_space_margin: {description: "Free space the copy needs, as a multiple of the database's size (refused below it
@@ -125,6 +130,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_rollback_pla
     _defaults,
     plan_revert,
 )
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_leftovers import run_cleanup
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_rollback_restore import (
     run_restore,
 )
@@ -135,6 +141,8 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_rollback_rev
 
 def run(params, check_mode=False):
     p = _defaults(params)
+    if p["mode"] == "cleanup":
+        return run_cleanup(p, check_mode)
     if p["mode"] == "restore":
         # A restore has no separate plan: step=plan is its check mode (read-only).
         return run_restore(p, check_mode or p["step"] == "plan")

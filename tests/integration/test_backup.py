@@ -283,3 +283,47 @@ def test_unreachable_target_fails_with_the_target_and_no_password(tmp_path):
     assert "re-run: the same ansible-playbook command (to back up alone: `ansible-playbook playbooks/backup.yml" \
         " -l <limit>`)" in info.value.msg
     assert not (tmp_path / "b").exists()
+
+
+# --------------------------------------------------------------------------- a full disk (issue 17)
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 16 KiB tmpfs (mounting needs root: skipped otherwise, and says so)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k,mode=0700", "tmpfs", str(mnt)],
+                         capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs for a real ENOSPC (needs root): %s" % res.stderr.strip())
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_a_clean_refusal_that_leaves_no_file_and_logs_the_event(ledger_db, small_fs):
+    """ENOSPC from the OS (a full tmpfs) while pg_dump writes: refused, nothing kept, backup:failed logged."""
+    args = {"database_url": ledger_db, "backup_dir": str(small_fs / "backups"), "run_id": "enospc-run",
+            "retention": 0, "space_margin": 0.0001}
+    with pytest.raises(LedgerError) as err:
+        backup.run_backup(args)
+    msg = err.value.msg
+    assert "No space left on device" in msg and "needs about" in msg, msg
+    assert err.value.fields["verified"] is False
+    assert os.listdir(small_fs / "backups") == []
+    row = sql(ledger_db, "SELECT outcome, detail->>'error' FROM migrations.events WHERE action = 'backup'")
+    assert row and row[0][0] == "failed" and "No space left" in row[0][1]
+
+
+def test_the_dump_and_its_manifest_become_the_backup_together(ledger_db, tmp_path, monkeypatch):
+    """The manifest can't be written (an ENOSPC injected where it is staged: the real one is the test above):
+    the complete dump never takes its final name without it, and this run's files are removed."""
+    def no_room(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(backup, "stage_manifest", no_room)
+    args = {"database_url": ledger_db, "backup_dir": str(tmp_path / "b"), "run_id": "manifest-run", "retention": 0}
+    with pytest.raises(LedgerError) as err:
+        backup.run_backup(args)
+    assert "No space left on device" in err.value.msg and "Nothing was kept" in err.value.msg
+    assert os.listdir(tmp_path / "b") == []

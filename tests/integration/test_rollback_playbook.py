@@ -160,3 +160,23 @@ def test_rollback_refuses_without_a_way_back(runner):
     rc, out = runner.run("rollback.yml")
     assert rc != 0
     assert "Say which way back" in out
+
+
+def test_rollback_drops_leftovers_and_allows_connections_with_consent(runner, pg_cluster):
+    """What an interrupted restore leaves: a scratch copy, a kept database, a target refusing connections."""
+    name = runner.url.rsplit("/", 1)[1]
+    left = [name + "_restore_20260101000000_abcdef", name + "_pre_restore_20260101000000_abcdef"]
+    for db in left:
+        q(pg_cluster.url(), 'CREATE DATABASE "%s"' % db)
+    q(pg_cluster.url(), 'ALTER DATABASE "%s" ALLOW_CONNECTIONS false' % name)
+    try:
+        rc, out = runner.run("rollback.yml", "-e", "rollback_drop_leftovers=true", "-e",
+                             "rollback_allow_connections=true")
+        assert rc == 0, out
+        assert "dropped: " + left[0] in out or "dropped: " + left[1] in out
+        assert q(pg_cluster.url(), "SELECT datallowconn FROM pg_database WHERE datname = %s", (name,))[0][0] is True
+        assert q(pg_cluster.url(), "SELECT count(*) FROM pg_database WHERE datname = ANY(%s)", (left,))[0][0] == 0
+    finally:
+        q(pg_cluster.url(), 'ALTER DATABASE "%s" ALLOW_CONNECTIONS true' % name)
+        for db in left:
+            pg_cluster.drop_db(db)

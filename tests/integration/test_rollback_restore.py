@@ -381,7 +381,7 @@ def test_connected_sessions_refuse_the_restore_unless_terminated(target):
         with pytest.raises(psycopg2.Error):
             with app.cursor() as cur:
                 cur.execute("SELECT 1")
-        # The kept database accepts connections again (it was closed to new ones during the swap).
+        # The kept database accepts connections (nothing closes it to new ones: the swap is one transaction).
         assert history(target.cluster.url(result["previous_database"])) == ["0008", "0009", "0010"]
     finally:
         app.close()

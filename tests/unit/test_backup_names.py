@@ -24,7 +24,7 @@ def test_two_runs_in_the_same_second_get_their_own_files(tmp_path):
     a = reserve_backup_path(str(tmp_path), "t", "0009", STAMP, "r-aaaa1111", ".dump")
     b = reserve_backup_path(str(tmp_path), "t", "0009", STAMP, "r-bbbb2222", ".dump")
     assert a[0] != b[0] and a[1] != b[1]
-    assert (tmp_path / "t_0009_20261130T201516Z_aaaa1111.dump.partial").is_file()
+    assert (tmp_path / "t_0009_20261130T201516Z_aaaa1111.dump.partial-aaaa1111").is_file()
 
 
 def test_the_same_run_id_twice_moves_on_to_the_next_name(tmp_path):
@@ -36,7 +36,7 @@ def test_the_same_run_id_twice_moves_on_to_the_next_name(tmp_path):
     third = reserve_backup_path(str(tmp_path), "t", "0009", STAMP, "r-same", ".dump")
     assert third[0].endswith("-4_same.dump")
     d = reserve_backup_path(str(tmp_path), "t", "0009", STAMP, "r-same", ".dir", directory=True)
-    assert (tmp_path / (d[0].rsplit("/", 1)[1] + ".partial")).is_dir()
+    assert (tmp_path / (d[0].rsplit("/", 1)[1] + ".partial-same")).is_dir()
 
 
 def test_racing_reservations_never_share_a_file(tmp_path):
@@ -58,4 +58,4 @@ def test_racing_reservations_never_share_a_file(tmp_path):
     for t in threads:
         t.join()
     assert len(got) == n and len({p for p, _ in got}) == n and len({p for _, p in got}) == n
-    assert len(list(tmp_path.glob("*.partial"))) == n
+    assert len(list(tmp_path.glob("*.partial-*"))) == n

@@ -1,0 +1,267 @@
+"""The way back under faults (issue 17), against a real PostgreSQL 15.
+
+Kill points are made deterministic by holding a lock on the object the stage touches next, never
+by sleeping: the swap's first statement (ALTER DATABASE <db> RENAME) updates the target's row of
+pg_database, so a transaction holding that row FOR UPDATE stops the restore exactly inside its
+swap transaction, after it has terminated the sessions and before anything is renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_leftovers import leftover_databases
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_rollback_restore as restore_mod
+from pghelpers import history, load_module, q
+from test_rollback_restore import databases, revert_0011, target  # noqa: F401 - the shared fixture
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class SwapBlocker(object):
+    """Holds the target's pg_database row FOR UPDATE: a restore's swap waits right there."""
+
+    def __init__(self, cluster, dbname):
+        self.conn = psycopg2.connect(cluster.url())
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s FOR UPDATE", (dbname,))
+        self.cluster = cluster
+
+    def wait_for_swap(self, timeout=60):
+        """The pid of the backend whose ALTER DATABASE ... RENAME waits on the row."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            rows = q(self.cluster.url(), "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                         " AND query LIKE 'ALTER DATABASE%%RENAME%%'")
+            if rows:
+                return rows[0][0]
+            time.sleep(0.05)
+        raise AssertionError("the restore never reached its swap")
+
+    def release(self):
+        if not self.conn.closed:
+            self.conn.rollback()
+            self.conn.close()
+
+
+def accepts_connections(cluster, name):
+    return q(cluster.url(), "SELECT datallowconn FROM pg_database WHERE datname = %s", (name,))[0][0]
+
+
+def lease_events(url, outcome):
+    return q(url, "SELECT detail FROM migrations.events WHERE action = 'lock_wait' AND outcome = %s", (outcome,))
+
+
+# --------------------------------------------------------------------------- 1. two restores at once
+
+def test_two_restores_exclude_each_other_and_each_names_its_own_databases(target):
+    target.take_backup()
+    revert_0011(target.url)
+    q(target.url, "INSERT INTO public.credit_lots (community_id, source, amount_micro)"
+                  " VALUES ('11111111-1111-1111-1111-111111111111', 'seed', 5)")
+    results = {}
+
+    def run(key, **extra):
+        try:
+            results[key] = target.restore(run_id="run-" + key, **extra)
+        except LedgerError as exc:  # pragma: no cover - reported by the assertions below
+            results[key] = exc
+
+    blocker = SwapBlocker(target.cluster, target.name)
+    try:
+        first = threading.Thread(target=run, args=("a",))
+        first.start()
+        blocker.wait_for_swap()
+        # The first holds the lease and, inside its swap, the database's lock: the second can neither take
+        # the lease nor even connect to the target until the first is done (it must not restore beside it).
+        second = threading.Thread(target=run, args=("b",), kwargs={"lock_wait": 120})
+        second.start()
+        time.sleep(0.5)  # not a synchronisation point: the assertions below hold whatever the second has reached
+        assert "b" not in results
+    finally:
+        blocker.release()
+    first.join(120)
+    second.join(120)
+    a, b = results["a"], results["b"]
+    assert not isinstance(a, Exception), a
+    assert not isinstance(b, Exception), b
+    # Unique names per run; each message names the databases of its own run.
+    assert len({a["staging_database"], b["staging_database"], a["previous_database"], b["previous_database"]}) == 4
+    assert a["previous_database"] in a["msg"] and b["previous_database"] in b["msg"]
+    # a kept the real original (with the row written after the backup), b kept a's restored copy.
+    before = target.cluster.url(a["previous_database"])
+    assert history(before) == ["0008", "0009", "0010"]
+    assert q(before, "SELECT count(*) FROM public.credit_lots WHERE amount_micro = 5")[0][0] == 1
+    assert history(target.cluster.url(b["previous_database"])) == ["0008", "0009", "0010", "0011"]
+    assert history(target.url) == ["0008", "0009", "0010", "0011"]
+    # No scratch copy left by either; the lease is free again.
+    assert databases(target.cluster, target.name + "\\_restore\\_%") == []
+    assert q(target.url, "SELECT count(*) FROM migrations.lock")[0][0] == 0
+
+
+def test_a_restore_waiting_too_long_refuses_naming_the_holder(target):
+    target.take_backup()
+    q(target.url, "INSERT INTO migrations.lock (id, run_id, holder, acquired_at, renewed_at, expires_at)"
+                  " VALUES (1, 'migrate-run', 'ops@db1 pid 4242 lease abc', now(), now(), now() + interval '1 hour')")
+    with pytest.raises(LedgerError) as err:
+        target.restore(lock_wait=1)
+    assert "migrate-run" in err.value.msg and "pid 4242" in err.value.msg
+    assert err.value.fields["sqlstate"] == "55P03"
+    assert err.value.fields["event_logged"] is True
+    assert databases(target.cluster, target.name + "\\_%restore\\_%") == []
+
+
+# --------------------------------------------------------------------------- 2 + 6. killed at the swap
+
+CHILD = r"""
+import json, os, sys
+from ansible_collections.arrakis.ledger.plugins.modules import ledger_rollback
+args = json.loads(sys.argv[1])
+pid = os.fork()
+if pid == 0:
+    # Like Ansible's worker: its own session, so a kill of the playbook's process group misses it.
+    os.setsid()
+    try:
+        ledger_rollback.run(args)
+    finally:
+        os._exit(0)
+print(pid, flush=True)
+os.waitpid(pid, 0)
+"""
+
+
+def test_killing_the_playbook_at_the_swap_leaves_the_original_accepting_connections(target, tmp_path):
+    """SIGKILL of the parent (the playbook) while its worker, in another session, waits inside the swap."""
+    target.take_backup()
+    revert_0011(target.url)
+    app = psycopg2.connect(target.cluster.url(target.name), application_name="ledger-app")
+    args = {"database_url": target.url, "mode": "restore", "backup_dir": str(target.backup_dir),
+            "run_id": "killed-run", "terminate_connections": True, "lock_ttl": 2, "swap_timeout": 1}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / ".collections"), os.environ.get("PYTHONPATH", "")]))
+    blocker = SwapBlocker(target.cluster, target.name)
+    parent = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE, text=True,
+                              env=env, start_new_session=True)
+    try:
+        worker = int(parent.stdout.readline())
+        backend = blocker.wait_for_swap()
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait(30)
+        # The worker dies with its parent (PR_SET_PDEATHSIG), though the process-group kill missed it.
+        deadline = time.time() + 30
+        while True:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            assert time.time() < deadline, "the worker outlived the playbook"
+            time.sleep(0.05)
+    finally:
+        blocker.release()
+        app.close()
+    # Its swap transaction is rolled back by the server once its client is gone.
+    deadline = time.time() + 30
+    while q(target.cluster.url(), "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (backend,))[0][0]:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    # The target is the original, under its name, and accepts connections (nothing set ALLOW_CONNECTIONS false).
+    assert accepts_connections(target.cluster, target.name) is True
+    assert history(target.url) == ["0008", "0009", "0010"]
+    # The killed run's scratch copy stays, and is found by name with its size and age.
+    conn = psycopg2.connect(target.cluster.url())
+    try:
+        with conn.cursor() as cur:
+            found = leftover_databases(cur, target.name)
+    finally:
+        conn.close()
+    assert [d["kind"] for d in found] == ["scratch"]
+    assert found[0]["size_bytes"] > 0 and found[0]["age_s"] is not None and found[0]["allows_connections"]
+
+
+# --------------------------------------------------------------------------- 4. cleanup said only when known
+
+def test_a_cleanup_that_could_not_run_says_so_with_the_command(target):
+    name = target.name + "_restore_20260101000000_abcdef"
+    q(target.cluster.url(), 'CREATE DATABASE "%s"' % name)
+    conn = psycopg2.connect(target.cluster.url())
+    conn.autocommit = True
+    cur = conn.cursor()
+    # The server side of the admin connection is gone (as when the server stops), and no new one can be made.
+    q(target.cluster.url(), "SELECT pg_terminate_backend(%s)", (conn.get_backend_pid(),))
+    how = {"host": "127.0.0.1", "port": target.cluster.port, "user": "postgres", "dbname": "postgres"}
+    unreachable = target.cluster.url("no_such_maintenance_db")
+    text, dropped = restore_mod._drop_scratch(cur, unreachable, name, how, {"connect_timeout": 5})
+    conn.close()
+    assert dropped is False
+    assert "could NOT be dropped" in text and "was dropped" not in text
+    assert 'DROP DATABASE "%s" WITH (FORCE)' % name in text and "rollback_drop_leftovers=true" in text
+    assert databases(target.cluster, name) == [name]
+    text, dropped = restore_mod._drop_scratch(None, target.cluster.url(), name, how, {"connect_timeout": 5})
+    assert dropped is True and text.endswith("%s was dropped" % name)
+    assert databases(target.cluster, name) == []
+
+
+# --------------------------------------------------------------------------- 7. refusals are logged
+
+def test_a_refused_restore_of_a_corrupted_backup_logs_its_failed_event(target):
+    result = target.take_backup()
+    path = Path(result["backup_file"])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(LedgerError) as err:
+        target.restore()
+    assert err.value.fields["event_logged"] is True
+    rows = q(target.url, "SELECT outcome, run_id, detail->>'error' FROM migrations.events WHERE action = 'restore'")
+    assert [r[:2] for r in rows] == [("failed", "test-restore")] and "sha256" in rows[0][2]
+    assert q(target.url, "SELECT count(*) FROM migrations.lock")[0][0] == 0
+
+
+# --------------------------------------------------------------------------- 2 + 3. the precheck says what it found
+
+def test_the_precheck_lists_leftovers_and_says_why_a_target_refuses_connections(target):
+    precheck = load_module("ledger_precheck")
+    scratch = target.name + "_restore_20260101000000_abcdef"
+    kept = target.name + "_pre_restore_20260101000000_abcdef"
+    for name in (scratch, kept):
+        q(target.cluster.url(), 'CREATE DATABASE "%s"' % name)
+    try:
+        result = precheck.run_precheck({"database_url": target.url})
+        found = next(c for c in result["checks"] if c["name"] == "restore_leftovers")
+        assert found["passed"] is True
+        assert sorted((d["name"], d["kind"]) for d in found["observed"]) == [(kept, "kept"), (scratch, "scratch")]
+        assert all(d["size_bytes"] > 0 and d["age_s"] > 0 for d in found["observed"])
+        assert scratch in found["message"] and "rollback_drop_leftovers=true" in found["next"]
+
+        q(target.cluster.url(), 'ALTER DATABASE "%s" ALLOW_CONNECTIONS false' % target.name)
+        result = precheck.run_precheck({"database_url": target.url})
+        reach = next(c for c in result["checks"] if c["name"] == "server_version")
+        assert reach["passed"] is False and "datallowconn is false" in reach["message"]
+        assert "rollback_allow_connections=true" in reach["next"] and "pg_hba" not in reach["next"]
+    finally:
+        q(target.cluster.url(), 'ALTER DATABASE "%s" ALLOW_CONNECTIONS true' % target.name)
+        for name in (scratch, kept):
+            target.cluster.drop_db(name)
+
+
+def test_a_run_waiting_for_a_dead_runners_lease_says_so_while_it_waits(target, capsys):
+    from ansible.utils.display import Display  # the worker's Display: loaded, so the module speaks through it
+    Display()
+    target.take_backup()
+    q(target.url, "INSERT INTO migrations.lock (id, run_id, holder, acquired_at, renewed_at, expires_at)"
+                  " VALUES (1, 'dead-run', 'ops@db1 pid 4242 lease abc', now() - interval '5 minutes',"
+                  " now() - interval '5 minutes', now() + interval '2 seconds')")
+    result = target.restore(lock_wait=30, lock_ttl=60)
+    out = capsys.readouterr().out
+    assert "waiting for the run lease" in out and "dead-run" in out and "expires in" in out
+    assert result["changed"] is True
