@@ -135,6 +135,16 @@ options:
       - With O(action=status), fail when drift (or an out-of-order file) is found.
     type: bool
     default: false
+  lock_policy:
+    description:
+      - Check mode of O(action=apply) - C(refuse) fails the rehearsal when its impact profile shows a lock impact
+        (a lock above SHARE UPDATE EXCLUSIVE held while working on, or a rewrite of, a pre-existing table above
+        O(lock_rows_threshold) estimated rows) not declared with C(-- ledger:allow-lock schema.table); C(warn)
+        reports it. The precheck enforces the same policy before a real run.
+    type: str
+    choices: [refuse, warn]
+    default: warn
+  lock_rows_threshold: {description: Tables with more estimated rows than this are large., type: int, default: 100000}
   record_rehearsal:
     description:
       - With O(action=apply), rehearse the pending migrations first (rolled back) and append a
@@ -287,6 +297,7 @@ invalid_indexes:
   elements: dict
 """
 
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, describe_target
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice
@@ -359,7 +370,17 @@ def _rehearsal(url, migrations, p, record):
         raise LedgerError("rehearsal on %s: every file would apply, but the real run would refuse: %s\n  %s"
                           % (target, route_problem.msg, "\n  ".join(lines)),
                           **dict(out, next_command=route_problem.fields.get("next_command")))
-    out["msg"] = "rehearsal on %s (rolled back, nothing written):\n  %s" % (target, "\n  ".join(lines))
+    found = ledger_impact.impacts(results, p["lock_rows_threshold"])
+    passed, verdict, nxt = ledger_impact.policy_verdict(found, p["lock_policy"], p["lock_rows_threshold"])
+    table = ledger_impact.format_table(results)
+    out["impact"] = {"files": ledger_impact.stamp_profile(results), "impacts": found, "policy": p["lock_policy"],
+                     "rows_threshold": p["lock_rows_threshold"]}
+    if not passed:
+        raise LedgerError("rehearsal on %s: %s\n%s\n  nothing was changed (the rehearsal was rolled back)\n  next: %s"
+                          % (target, verdict, "\n".join(table), nxt),
+                          **dict(out, file=found[0]["file"], line=found[0]["line"], next_command=nxt))
+    out["msg"] = "rehearsal on %s (rolled back, nothing written):\n  %s\nlock impact: %s\n%s" % (
+        target, "\n  ".join(lines), verdict, "\n".join(table))
     return out
 
 
@@ -443,6 +464,8 @@ ARGUMENT_SPEC = dict(
     limit=dict(type="str"),
     fail_on_drift=dict(type="bool", default=False),
     record_rehearsal=dict(type="bool", default=False),
+    lock_policy=dict(type="str", choices=["refuse", "warn"], default="warn"),
+    lock_rows_threshold=dict(type="int", default=100000),
 )
 
 SPEC_OPTIONS = dict(

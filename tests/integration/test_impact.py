@@ -154,3 +154,42 @@ def test_squawk_and_the_profile_disagree_both_ways(empty_db, tmp_path):
                and not n["observed_impact"] for n in notes), notes
     assert any(n["file"] == "0002_cluster.sql" and n["observed_impact"] and n["squawk"] == [] for n in notes), notes
 
+
+
+# --------------------------------------------------------------------------- the precheck's policy
+
+from pghelpers import load_module  # noqa: E402
+
+precheck = load_module("ledger_precheck", prefix="")
+
+
+def run_precheck(url, mdir, **params):
+    return precheck.run_precheck(dict(database_url=url, migrations_dir=str(mdir), run_id="t-impact",
+                                      lock_rows_threshold=THRESHOLD, **params), check_mode=True)
+
+
+def test_precheck_refuses_an_impact_before_any_change_and_warn_reports_it(empty_db, tmp_path):
+    make_tables(empty_db)
+    mdir = write_set(tmp_path / "set", {"0001_index.sql": "-- builds an index\nCREATE INDEX big_a ON public.big (a);\n"})
+    refused = run_precheck(empty_db, mdir, lock_policy="refuse")
+    assert refused["failed_checks"] == ["lock_impact"], refused["msg"]
+    msg = refused["msg"]
+    assert "0001_index.sql line 2: SHARE lock on public.big (5000 rows)" in msg
+    assert "next: make the change without the strong lock" in msg and "-- ledger:allow-lock public.big" in msg
+    assert refused["impact"]["impacts"][0]["table"] == "public.big"
+    with psycopg2.connect(empty_db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('public.big_a') IS NULL, to_regclass('migrations.events') IS NULL")
+        assert cur.fetchone() == (True, True)  # nothing changed
+    warned = run_precheck(empty_db, mdir, lock_policy="warn")
+    assert not warned["failed"], warned["msg"]
+    assert "lock impact: migrate_lock_policy=warn: 1 lock impact(s)" in warned["msg"]
+    assert "public.big" in warned["msg"] and "SHARE" in warned["msg"]
+
+
+def test_precheck_passes_an_impact_the_file_declares(empty_db, tmp_path):
+    make_tables(empty_db)
+    mdir = write_set(tmp_path / "set", {
+        "0001_index.sql": "-- ledger:allow-lock public.big\nCREATE INDEX big_a ON public.big (a);\n"})
+    result = run_precheck(empty_db, mdir, lock_policy="refuse")
+    assert not result["failed"], result["msg"]
+    assert "intended by -- ledger:allow-lock" in result["msg"]
