@@ -140,12 +140,13 @@ def _rehearse_once(conn, pending, s, rehearse_concurrently, profiler=None, stop_
                             continue
                         if note:
                             res.setdefault("notes", []).append("line %d: %s" % (stmt.line, note))
-                        t2 = time.monotonic()
-                        cur.execute(text)
-                        if profiler is not None:
-                            observed = profiler.statement(cur, stmt, elapsed_ms(t2))
-                            if m.transactional:  # a no-transaction file's entry is the documented one
-                                res["impact"].append(observed)
+                        if profiler is None:
+                            cur.execute(text)
+                        elif m.transactional:
+                            res["impact"].append(profiler.execute(cur, stmt, text))
+                        else:  # its entry is the documented one; keep the observation current
+                            cur.execute(text)
+                            profiler.statement(cur, stmt, None)
                     cur.execute("RELEASE SAVEPOINT ledger_rehearsal")
                 except psycopg2.Error as exc:
                     err = pg_error(exc)

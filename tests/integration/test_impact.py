@@ -182,8 +182,9 @@ def test_precheck_refuses_an_impact_before_any_change_and_warn_reports_it(empty_
         assert cur.fetchone() == (True, True)  # nothing changed
     warned = run_precheck(empty_db, mdir, lock_policy="warn")
     assert not warned["failed"], warned["msg"]
-    assert "lock impact: migrate_lock_policy=warn: 1 lock impact(s)" in warned["msg"]
-    assert "public.big" in warned["msg"] and "SHARE" in warned["msg"]
+    lines = "\n".join(warned["impact_lines"])
+    assert "lock impact: migrate_lock_policy=warn: 1 lock impact(s)" in lines
+    assert "0001_index.sql line 2: SHARE lock on public.big (5000 rows)" in lines
 
 
 def test_precheck_passes_an_impact_the_file_declares(empty_db, tmp_path):
@@ -192,4 +193,4 @@ def test_precheck_passes_an_impact_the_file_declares(empty_db, tmp_path):
         "0001_index.sql": "-- ledger:allow-lock public.big\nCREATE INDEX big_a ON public.big (a);\n"})
     result = run_precheck(empty_db, mdir, lock_policy="refuse")
     assert not result["failed"], result["msg"]
-    assert "intended by -- ledger:allow-lock" in result["msg"]
+    assert "intended by -- ledger:allow-lock" in result["impact_lines"][0]
