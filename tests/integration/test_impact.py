@@ -53,7 +53,7 @@ def entry(results, filename, line=None):
 
 
 def test_each_lock_mode_and_the_rewrite_are_observed(empty_db, tmp_path):
-    make_tables(empty_db, "big2", "big3", "big4", "big5", "big6", "big7")
+    make_tables(empty_db, "big2", "big3", "big4", "big5", "big6", "big7", "big8", "big9")
     migrations, results = profile(empty_db, tmp_path, {
         "0001_nullable.sql": "ALTER TABLE public.big ADD COLUMN c int;\n",
         "0002_volatile.sql": "ALTER TABLE public.big2 ADD COLUMN d double precision DEFAULT random();\n",
@@ -65,6 +65,7 @@ def test_each_lock_mode_and_the_rewrite_are_observed(empty_db, tmp_path):
         "0007_new.sql": "CREATE TABLE public.fresh (i int);\nCREATE INDEX fresh_i ON public.fresh (i);\n",
         # A brief ACCESS EXCLUSIVE, then a full UPDATE while the file still holds it.
         "0008_backfill.sql": "ALTER TABLE public.big7 ADD COLUMN c int;\nUPDATE public.big7 SET c = 1;\n",
+        "0009_modes.sql": "SELECT id FROM public.big8 WHERE id = 1 FOR UPDATE;\nLOCK TABLE public.big9 IN EXCLUSIVE MODE;\n",
     })
     nullable = entry(results, "0001_nullable.sql")
     assert nullable == [dict(nullable[0], relation="public.big", lock="ACCESS EXCLUSIVE", rewrite=False, rows=5000)]
@@ -80,6 +81,8 @@ def test_each_lock_mode_and_the_rewrite_are_observed(empty_db, tmp_path):
                                                            lock="SHARE UPDATE EXCLUSIVE", rewrite=False)]
     dml = dict((r["relation"], r["lock"]) for r in entry(results, "0006_dml.sql"))
     assert dml == {"public.small": "ROW EXCLUSIVE", "public.big6": "ACCESS SHARE"}
+    assert [(r["relation"], r["lock"]) for r in entry(results, "0009_modes.sql", 1)] == [("public.big8", "ROW SHARE")]
+    assert [(r["relation"], r["lock"]) for r in entry(results, "0009_modes.sql", 2)] == [("public.big9", "EXCLUSIVE")]
     # Relations the migrations create are no impact on anyone: not in the profile.
     assert entry(results, "0007_new.sql") == []
     assert all(isinstance(s["ms"], int) for r in results for s in r["impact"])

@@ -68,6 +68,9 @@ def test_staging_profile_travels_in_the_stamp_and_production_refuses_without_reh
         staged = migrate("staging-db")
         assert staged.returncode == 0, staged.stdout[-4000:]
         assert "migrate_lock_policy=warn: 1 lock impact(s)" in staged.stdout
+        [markdown] = (tmp_path / "reports").glob("*.md")
+        assert "Impact profile (policy warn, large above 1000 rows)" in markdown.read_text()
+        assert "| 0012_big_index.sql | 2 | public.big | SHARE | no | 5000 | " in markdown.read_text()
         [stamp_file] = (tmp_path / "promotions").glob("*.json")
         [entry] = json.loads(stamp_file.read_text())["stamps"]
         [profiled] = entry["impact"]
