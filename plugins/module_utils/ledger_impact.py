@@ -128,7 +128,9 @@ class Profiler(object):
         if len(self.before) <= MAX_LISTED:
             self.locks_sql = LOCKS_SQL + " AND l.relation = ANY('{%s}'::oid[])" % ",".join(
                 str(int(oid)) for oid in sorted(self.before))
-        self.held, _nodes, self.reads = self._locks(cur)
+        # The rehearsal's transaction has just begun: it holds no lock on a user relation yet and
+        # has read none of their rows, so there is nothing more to ask before the first statement.
+        self.held, self.reads = set(), {}
 
     def _locks(self, cur, run_first=None):
         if not self.before:  # nothing pre-existing (a fresh database): nothing to observe
@@ -148,8 +150,8 @@ class Profiler(object):
     def names_nothing_old(self, stmt):
         """Whether a statement can only lock what it creates (a CREATE/COMMENT/GRANT naming no old relation)."""
         words = [w.lower() for w in stmt.keywords[:2]]
-        if not words or not (words[0] in NAMED_ONLY or (words[0] == "alter" and words[1:] and words[1] not in
-                                                         ("type", "domain"))):
+        alter = bool(words) and words[0] == "alter" and len(words) > 1 and words[1] not in ("type", "domain")
+        if not words or not (words[0] in NAMED_ONLY or alter):
             # ALTER TYPE / DOMAIN may scan every table using them, without naming one.
             return False
         return not any(w.lower() in self.names for w in WORDS.findall(stmt.text))
@@ -391,8 +393,9 @@ def from_stamp(profile, pending, rows_here, threshold):
                   "impact": statements, "source": "staging"}
         results.append(result)
         # Heavy here or on staging: never rehearsed on this target (from its lock on, the rest of the file).
-        staged_sizes = dict(result, impact=[dict(st, relations=[dict(rel, rows=rel.get("staging_rows", rel.get("rows")))
-                                                                 for rel in st["relations"]]) for st in statements])
+        staged_sizes = dict(result, impact=[
+            dict(st, relations=[dict(rel, rows=rel.get("staging_rows", rel.get("rows"))) for rel in st["relations"]])
+            for st in statements])
         for i in impacts([result], threshold) + impacts([staged_sizes], threshold):
             key = (m.filename, i["line"])
             heavy.setdefault(key, "staging measured %s%s on %s (%s rows here)" % (
@@ -513,9 +516,9 @@ def compare_squawk(results, migrations, threshold):
                                 ", ".join(rules), "observed" if st.get("observed", True) else "documented",
                                 (": " + seen) if seen else "")})
             elif hit and not rules:
+                what = "; ".join("%s%s on %s, %s rows" % (h["lock"] or "", " + rewrite" if h["rewrite"] else "",
+                                                          h["table"], h["rows"]) for h in hit)
                 out.append({"file": r["filename"], "line": st["line"], "squawk": [], "observed_impact": True,
                             "note": "the %s profile shows an impact (%s), squawk says nothing" % (
-                                "observed" if st.get("observed", True) else "documented",
-                                "; ".join("%s%s on %s, %s rows" % (h["lock"] or "", " + rewrite" if h["rewrite"]
-                                                                    else "", h["table"], h["rows"]) for h in hit))})
+                                "observed" if st.get("observed", True) else "documented", what)})
     return out

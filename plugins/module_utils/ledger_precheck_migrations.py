@@ -148,18 +148,18 @@ def check_lock_impact(params, results, planned, migrations):
     passed, message, nxt = ledger_impact.policy_verdict(found, params["lock_policy"], rows_threshold)
     differences = planned[2] if planned else []
     if differences:
-        message += "; table sizes differ from staging's by more than 10x: %s (staging's profile was measured on " \
-                   "other sizes)" % ", ".join("%s %s rows here, %s on staging" % (d["table"], d["rows"],
-                                                                                 d["staging_rows"])
-                                              for d in differences)
+        sizes = ", ".join("%s %s rows here, %s on staging" % (d["table"], d["rows"], d["staging_rows"])
+                          for d in differences)
+        message += ("; table sizes differ from staging's by more than 10x: %s (staging's profile was measured on "
+                    "other sizes)" % sizes)
     squawk = ledger_impact.compare_squawk(observed, migrations, rows_threshold) if params.get("compare_squawk") else []
     observed_info = {"impacts": found, "table": ledger_impact.format_table(profile),
                      "source": "staging's profile (promotion stamp)" if staged else "this rehearsal",
                      "size_differences": differences, "squawk": squawk}
+    result = {"files": ledger_impact.stamp_profile(profile), "impacts": found, "squawk": squawk,
+              "size_differences": differences, "policy": params["lock_policy"], "rows_threshold": rows_threshold}
     return check("lock_impact", passed, observed_info, threshold, [i for i in found if not i["allowed"]], message,
-                 nxt if not passed else None), {"files": ledger_impact.stamp_profile(profile), "impacts": found,
-                                                 "squawk": squawk, "size_differences": differences,
-                                                 "policy": params["lock_policy"], "rows_threshold": rows_threshold}
+                 nxt if not passed else None), result
 
 
 def check_rehearsal(conn, url, params, state, session_failed, stop_before=None):

@@ -30,8 +30,8 @@ def _impact_lines(impact):
             " (allowed by -- ledger:allow-lock)" if i.get("allowed") else "", i.get("file"), i.get("line"),
             i.get("lock") or "", " + rewrite" if i.get("rewrite") else "", i.get("table"), i.get("rows")))
     for n in impact.get("squawk") or []:
-        out.append("- squawk vs profile: %s" % _cell(("`%s` line %s: " % (n["file"], n["line"]) if n.get("file") else "")
-                                                   + n.get("note", "")))
+        where = ("`%s` line %s: " % (n["file"], n["line"])) if n.get("file") else ""
+        out.append("- squawk vs profile: %s" % _cell(where + n.get("note", "")))
     for d in impact.get("size_differences") or []:
         out.append("- size differs from staging >10x: `%s` %s rows here, %s on staging" % (
             d["table"], d["rows"], d["staging_rows"]))
