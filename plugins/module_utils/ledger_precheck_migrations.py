@@ -156,8 +156,11 @@ def check_lock_impact(params, results, planned, migrations):
     observed_info = {"impacts": found, "table": ledger_impact.format_table(profile),
                      "source": "staging's profile (promotion stamp)" if staged else "this rehearsal",
                      "size_differences": differences, "squawk": squawk}
+    heavy = planned[1] if planned else {}
     result = {"files": ledger_impact.stamp_profile(profile), "impacts": found, "squawk": squawk,
-              "size_differences": differences, "policy": params["lock_policy"], "rows_threshold": rows_threshold}
+              "size_differences": differences, "policy": params["lock_policy"], "rows_threshold": rows_threshold,
+              # The statements no rehearsal may run on this target (the migrate stage's --check obeys it too).
+              "not_rehearsed": [{"file": f, "line": line, "reason": why} for (f, line), why in sorted(heavy.items())]}
     return check("lock_impact", passed, observed_info, threshold, [i for i in found if not i["allowed"]], message,
                  nxt if not passed else None), result
 

@@ -145,6 +145,13 @@ options:
     choices: [refuse, warn]
     default: warn
   lock_rows_threshold: {description: Tables with more estimated rows than this are large., type: int, default: 100000}
+  not_rehearsed:
+    description:
+      - Check mode - statements (C(file), C(line), C(reason)) never to rehearse on this target, with the rest of
+        their file and the later files; the precheck's C(impact.not_rehearsed) (staging measured them as heavy).
+    type: list
+    elements: dict
+    default: []
   record_rehearsal:
     description:
       - With O(action=apply), rehearse the pending migrations first (rolled back) and append a
@@ -349,7 +356,10 @@ def _rehearsal(url, migrations, p, record):
                                                                        info["target"]))
     route_problem = nontx_route_problem(url, pending, direct_url=p.get("direct_url"),
                                         advice=PlaybookAdvice(p["limit"]))
-    results = rehearse(url, pending, run_id=p["run_id"], record_event=record, **_timeouts(p))
+    stop_before = dict(((str(x.get("file")), int(x.get("line") or 0)), str(x.get("reason") or "heavy"))
+                       for x in p.get("not_rehearsed") or [])
+    results = rehearse(url, pending, run_id=p["run_id"], record_event=record, stop_before=stop_before,
+                       **_timeouts(p))
     lines = format_rehearsal(results)
     failed = [r for r in results if r["status"] == "would_fail"]
     out = dict(common, changed=True, pending=[m.version for m in pending], rehearsal=results,
@@ -466,6 +476,7 @@ ARGUMENT_SPEC = dict(
     record_rehearsal=dict(type="bool", default=False),
     lock_policy=dict(type="str", choices=["refuse", "warn"], default="warn"),
     lock_rows_threshold=dict(type="int", default=100000),
+    not_rehearsed=dict(type="list", elements="dict", default=[]),
 )
 
 SPEC_OPTIONS = dict(

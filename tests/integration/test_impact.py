@@ -8,6 +8,8 @@ directive passes, both policies, and squawk's verdict is compared both ways.
 
 from __future__ import annotations
 
+import time
+
 import psycopg2
 import pytest
 
@@ -197,3 +199,26 @@ def test_precheck_passes_an_impact_the_file_declares(empty_db, tmp_path):
     result = run_precheck(empty_db, mdir, lock_policy="refuse")
     assert not result["failed"], result["msg"]
     assert "intended by -- ledger:allow-lock" in result["impact_lines"][0]
+
+
+def test_a_statement_marked_heavy_is_never_run_and_so_never_waits(empty_db, tmp_path):
+    make_tables(empty_db)
+    holder = psycopg2.connect(empty_db)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("INSERT INTO public.big VALUES (-1, 0, 'x')")  # ROW EXCLUSIVE: a build's SHARE waits for it
+        migrations = load(write_set(tmp_path / "set", {
+            "0001_before.sql": "CREATE TABLE public.other (i int);\n",
+            "0002_index.sql": "CREATE TABLE public.more (i int);\nCREATE INDEX big_a ON public.big (a);\n",
+            "0003_after.sql": "SELECT 1;\n"}))
+        started = time.monotonic()
+        results = engine.rehearse(empty_db, migrations, lock_timeout="5s", lock_retries=0,
+                                  stop_before={("0002_index.sql", 2): "staging measured SHARE lock on public.big"})
+        assert time.monotonic() - started < 5  # never waited for the writer
+        assert [r["status"] for r in results] == ["would_apply", "not_rehearsed", "not_rehearsed"]
+        assert results[1]["stopped_at"] == 2 and "staging measured SHARE lock" in results[1]["reason"]
+        assert [s["line"] for s in results[1]["impact"]] == [1]  # what came before it was rehearsed
+        assert results[2]["reason"] == "follows 0002_index.sql line 2, not rehearsed here"
+    finally:
+        holder.rollback()
+        holder.close()
