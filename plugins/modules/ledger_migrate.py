@@ -382,9 +382,12 @@ def _rehearsal(url, migrations, p, record):
                           **dict(out, next_command=route_problem.fields.get("next_command")))
     found = ledger_impact.impacts(results, p["lock_rows_threshold"])
     passed, verdict, nxt = ledger_impact.policy_verdict(found, p["lock_policy"], p["lock_rows_threshold"])
-    table = ledger_impact.format_table(results)
+    squawk = ledger_impact.compare_squawk(results, pending, p["lock_rows_threshold"])
+    table = ledger_impact.format_table(results) + [
+        "squawk: %s" % (("%s line %s: %s" % (n["file"], n["line"], n["note"])) if n.get("file") else n["note"])
+        for n in squawk]
     out["impact"] = {"files": ledger_impact.stamp_profile(results), "impacts": found, "policy": p["lock_policy"],
-                     "rows_threshold": p["lock_rows_threshold"]}
+                     "rows_threshold": p["lock_rows_threshold"], "squawk": squawk}
     if not passed:
         raise LedgerError("rehearsal on %s: %s\n%s\n  nothing was changed (the rehearsal was rolled back)\n  next: %s"
                           % (target, verdict, "\n".join(table), nxt),

@@ -222,3 +222,19 @@ def test_a_statement_marked_heavy_is_never_run_and_so_never_waits(empty_db, tmp_
     finally:
         holder.rollback()
         holder.close()
+
+
+def test_check_mode_prints_the_table_and_squawks_disagreement(empty_db, tmp_path):
+    make_tables(empty_db)
+    migrate = load_module("ledger_migrate", prefix="")
+    mdir = write_set(tmp_path / "set", {"0001_small_index.sql": "CREATE INDEX small_a ON public.small (a);\n",
+                                        "0002_big_index.sql": "CREATE INDEX big_a ON public.big (a);\n"})
+    params = dict((k, v.get("default")) for k, v in migrate.ARGUMENT_SPEC.items())
+    params.update(database_url=empty_db, migrations_dir=str(mdir), lock_rows_threshold=THRESHOLD, limit="t")
+    out = migrate.run(params, check_mode=True)
+    assert "lock impact: migrate_lock_policy=warn: 1 lock impact(s)" in out["msg"]
+    assert "0002_big_index.sql impact:" in out["msg"] and "public.big" in out["msg"]
+    assert ("squawk: 0001_small_index.sql line 1: squawk warns (require-concurrent-index-creation), the observed"
+            " profile shows no impact") in out["msg"]
+    with pytest.raises(LedgerError, match="migrate_lock_policy=refuse: 1 lock impact"):
+        migrate.run(dict(params, lock_policy="refuse"), check_mode=True)
