@@ -442,12 +442,12 @@ def format_table(results, threshold=None):
                     "  (not observed: documented)" if not st.get("observed", True) else ""))
         source = " (staging's profile)" if r.get("source") == "staging" else (
             "" if r.get("transactional", True) else " (no-transaction file: not observed, documented lock levels)")
+        if not rows:
+            lines.append("  %s: no lock on a pre-existing table%s" % (r["filename"], source))
+            continue
         lines.append("  %s impact%s:" % (r["filename"], source))
-        if rows:
-            lines.append("     line  relation                         lock                     rewrite         rows       ms")
-            lines.extend(rows)
-        else:
-            lines.append("    no lock on a pre-existing table")
+        lines.append("     line  relation                         lock                     rewrite         rows       ms")
+        lines.extend(rows)
     return lines
 
 
