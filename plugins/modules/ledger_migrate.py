@@ -305,7 +305,7 @@ invalid_indexes:
 """
 
 from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module, with_defaults
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, describe_target
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_engine import (
@@ -414,6 +414,7 @@ def _failure_changed(result, params, check_mode):
 
 
 def run(p, check_mode=False):
+    p = with_defaults(ARGUMENT_SPEC, p)  # callers in process may pass only some options
     url = p["database_url"]
     action = p["action"]
     migrations = load_migration_set(p["migrations_dir"])
