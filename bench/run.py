@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from context import Context, SectionResult  # noqa: E402
 from lib import BENCH, BenchError, Cluster, log, machine_info  # noqa: E402
-from sections import fleet, impact, ledger, overhead, restore, size, traffic  # noqa: E402
+from sections import fleet, impact, ledger, money, overhead, restore, size, traffic  # noqa: E402
 
 SECTIONS = {
     "overhead": overhead.run,
@@ -31,6 +31,7 @@ SECTIONS = {
     "restore": restore.run,
     "traffic": traffic.run,
     "ledger": ledger.run,
+    "money": money.run,
     "fleet": fleet.run,
     "impact": impact.run,
 }

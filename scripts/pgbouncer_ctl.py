@@ -15,6 +15,11 @@ pytest and the Molecule `pgbouncer` scenario can prove it. Standard library only
   default_pool_size = --pool-size (1 in the tests, so two
   clients' transactions are bound to share one server connection: a context that
   leaked from one transaction would be seen by the next client's);
+* server_reset_query = DISCARD ALL with server_reset_query_always = 1: every server
+  connection is reset after each client transaction, so a client's session-level
+  `SET app.community_id` (or set_config(..., false)) can never reach another client's
+  transaction (the ledger's guarantee 7; precheck refuses a PgBouncer without it).
+  --leaky drops both, only to show in tests what they prevent;
 * listens on 127.0.0.1 only, on --port or a free port; every database name is
   forwarded to the PostgreSQL on --pg-host/--pg-port (a `*` fallback entry);
 * auth_type trust (users must still be listed) or md5, with a userlist generated
@@ -162,7 +167,7 @@ def parse_users(specs) -> dict:
 
 def start(base: Path, pg_port: int, *, pg_host: str = "127.0.0.1", port: int | None = None, pool_size: int = 1,
           auth: str = "trust", users: dict | None = None, admin: str = "postgres", install: bool = False,
-          query_wait_timeout: int = 30, pool_mode: str = "transaction") -> dict:
+          query_wait_timeout: int = 30, pool_mode: str = "transaction", leaky: bool = False) -> dict:
     """Start pgbouncer (or return the state of the one already running for `base`)."""
     base = Path(base).resolve()
     if is_running(base):
@@ -216,6 +221,8 @@ def start(base: Path, pg_port: int, *, pg_host: str = "127.0.0.1", port: int | N
         f"query_wait_timeout = {query_wait_timeout}\n"
         "server_login_retry = 1\n"
         "ignore_startup_parameters = extra_float_digits,options\n"
+        # The tenant context never outlives a client's transaction (see the docstring).
+        + ("" if leaky else "server_reset_query = DISCARD ALL\nserver_reset_query_always = 1\n") +
         f"logfile = {home / 'pgbouncer.log'}\n"
         f"pidfile = {home / 'pgbouncer.pid'}\n"
     )
@@ -248,7 +255,7 @@ def start(base: Path, pg_port: int, *, pg_host: str = "127.0.0.1", port: int | N
             break
         time.sleep(0.05)
     state = {"dir": str(base), "home": str(home), "port": port, "pid": pid, "pg_host": pg_host, "pg_port": pg_port,
-             "pool_mode": pool_mode, "pool_size": pool_size, "auth": auth, "admin": admin,
+             "pool_mode": pool_mode, "pool_size": pool_size, "leaky": leaky, "auth": auth, "admin": admin,
              "users": sorted(users)}
     (base / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     return state
@@ -290,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool-size", type=int, default=1)
     parser.add_argument("--pool-mode", choices=["transaction", "session"], default="transaction",
                         help="session only to show what transaction pooling prevents (tests)")
+    parser.add_argument("--leaky", action="store_true",
+                        help="no server reset between clients (tests only: shows the leak it prevents)")
     parser.add_argument("--auth", choices=["trust", "md5"], default="trust")
     parser.add_argument("--user", action="append", help="NAME or NAME:PASSWORD (repeatable); "
                         "default: postgres, arrakis_app")
@@ -305,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.action == "start":
             state = start(args.dir, args.pg_port, pg_host=args.pg_host, port=args.port or None,
                           pool_size=args.pool_size, auth=args.auth, users=parse_users(args.user),
-                          install=args.install, pool_mode=args.pool_mode)
+                          install=args.install, pool_mode=args.pool_mode, leaky=args.leaky)
             print(f"pgbouncer (pool_mode={state['pool_mode']}, pool size {state['pool_size']}) on 127.0.0.1:{state['port']} "
                   f"in front of {state['pg_host']}:{state['pg_port']}: {url(state, db=args.db)}")
         elif args.action == "stop":

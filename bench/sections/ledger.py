@@ -8,7 +8,7 @@ As arrakis_app, with its tenant context, RLS applying:
     (goal < 1 ms), and the server's execution time from EXPLAIN ANALYZE;
   * a tenant's 20 newest lots with their balances, and the tenant's total balance;
   * the insert rate into lot_entries (RLS WITH CHECK, tenant-agreeing foreign key,
-    append-only triggers) against the same inserts into bench_plain.lot_entries, a copy
+    append-only triggers, the balance trigger) against the same inserts into bench_plain.lot_entries, a copy
     made with LIKE ... INCLUDING ALL (same columns, checks and indexes; no RLS, triggers
     or foreign key), in application-shaped transactions (BEGIN; set context; INSERT;
     COMMIT) and in bulk (one INSERT ... SELECT of 20,000 rows); goal overhead <= 1.3x.
@@ -63,6 +63,10 @@ SELECT md5('lot' || l)::uuid, md5('tenant' || (l % {tenants}))::uuid,
        CASE WHEN e = 0 THEN NULL ELSE 'r-' || l || '-' || e END,
        timestamptz '2024-01-01' + (e * {lots} + l) * interval '1 second'
   FROM generate_series(0, {per_lot} - 1) e, generate_series(0, {lots} - 1) l;
+-- The balance rows the journal trigger would have maintained.
+INSERT INTO public.credit_lot_balances (lot_id, community_id, amount_micro, credit_micro, debited_micro)
+SELECT l.id, l.community_id, l.amount_micro, 1000000000000, ({per_lot} - 1) * 1000
+  FROM public.credit_lots l;
 RESET session_replication_role;
 CREATE SCHEMA bench_plain;
 CREATE TABLE bench_plain.lot_entries (LIKE public.lot_entries INCLUDING ALL);
@@ -107,7 +111,8 @@ def seed(ctx, db: str, entries: int) -> dict:
     conn = cl.connect(db)
     with conn.cursor() as cur:
         cur.execute(SEED.format(tenants=TENANTS, lots=LOTS, per_lot=per_lot))
-        cur.execute("VACUUM (ANALYZE) public.credit_lots, public.lot_entries, bench_plain.lot_entries, "
+        cur.execute("VACUUM (ANALYZE) public.credit_lots, public.lot_entries, public.credit_lot_balances, "
+                    "bench_plain.lot_entries, "
                     "bench_plain.lot_entries_fk, bench_plain.lot_entries_rls")
         cur.execute("SELECT count(*), pg_total_relation_size('public.lot_entries') FROM public.lot_entries")
         count, size = cur.fetchone()

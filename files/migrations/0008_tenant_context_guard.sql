@@ -12,17 +12,23 @@
 --                                    is missing (NULL: never set in the session)
 --                                    or empty ('': the value left behind once an
 --                                    earlier transaction's local setting ended).
+--   public.require_tenant_context()  statement trigger function: an INSERT by a
+--                                    role held to row-level security raises that
+--                                    P0001 without a context even when it inserts
+--                                    no row (INSERT ... SELECT of nothing), so a
+--                                    sweep that forgot its context fails loudly.
 --
 -- Guarantees: both functions pin search_path to `pg_catalog, pg_temp`, touch only
 -- schema-qualified objects, are not executable by PUBLIC, and are executable by
--- arrakis_app (and the owner). Neither is SECURITY DEFINER.
+-- arrakis_app (and the owner). None is SECURITY DEFINER. The trigger function
+-- is executable by nobody but its owner (triggers do not need EXECUTE).
 --
 -- Requires: the roles arrakis_app and arrakis_admin (runbook pre-migration
 -- checklist); the file stops with SQLSTATE 42704 and a hint when one is missing.
 -- Objects are created with plain CREATE: an existing object fails the whole
 -- file (42P06/42P07/42723) inside the engine's transaction, nothing half-applied.
 --
--- Revert: 0008_tenant_context_guard.down.sql drops the two functions, then the
+-- Revert: 0008_tenant_context_guard.down.sql drops the three functions, then the
 -- schema (without CASCADE: anything else found in `app` stops the revert).
 -- =============================================================================
 
@@ -100,3 +106,24 @@ REVOKE ALL ON FUNCTION app.current_community_id() FROM PUBLIC;
 REVOKE ALL ON FUNCTION app.set_community_context(uuid) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION app.current_community_id() TO arrakis_app;
 GRANT EXECUTE ON FUNCTION app.set_community_context(uuid) TO arrakis_app;
+
+CREATE FUNCTION public.require_tenant_context()
+    RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    -- Row-level security already raises P0001 for every row read, written or
+    -- checked without a context; this covers the statement that touches no row.
+    -- Roles that bypass RLS (superuser, arrakis_admin) are not tenants.
+    IF pg_catalog.row_security_active(TG_RELID) THEN
+        PERFORM app.current_community_id();
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+COMMENT ON FUNCTION public.require_tenant_context() IS
+    'Statement trigger of the tenant tables: P0001 "app.community_id is not set" for a role held to RLS without a context, even when no row is touched.';
+
+REVOKE ALL ON FUNCTION public.require_tenant_context() FROM PUBLIC;

@@ -13,21 +13,28 @@
 --                              waiting(0) confirming(1) confirmed(2) sending(3)
 --                              partially_paid(4) finished(5) expired(6)
 --                              failed(7) refunded(8); a status may only move to
---                              a higher rank (else SQLSTATE 23514). The trigger
---                              maintains status_rank and updated_at (= created_at
---                              on INSERT, now() on UPDATE); the identity of a
---                              payment (id, community_id, payment_id, provider,
---                              amount_usd, currency, created_at) never changes
---                              and the mint fields are written once (P0002).
+--                              a higher rank, after finished only to refunded,
+--                              and expired, failed, refunded are final (else
+--                              SQLSTATE 23514). The trigger maintains
+--                              status_rank and updated_at (= created_at on
+--                              INSERT, now() on UPDATE, whatever the writer
+--                              sent); payment_id goes from NULL (the row exists
+--                              before the provider assigns one) to a value
+--                              once; the identity of a payment (id,
+--                              community_id, provider, amount_usd, currency,
+--                              created_at) never changes and the mint fields
+--                              are written once (P0002). For every writer, the
+--                              owner included.
 --
 -- webhook_events has no tenant column (the callback is deduplicated before its
 -- tenant is known): it is global, guarded by privileges rather than RLS.
 --
 -- Grants. arrakis_app: webhook_events SELECT, INSERT (dedup needs no more);
 -- crypto_payments SELECT, INSERT and UPDATE of the columns a payment's life
--- changes (status, amount_crypto, checkout_url, credits_minted_at,
--- credits_mint_lot_id, metadata), never of its identity, status_rank or
--- updated_at (the trigger's), and no DELETE/TRUNCATE. arrakis_admin: SELECT
+-- changes (payment_id once, status, amount_crypto, checkout_url,
+-- credits_minted_at, credits_mint_lot_id, metadata, and updated_at, which the
+-- application writes itself and the trigger overrides), never of the rest of
+-- its identity or status_rank, and no DELETE/TRUNCATE. arrakis_admin: SELECT
 -- (the stuck-payment sweep across tenants).
 --
 -- Plain CREATE everywhere: an existing object fails the whole file (42P07 ...)
@@ -91,13 +98,20 @@ BEGIN
         NEW.updated_at := NEW.created_at;
         RETURN NEW;
     END IF;
-    IF (NEW.id, NEW.community_id, NEW.payment_id, NEW.provider, NEW.amount_usd, NEW.currency, NEW.created_at)
+    IF (NEW.id, NEW.community_id, NEW.provider, NEW.amount_usd, NEW.currency, NEW.created_at)
        IS DISTINCT FROM
-       (OLD.id, OLD.community_id, OLD.payment_id, OLD.provider, OLD.amount_usd, OLD.currency, OLD.created_at)
+       (OLD.id, OLD.community_id, OLD.provider, OLD.amount_usd, OLD.currency, OLD.created_at)
     THEN
         RAISE EXCEPTION USING
             ERRCODE = 'P0002',
-            MESSAGE = pg_catalog.format('crypto_payments %s: the identity of a payment (id, community_id, payment_id, provider, amount_usd, currency, created_at) cannot change', OLD.payment_id);
+            MESSAGE = pg_catalog.format('crypto_payments %s: the identity of a payment (id, community_id, provider, amount_usd, currency, created_at) cannot change', OLD.id);
+    END IF;
+    -- The provider's id arrives after the row exists: NULL -> a value, once.
+    IF OLD.payment_id IS NOT NULL AND NEW.payment_id IS DISTINCT FROM OLD.payment_id THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'P0002',
+            MESSAGE = pg_catalog.format('crypto_payments %s: payment_id is already %s; it is set once and never changes',
+                                        OLD.id, OLD.payment_id);
     END IF;
     IF OLD.credits_minted_at IS NOT NULL
        AND (NEW.credits_minted_at, NEW.credits_mint_lot_id) IS DISTINCT FROM (OLD.credits_minted_at, OLD.credits_mint_lot_id)
@@ -106,12 +120,18 @@ BEGIN
             ERRCODE = 'P0002',
             MESSAGE = pg_catalog.format('crypto_payments %s: credits were already minted (lot %s); the mint fields are written once', OLD.payment_id, OLD.credits_mint_lot_id);
     END IF;
-    IF v_rank < OLD.status_rank THEN
+    -- Forward only; after finished only refunded; expired, failed, refunded
+    -- are final. OLD.status (not the writable status_rank) is the truth.
+    IF NEW.status <> OLD.status
+       AND (OLD.status IN ('expired', 'failed', 'refunded')
+            OR (OLD.status = 'finished' AND NEW.status <> 'refunded')
+            OR v_rank < OLD.status_rank)
+    THEN
         RAISE EXCEPTION USING
             ERRCODE = 'check_violation',
             MESSAGE = pg_catalog.format('crypto_payments %s: status cannot move from %s (rank %s) to %s (rank %s)',
-                                        OLD.payment_id, OLD.status, OLD.status_rank, NEW.status, v_rank),
-            HINT = 'A status only moves forward; treat a late, lower-ranked callback as already applied (UPDATE ... WHERE status_rank < <new rank>).';
+                                        COALESCE(OLD.payment_id, OLD.id::text), OLD.status, OLD.status_rank, NEW.status, v_rank),
+            HINT = 'A status only moves forward, after finished only to refunded, and expired, failed, refunded are final; treat a late callback as already applied (UPDATE ... WHERE status_rank < <new rank>).';
     END IF;
     NEW.status_rank := v_rank;
     NEW.updated_at := pg_catalog.now();
@@ -120,14 +140,15 @@ END
 $fn$;
 
 COMMENT ON FUNCTION public.enforce_payment_status_monotonicity() IS
-    'crypto_payments: status only moves to a higher rank (23514); maintains status_rank and updated_at; identity immutable and mint fields write-once (P0002).';
+    'crypto_payments: status only moves forward, finished only to refunded, expired/failed/refunded final (23514); maintains status_rank and updated_at; payment_id NULL -> value once, identity immutable, mint fields write-once (P0002).';
 
 REVOKE ALL ON FUNCTION public.enforce_payment_status_monotonicity() FROM PUBLIC;
 
 CREATE TABLE public.crypto_payments (
     id                  uuid          NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
     community_id        uuid          NOT NULL,
-    payment_id          text          NOT NULL,
+    -- NULL until the provider assigns it; then set once (the trigger).
+    payment_id          text,
     provider            text          NOT NULL DEFAULT 'nowpayments',
     amount_usd          numeric(12,2) NOT NULL,
     amount_crypto       numeric(24,8),
@@ -159,7 +180,7 @@ CREATE TABLE public.crypto_payments (
 );
 
 COMMENT ON TABLE public.crypto_payments IS
-    'Crypto payments at the provider; status moves forward only (enforce_payment_status_monotonicity).';
+    'Crypto payments at the provider; payment_id set once; status moves forward only (enforce_payment_status_monotonicity).';
 
 -- Stuck payments: a status whose updated_at is old.
 CREATE INDEX crypto_payments_status_updated_at_idx
@@ -173,16 +194,23 @@ CREATE TRIGGER crypto_payments_status_monotonicity
     BEFORE INSERT OR UPDATE ON public.crypto_payments
     FOR EACH ROW EXECUTE FUNCTION public.enforce_payment_status_monotonicity();
 
+CREATE TRIGGER crypto_payments_requires_context
+    BEFORE INSERT ON public.crypto_payments
+    FOR EACH STATEMENT
+    WHEN (NULLIF(pg_catalog.current_setting('app.community_id', true), '') IS NULL)
+    EXECUTE FUNCTION public.require_tenant_context();
+
 ALTER TABLE public.crypto_payments ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.crypto_payments FORCE ROW LEVEL SECURITY;
 
 CREATE POLICY crypto_payments_tenant_isolation ON public.crypto_payments
     FOR ALL
-    USING (community_id = NULLIF(pg_catalog.current_setting('app.community_id', true), '')::uuid)
+    USING (app.current_community_id() IS NOT NULL AND community_id = app.current_community_id())
     WITH CHECK (community_id = app.current_community_id());
 
 GRANT SELECT, INSERT ON TABLE public.webhook_events TO arrakis_app;
 GRANT SELECT, INSERT ON TABLE public.crypto_payments TO arrakis_app;
-GRANT UPDATE (status, amount_crypto, checkout_url, credits_minted_at, credits_mint_lot_id, metadata)
+GRANT UPDATE (payment_id, status, amount_crypto, checkout_url, credits_minted_at, credits_mint_lot_id, metadata,
+              updated_at)
     ON TABLE public.crypto_payments TO arrakis_app;
 GRANT SELECT ON TABLE public.webhook_events, public.crypto_payments TO arrakis_admin;

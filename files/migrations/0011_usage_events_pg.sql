@@ -10,23 +10,35 @@
 --                                  issuers; global (no tenant column), guarded
 --                                  by privileges. Index serving "active keys of
 --                                  an issuer" (not revoked, not expired).
---   public.reconciliation_cursor   one cursor per tenant; tenant RLS.
+--   public.reconciliation_cursor   one cursor per tenant, kept by the
+--                                  reconciler: a service, not a tenant, so no
+--                                  RLS (it reads and upserts any community's
+--                                  cursor without a tenant context).
+--   public.guard_jwks_key()        trigger function: a key's material and
+--                                  issuer never change; revoked_at is set once
+--                                  (a second revoke keeps the first time) and
+--                                  never cleared (P0002).
+--   public.guard_reconciliation_fence()
+--                                  trigger function: the fence token never
+--                                  moves back, whatever the UPDATE (23514), and
+--                                  a cursor never changes community (P0002).
 --
--- Guarantees: amounts are bigint micro-USD (>= 0), token counts >= 0; RLS
--- enabled AND forced on usage_events and reconciliation_cursor with the same
--- policy as 0009 (USING: the transaction's tenant, no context = no rows; WITH
--- CHECK: app.current_community_id(), no context = P0001).
+-- Guarantees: amounts are bigint micro-USD, 0 .. 10^15 (no sum overflows),
+-- token counts >= 0; RLS enabled AND forced on usage_events with the policy of
+-- 0009 (no context: P0001 for every read and write). The triggers hold for
+-- every writer, the owner included.
 --
 -- Grants. arrakis_app: usage_events SELECT, INSERT; s2s_jwks_public_keys
--- SELECT, INSERT (publishing keys; revocation is an operator's UPDATE);
--- reconciliation_cursor SELECT, INSERT and UPDATE of the cursor's progress
--- columns only (not community_id; no DELETE). arrakis_admin: SELECT.
+-- SELECT, INSERT, UPDATE (revoked_at); reconciliation_cursor SELECT, INSERT and
+-- UPDATE of the cursor's progress columns only (not community_id; no DELETE).
+-- arrakis_admin: SELECT.
 --
 -- Plain CREATE everywhere: an existing object fails the whole file (42P07 ...)
 -- inside the engine's transaction, nothing half-applied.
 --
 -- Revert: 0011_usage_events_pg.down.sql drops reconciliation_cursor,
--- s2s_jwks_public_keys, usage_events (runbook order).
+-- s2s_jwks_public_keys, usage_events (runbook order), then the two trigger
+-- functions.
 -- =============================================================================
 
 CREATE TABLE public.usage_events (
@@ -51,7 +63,7 @@ CREATE TABLE public.usage_events (
     CONSTRAINT usage_events_finalization_id_key UNIQUE (finalization_id),
     CONSTRAINT usage_events_tokens_input_check CHECK (tokens_input >= 0),
     CONSTRAINT usage_events_tokens_output_check CHECK (tokens_output >= 0),
-    CONSTRAINT usage_events_amount_micro_check CHECK (amount_micro >= 0)
+    CONSTRAINT usage_events_amount_micro_check CHECK (amount_micro >= 0 AND amount_micro <= 1000000000000000)
 );
 
 COMMENT ON TABLE public.usage_events IS
@@ -72,6 +84,44 @@ CREATE TRIGGER usage_events_no_delete
 CREATE TRIGGER usage_events_no_truncate
     BEFORE TRUNCATE ON public.usage_events
     FOR EACH STATEMENT EXECUTE FUNCTION public.prevent_mutation();
+
+CREATE TRIGGER usage_events_requires_context
+    BEFORE INSERT ON public.usage_events
+    FOR EACH STATEMENT
+    WHEN (NULLIF(pg_catalog.current_setting('app.community_id', true), '') IS NULL)
+    EXECUTE FUNCTION public.require_tenant_context();
+
+CREATE FUNCTION public.guard_jwks_key()
+    RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF (NEW.kid, NEW.kty, NEW.crv, NEW.x, NEW.y, NEW.issuer, NEW.created_at)
+       IS DISTINCT FROM (OLD.kid, OLD.kty, OLD.crv, OLD.x, OLD.y, OLD.issuer, OLD.created_at)
+    THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'P0002',
+            MESSAGE = pg_catalog.format('s2s_jwks_public_keys %s: a key''s material and issuer never change', OLD.kid),
+            HINT = 'Publish a new key (a new kid) and revoke this one.';
+    END IF;
+    IF OLD.revoked_at IS NOT NULL THEN
+        IF NEW.revoked_at IS NULL THEN
+            RAISE EXCEPTION USING
+                ERRCODE = 'P0002',
+                MESSAGE = pg_catalog.format('s2s_jwks_public_keys %s: revoked at %s; a revocation is never cleared', OLD.kid, OLD.revoked_at);
+        END IF;
+        -- Revoking a revoked key again is a no-op: the first time stays.
+        NEW.revoked_at := OLD.revoked_at;
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+
+COMMENT ON FUNCTION public.guard_jwks_key() IS
+    's2s_jwks_public_keys: material (kid, kty, crv, x, y), issuer and created_at never change; revoked_at set once, never cleared (P0002).';
+
+REVOKE ALL ON FUNCTION public.guard_jwks_key() FROM PUBLIC;
 
 CREATE TABLE public.s2s_jwks_public_keys (
     kid        text        NOT NULL,
@@ -98,6 +148,10 @@ CREATE INDEX s2s_jwks_public_keys_active_idx
     ON public.s2s_jwks_public_keys (issuer, expires_at)
     WHERE revoked_at IS NULL;
 
+CREATE TRIGGER s2s_jwks_public_keys_guard
+    BEFORE UPDATE ON public.s2s_jwks_public_keys
+    FOR EACH ROW EXECUTE FUNCTION public.guard_jwks_key();
+
 CREATE TABLE public.reconciliation_cursor (
     community_id            uuid        NOT NULL,
     last_processed_event_id uuid,
@@ -106,29 +160,57 @@ CREATE TABLE public.reconciliation_cursor (
     drift_micro             bigint      NOT NULL DEFAULT 0,
     updated_at              timestamptz NOT NULL DEFAULT pg_catalog.now(),
     CONSTRAINT reconciliation_cursor_pkey PRIMARY KEY (community_id),
-    CONSTRAINT reconciliation_cursor_last_fence_token_check CHECK (last_fence_token >= 0)
+    CONSTRAINT reconciliation_cursor_last_fence_token_check CHECK (last_fence_token >= 0),
+    CONSTRAINT reconciliation_cursor_drift_micro_check
+        CHECK (drift_micro BETWEEN -1000000000000000 AND 1000000000000000)
 );
 
 COMMENT ON TABLE public.reconciliation_cursor IS
-    'Per-tenant reconciliation progress; advanced with a fence-token compare-and-set.';
+    'Per-tenant reconciliation progress, kept by the reconciler service (no RLS); the fence token never moves back.';
+
+CREATE FUNCTION public.guard_reconciliation_fence()
+    RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF NEW.community_id IS DISTINCT FROM OLD.community_id THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'P0002',
+            MESSAGE = pg_catalog.format('reconciliation_cursor %s: a cursor never changes community', OLD.community_id);
+    END IF;
+    IF NEW.last_fence_token < OLD.last_fence_token THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'check_violation',
+            MESSAGE = pg_catalog.format('reconciliation_cursor %s: fence token cannot move back from %s to %s',
+                                        OLD.community_id, OLD.last_fence_token, NEW.last_fence_token),
+            HINT = 'A stale worker must change nothing: UPDATE ... WHERE community_id = $1 AND last_fence_token < $2.';
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+
+COMMENT ON FUNCTION public.guard_reconciliation_fence() IS
+    'reconciliation_cursor: the fence token never moves back (23514), the community never changes (P0002).';
+
+REVOKE ALL ON FUNCTION public.guard_reconciliation_fence() FROM PUBLIC;
+
+CREATE TRIGGER reconciliation_cursor_fence
+    BEFORE UPDATE ON public.reconciliation_cursor
+    FOR EACH ROW EXECUTE FUNCTION public.guard_reconciliation_fence();
 
 ALTER TABLE public.usage_events ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.usage_events FORCE ROW LEVEL SECURITY;
-ALTER TABLE public.reconciliation_cursor ENABLE ROW LEVEL SECURITY;
-ALTER TABLE public.reconciliation_cursor FORCE ROW LEVEL SECURITY;
 
 CREATE POLICY usage_events_tenant_isolation ON public.usage_events
     FOR ALL
-    USING (community_id = NULLIF(pg_catalog.current_setting('app.community_id', true), '')::uuid)
-    WITH CHECK (community_id = app.current_community_id());
-
-CREATE POLICY reconciliation_cursor_tenant_isolation ON public.reconciliation_cursor
-    FOR ALL
-    USING (community_id = NULLIF(pg_catalog.current_setting('app.community_id', true), '')::uuid)
+    USING (app.current_community_id() IS NOT NULL AND community_id = app.current_community_id())
     WITH CHECK (community_id = app.current_community_id());
 
 GRANT SELECT, INSERT ON TABLE public.usage_events TO arrakis_app;
 GRANT SELECT, INSERT ON TABLE public.s2s_jwks_public_keys TO arrakis_app;
+-- Revoking its own key; guard_jwks_key() keeps it set once.
+GRANT UPDATE (revoked_at) ON TABLE public.s2s_jwks_public_keys TO arrakis_app;
 GRANT SELECT, INSERT ON TABLE public.reconciliation_cursor TO arrakis_app;
 GRANT UPDATE (last_processed_event_id, last_fence_token, last_reconciled_at, drift_micro, updated_at)
     ON TABLE public.reconciliation_cursor TO arrakis_app;

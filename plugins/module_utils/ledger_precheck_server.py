@@ -211,6 +211,8 @@ def check_pgbouncer(url, max_waiting, max_servers, connect_timeout):
             cur.execute("SHOW POOLS")
             cols = [d[0] for d in cur.description]
             pools = [dict(zip(cols, row)) for row in cur.fetchall()]
+            cur.execute("SHOW CONFIG")
+            config = dict((row[0], row[1]) for row in cur.fetchall())
     except psycopg2.Error as exc:
         return check("pgbouncer", False, {"reachable": True}, threshold,
                      message="SHOW POOLS failed on %s: %s" % (describe_target(url), format_pg_error(pg_error(exc))),
@@ -226,6 +228,9 @@ def check_pgbouncer(url, max_waiting, max_servers, connect_timeout):
                   "sv_active": p.get("sv_active"), "maxwait_s": p.get("maxwait"), "pool_mode": p.get("pool_mode")}
                  for p in pools if int(p.get("cl_waiting") or 0) > 0]
     problems = []
+    leak = pgbouncer_leak(pools, config)
+    if leak:
+        problems.append(leak)
     if totals["cl_waiting"] > max_waiting:
         problems.append("%d client(s) waiting for a server connection (max wait %d s)" % (
             totals["cl_waiting"], totals["maxwait_s"]))
@@ -235,7 +240,31 @@ def check_pgbouncer(url, max_waiting, max_servers, connect_timeout):
                  "; ".join(problems) if problems else
                  "PgBouncer: %d active client(s), none waiting beyond %d, %d server connection(s)" % (
                      totals["cl_active"], max_waiting, totals["server_connections"]),
-                 None if not problems else "the pool is saturated: wait for the load to drop before migrating")
+                 None if not problems else
+                 "set server_reset_query = DISCARD ALL and server_reset_query_always = 1 in pgbouncer.ini, reload"
+                 " PgBouncer (RELOAD on its admin console) and re-run the precheck" if leak else
+                 "the pool is saturated: wait for the load to drop before migrating")
+
+
+def pgbouncer_leak(pools, config):
+    """Why this PgBouncer could hand one client's session-level tenant context to another, or None.
+
+    In transaction (or statement) pooling a server connection changes client between
+    transactions. A client's `SET app.community_id` / set_config(..., false) outlives its
+    transaction unless PgBouncer resets the connection after every transaction
+    (server_reset_query_always = 1 with a reset that clears settings): the ledger's
+    guarantee 7 relies on it (files/migrations/README.md)."""
+    modes = set(p.get("pool_mode") for p in pools if p.get("pool_mode")) or {config.get("pool_mode")}
+    if not modes & {"transaction", "statement"}:
+        return None
+    reset = (config.get("server_reset_query") or "").upper()
+    always = str(config.get("server_reset_query_always") or "0")
+    if always == "1" and ("DISCARD ALL" in reset or "RESET ALL" in reset):
+        return None
+    return ("PgBouncer in %s pooling does not reset server connections between clients (server_reset_query = %r,"
+            " server_reset_query_always = %s): one client's session-level SET app.community_id would reach another"
+            " client's transaction" % ("/".join(sorted(modes & {"transaction", "statement"})),
+                                       config.get("server_reset_query") or "", always))
 
 
 # --------------------------------------------------------------------------- replication

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
+    LedgerError,
     format_pg_error,
 )
 
@@ -16,17 +17,13 @@ except ImportError:  # pragma: no cover - reported by connect()
     psycopg2 = None
     pgsql = None
 
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_money import MoneyGuarantees
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_payments import PaymentAndUsageBehaviours
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_schema import (
-    APPEND_ONLY,
     BLOCKING_LOCKS,
     CheckFailed,
-    KEY_COLUMN,
-    KNOWN_VERSIONS,
-    TENANT_TABLES,
-    VERSIONS,
     attempt,
     err_text,
-    jwks_kid,
     short,
     webhook_event_ids,
 )
@@ -34,11 +31,18 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_schem
 
 # --------------------------------------------------------------------------- behaviour
 
-class Behaviour:
+# The behaviours a .verify.json file may name ("behaviours"), each a method of Behaviour. tenant_context
+# also runs through PgBouncer (the short run); the others only in the full run on the direct connection.
+BEHAVIOURS = ("tenant_context", "append_only", "ledger", "payments", "webhooks", "jwks", "cursor",
+              "money_lots", "money_payments", "money_services")
+
+
+class Behaviour(PaymentAndUsageBehaviours, MoneyGuarantees):
     """Checks with real rows of two throwaway tenants, in one transaction that the caller rolls back."""
 
-    def __init__(self, conn, rep, group, applied, app_role, marker, full=True):
+    def __init__(self, conn, rep, group, applied, app_role, marker, exp, full=True):
         self.conn = conn
+        self.exp = exp
         self.cur = conn.cursor()
         self.rep = rep
         self.group = group
@@ -57,9 +61,9 @@ class Behaviour:
 
     def tables(self):
         out = []
-        for version in KNOWN_VERSIONS:
+        for version in self.exp.known_versions:
             if self.has(version):
-                out.extend(r for r in VERSIONS[version]["relations"] if r in TENANT_TABLES)
+                out.extend(r for r in self.exp.versions[version]["relations"] if r in self.exp.tenant_tables)
         return out
 
     def as_app(self):
@@ -126,8 +130,20 @@ class Behaviour:
                          "%s cannot SET ROLE %s (not a member): the behaviour checks need the application's rights"
                          % (session, self.app_role), "GRANT %s TO %s" % (self.app_role, session))
             return
-        if not self.has("0008"):
-            return
+        # What to prove comes from the data: each applied version's "behaviours", in version order.
+        wanted = [b for v in self.exp.known_versions if self.has(v) for b in self.exp.behaviours.get(v, [])]
+        if "tenant_context" not in wanted:
+            return  # every behaviour runs inside a tenant's context: nothing to prove without it
+        unknown = [b for b in wanted if b not in BEHAVIOURS]
+        if unknown:
+            raise LedgerError("verify: the .verify.json files name behaviours that verify does not implement: %s"
+                              " (implemented: %s)" % (", ".join(unknown), ", ".join(BEHAVIOURS)))
+        for name in wanted:
+            if name == "tenant_context" or self.full:
+                getattr(self, name)()
+
+    def tenant_context(self):
+        """The tenant contract with real rows: each tenant's own rows, isolation, no context, no cross-tenant rows."""
         if self.group == "behaviour":
             self.runbook_checks()
         else:
@@ -136,13 +152,6 @@ class Behaviour:
         self.isolation()
         self.no_context()
         self.cross_tenant_inserts()
-        if self.full:
-            self.append_only()
-            self.ledger()
-            self.payments()
-            self.webhooks()
-            self.jwks()
-            self.cursor()
 
     def guard_check(self, group=None):
         def fn():
@@ -161,16 +170,19 @@ class Behaviour:
         if not self.has("0009"):
             return
 
-        # SET ROLE arrakis_app; SELECT * FROM credit_lots; -- Expected: 0 rows
-        def select_nothing():
+        # SET ROLE arrakis_app; SELECT * FROM credit_lots; -- Expected: 0 rows. This ledger deliberately
+        # raises P0001 instead: a sweep that forgot its context must fail, not find nothing to do.
+        def select_raises():
             self.as_app()
             self.context(None)
-            n = self.one("SELECT count(*) FROM public.credit_lots")[0]
-            if n:
-                raise CheckFailed("%s without a context sees %d row(s)" % (self.app_role, n))
-            return "%s without a context sees 0 rows" % self.app_role
-        self.check("select_without_context_sees_nothing", "public.credit_lots", select_nothing, "0 rows", "0009",
-                   group="runbook")
+            out = attempt(self.cur, "SELECT count(*) FROM public.credit_lots")
+            if out.sqlstate != "P0001":
+                raise CheckFailed("%s without a context: %s" % (self.app_role, out.describe()))
+            return ("%s without a context: %s; this ledger deliberately raises instead of the runbook's '0 rows' (a"
+                    " sweep that forgot its context must fail loudly, not see an empty ledger)"
+                    % (self.app_role, out.describe()))
+        self.check("select_without_context_raises", "public.credit_lots", select_raises,
+                   "ERROR P0001 (the runbook says 0 rows; raising is deliberate)", "0009", group="runbook")
 
         # INSERT INTO credit_lots ... -- Expected: ERROR (RLS blocks without SET LOCAL). Run as the
         # application role: the migration user (a superuser or BYPASSRLS) is not held to RLS.
@@ -210,10 +222,6 @@ class Behaviour:
                  " tokens_output, amount_micro, reservation_id, finalization_id, fence_token)"
                  " VALUES (gen_random_uuid(), %(t)s, 'verify-nft', 'verify-pool', 100, 50, 1500, %(pid)s,"
                  " %(pid)s, 1) RETURNING event_id", {}),
-            ],
-            "public.reconciliation_cursor": [
-                ("INSERT INTO public.reconciliation_cursor (community_id, last_fence_token) VALUES (%(t)s, 1)"
-                 " RETURNING community_id", {}),
             ],
         }
         amounts = {"A": 10000000, "B": 7000000}
@@ -281,7 +289,7 @@ class Behaviour:
     def isolation(self):
         for rel in self.relations_for_reads():
             source = "public.credit_lots" if rel == "public.lot_balances" else rel
-            key = KEY_COLUMN[rel]
+            key = self.exp.key_column[rel]
 
             def fn(rel=rel, source=source, key=key):
                 seen = []
@@ -310,15 +318,11 @@ class Behaviour:
                 self.as_app()
                 self.context(None)
                 out = attempt(self.cur, "SELECT count(*) FROM %s" % rel)
-                if out.error:
-                    if out.sqlstate == "P0001":
-                        return "without a context the read is refused (%s)" % format_pg_error(out.error)
-                    raise CheckFailed("without a context: unexpected " + format_pg_error(out.error))
-                n = out.rows[0][0]
-                if n:
-                    raise CheckFailed("%s without a context sees %d row(s)" % (self.app_role, n))
-                return "%s without a context sees 0 rows" % self.app_role
-            self.check("no_context_sees_nothing", rel, fn, "0 rows (or P0001)")
+                if out.sqlstate == "P0001":
+                    return ("without a context the read raises (%s), deliberately instead of the runbook's 0 rows"
+                            % format_pg_error(out.error))
+                raise CheckFailed("%s without a context: %s" % (self.app_role, out.describe()))
+            self.check("no_context_raises", rel, fn, "ERROR P0001 naming app.community_id")
 
     def _tenant_insert(self, rel, community, lot=None):
         m = "verify-%s-x-%s" % (self.marker, uuid.uuid4().hex[:6])
@@ -334,8 +338,6 @@ class Behaviour:
         if rel == "public.usage_events":
             return ("INSERT INTO public.usage_events (community_id, amount_micro, finalization_id)"
                     " VALUES (%s, 1, %s)", (community, m))
-        if rel == "public.reconciliation_cursor":
-            return ("INSERT INTO public.reconciliation_cursor (community_id) VALUES (%s)", (community,))
         raise ValueError(rel)
 
     def cross_tenant_inserts(self):
@@ -384,16 +386,16 @@ class Behaviour:
 
     # ---- append-only
     def append_only(self):
-        for version in KNOWN_VERSIONS:
+        for version in self.exp.known_versions:
             if not self.has(version):
                 continue
-            for rel in VERSIONS[version]["relations"]:
-                if rel not in APPEND_ONLY:
+            for rel in self.exp.versions[version]["relations"]:
+                if rel not in self.exp.append_only:
                     continue
                 self._append_only(rel)
 
     def _append_only(self, rel):
-        col = APPEND_ONLY[rel]
+        col = self.exp.append_only[rel]
         key = "id" if rel != "public.usage_events" else "event_id"
         change = "payload = payload || '{\"verify\": 1}'" if col == "payload" else "%s = %s + 1" % (col, col)
         tenant = "A"
@@ -520,98 +522,3 @@ class Behaviour:
             return "tenant A on tenant B's lot: %s; its status stays active" % out.describe()
         self.check("lot_status_cross_tenant_refused", "app.update_lot_status(uuid,text)", cross_tenant_status,
                    "an error, tenant B's lot unchanged", "0009")
-
-    def payments(self):
-        if not self.has("0010"):
-            return
-
-        def monotonic():
-            pay = self.need("public.crypto_payments", "A")[0]
-            self.cur.execute("SELECT has_column_privilege(%s, 'public.crypto_payments', 'status', 'UPDATE')",
-                             (self.app_role,))
-            use_app = self.cur.fetchone()[0]
-            steps = []
-            (self.as_app if use_app else self.as_self)()
-            self.context("A")
-            rank = self.one("SELECT status, status_rank FROM public.crypto_payments WHERE id = %s", (pay,))
-            if tuple(rank) != ("waiting", 0):
-                raise CheckFailed("a new payment is %s (rank %s)" % tuple(rank), "waiting (rank 0)")
-            steps.append("waiting(0)")
-            for status, want in (("confirming", 1), ("finished", 5)):
-                out = attempt(self.cur, "UPDATE public.crypto_payments SET status = %s WHERE id = %s"
-                              " RETURNING status_rank", (status, pay), keep=True)
-                if out.error or out.rows[0][0] != want:
-                    raise CheckFailed("%s -> %s: %s" % (steps[-1], status, out.describe() if out.error
-                                                        else "status_rank %s (expected %s)" % (out.rows[0][0], want)))
-                steps.append("%s(%d)" % (status, want))
-            back = attempt(self.cur, "UPDATE public.crypto_payments SET status = 'confirming' WHERE id = %s", (pay,))
-            if not back.error:
-                raise CheckFailed("finished -> confirming " + back.describe())
-            return "as %s: %s; finished -> confirming %s" % (
-                self.app_role if use_app else self.self_role, " -> ".join(steps), back.describe())
-        self.check("payment_status_monotonic", "public.crypto_payments", monotonic,
-                   "forward moves allowed with status_rank maintained; backward refused")
-
-    def webhooks(self):
-        if not self.has("0010"):
-            return
-
-        def dedup():
-            self.as_app()
-            self.context(None)
-            event = webhook_event_ids(self.marker)[1]
-            counts = []
-            for _unused in range(2):
-                self.cur.execute("INSERT INTO public.webhook_events (provider, event_id, payload)"
-                                 " VALUES ('nowpayments', %s, '{}') ON CONFLICT (provider, event_id) DO NOTHING",
-                                 (event,))
-                counts.append(self.cur.rowcount)
-            n = self.one("SELECT count(*) FROM public.webhook_events WHERE provider = 'nowpayments'"
-                         " AND event_id = %s", (event,))[0]
-            text = "two INSERT ... ON CONFLICT DO NOTHING inserted %d then %d row(s); %d stored" % (
-                counts[0], counts[1], n)
-            if counts != [1, 0] or n != 1:
-                raise CheckFailed(text)
-            return text
-        self.check("webhook_dedup", "public.webhook_events", dedup, "1 then 0 rows, 1 stored")
-
-    def jwks(self):
-        if not self.has("0011"):
-            return
-
-        def keys():
-            kid = jwks_kid(self.marker)
-            self.as_app()
-            self.context(None)
-            self.cur.execute("INSERT INTO public.s2s_jwks_public_keys (kid, x, y, issuer, expires_at)"
-                             " VALUES (%s, 'verify-x', 'verify-y', 'freeside', now() + interval '1 hour')", (kid,))
-            rows = self.one("SELECT count(*) FROM public.s2s_jwks_public_keys WHERE issuer = 'freeside'"
-                            " AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now()) AND kid = %s",
-                            (kid,))[0]
-            if rows != 1:
-                raise CheckFailed("%s inserted key %s but reads %d active row(s) for it" % (self.app_role, kid, rows))
-            return "%s inserted key %s and reads it among freeside's active keys" % (self.app_role, kid)
-        self.check("jwks_keys_readable", "public.s2s_jwks_public_keys", keys, "insert and read active keys")
-
-    def cursor(self):
-        if not self.has("0011"):
-            return
-
-        def advance():
-            self.need("public.reconciliation_cursor", "A")
-            event = (self.rows.get("public.usage_events", {}).get("A") or [None])[0]
-            self.as_app()
-            self.context("A")
-            self.cur.execute("UPDATE public.reconciliation_cursor SET last_fence_token = 2,"
-                             " last_processed_event_id = %s, last_reconciled_at = now(), drift_micro = 0,"
-                             " updated_at = now() WHERE community_id = %s AND last_fence_token = 1",
-                             (event, self.tenants["A"]))
-            updated = self.cur.rowcount
-            token = self.one("SELECT last_fence_token FROM public.reconciliation_cursor WHERE community_id = %s",
-                             (self.tenants["A"],))[0]
-            text = "created at fence 1, compare-and-set advanced %d row(s), now at fence %s" % (updated, token)
-            if updated != 1 or token != 2:
-                raise CheckFailed(text)
-            return text
-        self.check("reconciliation_cursor_advanced", "public.reconciliation_cursor", advance,
-                   "created, then advanced to fence 2")

@@ -23,11 +23,10 @@ except ImportError:  # pragma: no cover - reported by connect()
     psycopg2 = None
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_schema import (
-    TENANT_TABLES,
+    Expectations,
     err_text,
     jwks_kid,
     short,
-    version_of,
     webhook_event_ids,
 )
 
@@ -201,12 +200,9 @@ def check_jwks(rep, cur, url, timeout, issuer, applied):
 
 # --------------------------------------------------------------------------- traces
 
-LEDGER_TABLES = ["public.credit_lots", "public.lot_entries", "public.webhook_events", "public.crypto_payments",
-                 "public.usage_events", "public.s2s_jwks_public_keys", "public.reconciliation_cursor"]
-
-
-def applied_tables(applied):
-    return [rel for rel in LEDGER_TABLES if version_of(rel) in applied]
+def applied_tables(applied, exp):
+    """The tables (not views) the applied versions create, in version order."""
+    return [rel for rel in exp.tables if exp.version_of(rel) in applied]
 
 
 def object_snapshot(cur):
@@ -222,25 +218,27 @@ def object_snapshot(cur):
                     cur.fetchone()))
 
 
-def leftover_rows(conn, tenants, markers, applied, statement_timeout_ms):
+def leftover_rows(conn, tenants, markers, applied, statement_timeout_ms, exp=None):
     """Rows verify created that are still there after its rollback ({} when none), per table.
 
     Exact and cheap on a production-sized ledger: every row verify writes carries one of its
     two throwaway tenants' community_id (indexed in every tenant table) or one of its own keys
     (webhook_events (provider, event_id) and s2s_jwks_public_keys kid, both unique). No table
     is counted in full. Each tenant is read under its own context (forced row-level security).
+    exp: the Expectations of the run (default: this collection's files/migrations).
     """
+    exp = exp or Expectations.load()
     cur = conn.cursor()
     found = {}
     try:
         conn.autocommit = False
         cur.execute("SELECT set_config('statement_timeout', %s, true)", (str(statement_timeout_ms),))
-        for rel in applied_tables(applied):
+        for rel in applied_tables(applied, exp):
             cur.execute("SELECT to_regclass(%s) IS NOT NULL", (rel,))
             if not cur.fetchone()[0]:
                 continue
             n = 0
-            if rel in TENANT_TABLES:
+            if rel in exp.tenant_tables + exp.service_tables:
                 for tenant in tenants:
                     if "0008" in applied:
                         cur.execute("SELECT set_config('app.community_id', %s, true)", (tenant,))

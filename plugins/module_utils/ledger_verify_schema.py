@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
+    LedgerError,
     format_pg_error, pg_error,
     records_exist, redact,
 )
@@ -15,78 +20,82 @@ except ImportError:  # pragma: no cover - reported by connect()
     psycopg2 = None
 
 
-# --------------------------------------------------------------------------- what the migrations create
-# Names, columns and grants are fixed by the ledger issue and files/migrations/*.sql.
+# --------------------------------------------------------------------------- what the migrations create (data)
+# Each version's guarantees live beside its migration, in NNNN_name.verify.json (files/migrations/README.md):
+# schemas, relations (columns and types, view, tenant_scoped, rls, service, key, append_only, app_privileges),
+# functions, app_execute, guard/monotonic functions and the behaviours verify proves with real rows.
+# Adding a check for a new guarantee is an edit of that file (and, for a new behaviour, a method of
+# ledger_verify_behaviour.Behaviour named in it).
 
-KNOWN_VERSIONS = ("0008", "0009", "0010", "0011")
+VERIFY_FILE = re.compile(r"^(?P<version>[0-9]{4})_(?P<name>[A-Za-z0-9][A-Za-z0-9_]*)\.verify\.json$")
+DEFAULT_MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "files", "migrations")
 
-TS = "timestamp with time zone"
-VERSIONS = {
-    "0008": {"schemas": ["app"], "relations": [],
-             "functions": ["app.current_community_id()", "app.set_community_context(uuid)"]},
-    "0009": {"relations": ["public.credit_lots", "public.lot_entries", "public.lot_balances"],
-             "functions": ["public.prevent_mutation()", "app.update_lot_status(uuid,text)"]},
-    "0010": {"relations": ["public.webhook_events", "public.crypto_payments"],
-             "functions": ["public.enforce_payment_status_monotonicity()"]},
-    "0011": {"relations": ["public.usage_events", "public.s2s_jwks_public_keys", "public.reconciliation_cursor"],
-             "functions": []},
-}
-VIEWS = {"public.lot_balances"}
 
-COLUMNS = {
-    "public.credit_lots": [("id", "uuid"), ("community_id", "uuid"), ("source", "text"), ("payment_id", "text"),
-                           ("amount_micro", "bigint"), ("status", "text"), ("expires_at", TS), ("created_at", TS)],
-    "public.lot_entries": [("id", "uuid"), ("lot_id", "uuid"), ("community_id", "uuid"), ("entry_type", "text"),
-                           ("amount_micro", "bigint"), ("reservation_id", "text"), ("usage_event_id", "text"),
-                           ("reference_id", "text"), ("created_at", TS)],
-    "public.lot_balances": [("lot_id", "uuid"), ("community_id", "uuid"), ("source", "text"),
-                            ("original_micro", "bigint"), ("status", "text"), ("expires_at", TS), ("created_at", TS),
-                            ("credited_micro", "bigint"), ("debited_micro", "bigint"), ("remaining_micro", "bigint")],
-    "public.webhook_events": [("id", None), ("provider", "text"), ("event_id", "text"), ("payload", "jsonb"),
-                              ("processed_at", TS)],
-    "public.crypto_payments": [("id", "uuid"), ("community_id", "uuid"), ("payment_id", "text"), ("provider", "text"),
-                               ("amount_usd", "numeric(12,2)"), ("amount_crypto", "numeric(24,8)"),
-                               ("currency", "text"), ("status", "text"), ("status_rank", "integer"),
-                               ("checkout_url", "text"), ("credits_minted_at", TS), ("credits_mint_lot_id", "uuid"),
-                               ("metadata", "jsonb"), ("created_at", TS), ("updated_at", TS)],
-    "public.usage_events": [("event_id", "uuid"), ("community_id", "uuid"), ("nft_id", "text"), ("pool_id", "text"),
-                            ("tokens_input", "integer"), ("tokens_output", "integer"), ("amount_micro", "bigint"),
-                            ("reservation_id", "text"), ("finalization_id", "text"), ("fence_token", "bigint"),
-                            ("conservation_guard_result", "boolean"), ("conservation_guard_violations", "jsonb"),
-                            ("created_at", TS)],
-    "public.s2s_jwks_public_keys": [("kid", "text"), ("kty", "text"), ("crv", "text"), ("x", "text"), ("y", "text"),
-                                    ("issuer", "text"), ("created_at", TS), ("expires_at", TS), ("revoked_at", TS)],
-    "public.reconciliation_cursor": [("community_id", "uuid"), ("last_processed_event_id", "uuid"),
-                                     ("last_fence_token", "bigint"), ("last_reconciled_at", TS),
-                                     ("drift_micro", "bigint"), ("updated_at", TS)],
-}
+class Expectations(object):
+    """What each version must have, read from the NNNN_name.verify.json files of a migrations directory."""
 
-# Tenant-scoped tables (RLS enabled and forced) and the column that identifies verify's rows.
-TENANT_TABLES = ["public.credit_lots", "public.lot_entries", "public.crypto_payments", "public.usage_events",
-                 "public.reconciliation_cursor"]
-KEY_COLUMN = {"public.credit_lots": "id", "public.lot_entries": "id", "public.crypto_payments": "id",
-              "public.usage_events": "event_id", "public.reconciliation_cursor": "community_id",
-              "public.lot_balances": "lot_id"}
-# Append-only tables and a column whose change must be refused.
-APPEND_ONLY = {"public.credit_lots": "amount_micro", "public.lot_entries": "amount_micro",
-               "public.webhook_events": "payload", "public.usage_events": "amount_micro"}
-GUARD_FUNCTION = "public.prevent_mutation"
-MONOTONIC_FUNCTION = "public.enforce_payment_status_monotonicity"
+    def __init__(self, specs, files=None):
+        self.specs = dict(specs)
+        self.files = dict(files or {})  # version -> the up migration's file name
+        self.known_versions = tuple(sorted(self.specs))
+        self.versions = dict((v, {"schemas": list(s.get("schemas", [])), "relations": list(s.get("relations", {})),
+                                  "functions": list(s.get("functions", []))}) for v, s in self.specs.items())
+        rels = {}
+        for v in self.known_versions:
+            rels.update(self.specs[v].get("relations", {}))
+        self.views = set(r for r, d in rels.items() if d.get("view"))
+        self.tables = [r for r, d in rels.items() if not d.get("view")]
+        self.columns = dict((r, list(d.get("columns", {}).items())) for r, d in rels.items())
+        # Tenant tables the application writes with its context; RLS tables also include those the
+        # database writes itself (balances); service tables are keyed by community but have no RLS.
+        self.tenant_tables = [r for r, d in rels.items() if d.get("tenant_scoped")]
+        self.rls_tables = [r for r, d in rels.items() if d.get("tenant_scoped") or d.get("rls")]
+        self.service_tables = [r for r, d in rels.items() if d.get("service")]
+        self.key_column = dict((r, d["key"]) for r, d in rels.items() if d.get("key"))
+        self.append_only = dict((r, d["append_only"]) for r, d in rels.items() if d.get("append_only"))
+        self.app_privileges = dict((r, set(d.get("app_privileges", []))) for r, d in rels.items())
+        self.app_execute = set(f for s in self.specs.values() for f in s.get("app_execute", []))
+        self.guard_function = self._one("guard_function")
+        self.monotonic_function = self._one("monotonic_function")
+        self.behaviours = dict((v, list(s.get("behaviours", []))) for v, s in self.specs.items())
 
-# Exactly what arrakis_app holds (files/migrations: the GRANTs of 0009-0011).
-APP_PRIVILEGES = {
-    "public.credit_lots": {"SELECT", "INSERT"},
-    "public.lot_entries": {"SELECT", "INSERT"},
-    "public.lot_balances": {"SELECT"},
-    "public.webhook_events": {"SELECT", "INSERT"},
-    "public.crypto_payments": {"SELECT", "INSERT", "UPDATE(amount_crypto,checkout_url,credits_mint_lot_id,"
-                                                   "credits_minted_at,metadata,status)"},
-    "public.usage_events": {"SELECT", "INSERT"},
-    "public.s2s_jwks_public_keys": {"SELECT", "INSERT"},
-    "public.reconciliation_cursor": {"SELECT", "INSERT", "UPDATE(drift_micro,last_fence_token,"
-                                                         "last_processed_event_id,last_reconciled_at,updated_at)"},
-}
-APP_EXECUTE = {"app.current_community_id()", "app.set_community_context(uuid)", "app.update_lot_status(uuid,text)"}
+    def _one(self, key):
+        found = [s[key] for s in self.specs.values() if s.get(key)]
+        return found[0] if found else None
+
+    def version_of(self, name):
+        """The version that creates a relation, function or schema (None when no version does)."""
+        for version, spec in self.versions.items():
+            if name in spec["relations"] or name in spec["functions"] or name in spec["schemas"]:
+                return version
+        return None
+
+    @classmethod
+    def load(cls, directory=None):
+        """Read every NNNN_name.verify.json of `directory` (default: this collection's files/migrations)."""
+        directory = os.path.abspath(directory or DEFAULT_MIGRATIONS_DIR)
+        if not os.path.isdir(directory):
+            raise LedgerError("verify: migrations_dir %s is not a directory (it holds the NNNN_name.verify.json"
+                              " files that say what each version must have)" % directory)
+        specs, files = {}, {}
+        for filename in sorted(os.listdir(directory)):
+            m = VERIFY_FILE.match(filename)
+            if not m:
+                continue
+            try:
+                with open(os.path.join(directory, filename), encoding="utf-8") as fh:
+                    spec = json.load(fh)
+            except (OSError, ValueError) as exc:
+                raise LedgerError("verify: cannot read %s: %s" % (filename, exc), file=filename)
+            if not isinstance(spec, dict) or spec.get("version") != m.group("version"):
+                raise LedgerError("verify: %s must be a JSON object whose version is %s" % (filename, m.group("version")),
+                                  file=filename)
+            specs[m.group("version")] = spec
+            files[m.group("version")] = "%s_%s.sql" % (m.group("version"), m.group("name"))
+        return cls(specs, files)
+
+
+# PostgreSQL's vocabulary (not the schema's): privileges, blocking locks, trigger bits.
 TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 # Locks that would make other sessions' INSERTs wait (they conflict with ROW EXCLUSIVE).
 BLOCKING_LOCKS = ("ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock")
@@ -116,26 +125,20 @@ def short(rel):
     return rel.split(".", 1)[1] if rel.startswith("public.") else rel
 
 
-def version_of(rel):
-    for version, spec in VERSIONS.items():
-        if rel in spec["relations"] or rel in spec["functions"] or rel in spec.get("schemas", []):
-            return version
-    return None
-
-
 # --------------------------------------------------------------------------- results
 
 class Report:
     """The list of checks, in the order they ran."""
 
-    def __init__(self):
+    def __init__(self, exp):
+        self.exp = exp
         self.checks = []
 
     def add(self, group, name, relation, ok, observed, expected=None, version=None):
         status = "passed" if ok else "failed"
         cid = "%s.%s" % (group, name) + (":" + relation if relation else "")
         entry = {"id": cid, "group": group, "name": name, "relation": relation,
-                 "version": version or (version_of(relation) if relation else None),
+                 "version": version or (self.exp.version_of(relation) if relation else None),
                  "status": status, "observed": redact(observed)}
         if expected is not None:
             entry["expected"] = expected
@@ -200,16 +203,23 @@ def attempt(cur, query, params=None, keep=False):
 
 # --------------------------------------------------------------------------- applied versions
 
-def applied_versions(cur):
-    """(versions, source): from migrations.history, or by the existence of each version's objects."""
+def applied_versions(cur, exp):
+    """(versions, source): from migrations.history, or by the existence of each version's `detect` objects."""
     if records_exist(cur):
         cur.execute("SELECT version FROM migrations.history ORDER BY version")
         versions = [r[0] for r in cur.fetchall()]
         if versions:
             return versions, "history"
-    cur.execute("""SELECT to_regnamespace('app') IS NOT NULL AND to_regprocedure('app.current_community_id()') IS NOT NULL,
-                          to_regclass('public.credit_lots') IS NOT NULL,
-                          to_regclass('public.crypto_payments') IS NOT NULL,
-                          to_regclass('public.usage_events') IS NOT NULL""")
-    flags = cur.fetchone()
-    return [v for v, present in zip(KNOWN_VERSIONS, flags) if present], "objects"
+    found = []
+    for version in exp.known_versions:
+        detect = exp.specs[version].get("detect") or {}
+        probes = ([("to_regnamespace(%s)", n) for n in detect.get("schemas", [])]
+                  + [("to_regclass(%s)", n) for n in detect.get("relations", [])]
+                  + [("to_regprocedure(%s)", n) for n in detect.get("functions", [])])
+        if not probes:
+            continue
+        cur.execute("SELECT " + " AND ".join("%s IS NOT NULL" % fn for fn, _name in probes),
+                    [name for _fn, name in probes])
+        if cur.fetchone()[0]:
+            found.append(version)
+    return found, "objects"

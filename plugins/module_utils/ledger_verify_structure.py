@@ -5,22 +5,12 @@ from __future__ import annotations
 
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_schema import (
-    APPEND_ONLY,
-    APP_EXECUTE,
-    APP_PRIVILEGES,
-    COLUMNS,
     EVENTS,
-    GUARD_FUNCTION,
-    KNOWN_VERSIONS,
-    MONOTONIC_FUNCTION,
     TABLE_PRIVILEGES,
-    TENANT_TABLES,
     TG_BEFORE,
     TG_INSERT,
     TG_ROW,
     TG_UPDATE,
-    VERSIONS,
-    VIEWS,
 )
 
 
@@ -66,14 +56,14 @@ def _guarded(triggers, func, event_bit, row_only=False):
             and (not row_only or t[2] & TG_ROW)]
 
 
-def append_only_observation(triggers):
+def append_only_observation(triggers, guard_function):
     """(ok, observed) for the append-only guard of one table."""
-    listed = ", ".join(_describe_trigger(*t) for t in triggers if t[3] == GUARD_FUNCTION) or "no trigger calls %s()" % GUARD_FUNCTION
+    listed = ", ".join(_describe_trigger(*t) for t in triggers if t[3] == guard_function) or "no trigger calls %s()" % guard_function
     problems = []
     for event, bit in EVENTS:
-        if _guarded(triggers, GUARD_FUNCTION, bit):
+        if _guarded(triggers, guard_function, bit):
             continue
-        present = [t for t in triggers if t[3] == GUARD_FUNCTION and t[2] & bit]
+        present = [t for t in triggers if t[3] == guard_function and t[2] & bit]
         if present:
             problems.append("%s not guarded (%s)" % (event, ", ".join(
                 "trigger %s is %s" % (t[0], "disabled" if t[1] == "D" else "enabled on replicas only" if t[1] == "R"
@@ -112,7 +102,7 @@ def _search_path_entries(proconfig):
     return None
 
 
-def check_structure(cur, rep, applied, source, app_role):
+def check_structure(cur, rep, applied, source, app_role, exp):
     """Catalog checks for every applied version (and absence for unapplied ones, with a history)."""
     cur.execute("SELECT oid, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = %s", (app_role,))
     role_row = cur.fetchone()
@@ -129,8 +119,8 @@ def check_structure(cur, rep, applied, source, app_role):
                     else "%s is neither superuser nor BYPASSRLS (nor a member of such a role)" % app_role,
                     "no SUPERUSER, no BYPASSRLS", version="0008")
 
-    for version in KNOWN_VERSIONS:
-        spec = VERSIONS[version]
+    for version in exp.known_versions:
+        spec = exp.versions[version]
         if version not in applied:
             if source == "history":
                 present = []
@@ -166,7 +156,7 @@ def check_structure(cur, rep, applied, source, app_role):
 
         for rel in spec["relations"]:
             info = _rel_info(cur, rel)
-            want_view = rel in VIEWS
+            want_view = rel in exp.views
             if info is None:
                 rep.add("structure", "relation_exists", rel, False, "%s %s is missing" % ("view" if want_view else "table", rel),
                         version=version)
@@ -180,20 +170,20 @@ def check_structure(cur, rep, applied, source, app_role):
                             WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped""", (oid,))
             actual = dict(cur.fetchall())
             wrong = []
-            for col, typ in COLUMNS[rel]:
+            for col, typ in exp.columns[rel]:
                 if col not in actual:
                     wrong.append("%s missing" % col)
                 elif typ and actual[col] != typ:
                     wrong.append("%s is %s (expected %s)" % (col, actual[col], typ))
             rep.add("structure", "columns", rel, not wrong,
-                    "; ".join(wrong) if wrong else "%d expected columns with their types" % len(COLUMNS[rel]),
+                    "; ".join(wrong) if wrong else "%d expected columns with their types" % len(exp.columns[rel]),
                     version=version)
             if want_view:
                 invoker = _truthy_option(options, "security_invoker")
                 rep.add("structure", "view_security_invoker", rel, invoker,
                         "reloptions %s" % (options or "{}"), "security_invoker=true (the caller's RLS applies)",
                         version=version)
-            if rel in TENANT_TABLES:
+            if rel in exp.rls_tables:
                 rep.add("structure", "rls_enabled", rel, rls, "relrowsecurity = %s" % rls, "true", version=version)
                 rep.add("structure", "rls_forced", rel, forced, "relforcerowsecurity = %s" % forced, "true",
                         version=version)
@@ -209,20 +199,20 @@ def check_structure(cur, rep, applied, source, app_role):
                         ("policies: %s" % ", ".join("%s (%s)" % (p[0], POLICY_COMMANDS[p[1]]) for p in pols))
                         if pols else "no policy (RLS would hide every row, or is not enforced as designed)",
                         "a permissive policy for %s covering SELECT and INSERT" % app_role, version=version)
-            if rel in APPEND_ONLY:
-                ok, observed = append_only_observation(_triggers(cur, rel))
+            if rel in exp.append_only:
+                ok, observed = append_only_observation(_triggers(cur, rel), exp.guard_function)
                 rep.add("structure", "append_only_triggers", rel, ok, observed,
-                        "enabled BEFORE UPDATE, DELETE and TRUNCATE triggers calling %s()" % GUARD_FUNCTION,
+                        "enabled BEFORE UPDATE, DELETE and TRUNCATE triggers calling %s()" % exp.guard_function,
                         version=version)
             if rel == "public.crypto_payments":
                 trig = _triggers(cur, rel)
-                good = _guarded(trig, MONOTONIC_FUNCTION, TG_UPDATE, row_only=True)
+                good = _guarded(trig, exp.monotonic_function, TG_UPDATE, row_only=True)
                 listed = ", ".join(_describe_trigger(*t) for t in trig) or "no trigger"
                 rep.add("structure", "monotonicity_trigger", rel, bool(good), listed,
-                        "an enabled BEFORE UPDATE row trigger calling %s()" % MONOTONIC_FUNCTION, version=version)
+                        "an enabled BEFORE UPDATE row trigger calling %s()" % exp.monotonic_function, version=version)
             if role_row:
                 held = _privileges(cur, app_role, rel)
-                expected = APP_PRIVILEGES[rel]
+                expected = exp.app_privileges[rel]
                 extra, missing = sorted(held - expected), sorted(expected - held)
                 text = "%s holds %s" % (app_role, ", ".join(sorted(held)) or "nothing")
                 if extra:
@@ -276,14 +266,14 @@ def check_structure(cur, rep, applied, source, app_role):
             if role_row:
                 cur.execute("SELECT has_function_privilege(%s, %s, 'EXECUTE')", (app_role, oid))
                 can = cur.fetchone()[0]
-                want = fn in APP_EXECUTE
+                want = fn in exp.app_execute
                 rep.add("structure", "app_privileges", fn, can == want,
                         "%s %s EXECUTE" % (app_role, "holds" if can else "does not hold"),
                         "EXECUTE" if want else "no EXECUTE", version=version)
 
     # Any other SECURITY DEFINER function in schema app is held to the same rules.
     if "0008" in applied:
-        known = {f for v in VERSIONS.values() for f in v["functions"]}
+        known = {f for v in exp.versions.values() for f in v["functions"]}
         cur.execute("""SELECT p.oid::regprocedure::text, p.proconfig,
                               EXISTS (SELECT 1 FROM aclexplode(COALESCE(p.proacl, acldefault('f', p.proowner))) a
                                        WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE')
@@ -300,7 +290,7 @@ def check_structure(cur, rep, applied, source, app_role):
                     version="0008")
 
 
-def check_runbook_catalog(cur, rep, applied):
+def check_runbook_catalog(cur, rep, applied, exp):
     """The runbook's catalog queries (step 2), with a verdict instead of a listing."""
     if "0009" in applied:
         info = _rel_info(cur, "public.credit_lots")
@@ -308,11 +298,11 @@ def check_runbook_catalog(cur, rep, applied):
                 "relrowsecurity = %s" % (info[2] if info else "(table missing)"), "t", version="0009")
     if "0010" in applied:
         trig = _triggers(cur, "public.crypto_payments")
-        ok = bool(_guarded(trig, MONOTONIC_FUNCTION, TG_UPDATE, row_only=True))
+        ok = bool(_guarded(trig, exp.monotonic_function, TG_UPDATE, row_only=True))
         rep.add("runbook", "crypto_payments_triggers", "public.crypto_payments", ok,
                 "tgname: %s" % (", ".join(_describe_trigger(*t) for t in trig) or "none"),
                 "the status monotonicity trigger, enabled", version="0010")
     if "0011" in applied:
-        ok, observed = append_only_observation(_triggers(cur, "public.usage_events"))
+        ok, observed = append_only_observation(_triggers(cur, "public.usage_events"), exp.guard_function)
         rep.add("runbook", "usage_events_triggers", "public.usage_events", ok, "tgname: " + observed,
                 "the append-only triggers, enabled", version="0011")

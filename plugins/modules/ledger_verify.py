@@ -49,6 +49,12 @@ options:
   record_event: {description: Append a verify event to migrations.events on a real run., type: bool, default: true}
   limit: {description: The inventory limit used in the next-command hints., type: str, default: "<environment>"}
   connect_timeout: {description: Seconds to wait for a connection., type: int, default: 10}
+  migrations_dir:
+    description:
+      - The migration set whose C(NNNN_name.verify.json) files say what each version must have (objects,
+        columns and types, tenant scoping, append-only columns, the application's privileges, behaviours).
+      - Default is the collection's own C(files/migrations) (only when the module runs in process).
+    type: path
 author: Arrakis platform team (@arrakis-platform)
 """
 
@@ -97,7 +103,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_probe
     object_snapshot,
 )
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_schema import (
-    KNOWN_VERSIONS,
+    Expectations,
     Report,
     applied_versions,
     err_text,
@@ -123,15 +129,16 @@ ARGUMENT_SPEC = dict(
     record_event=dict(type="bool", default=True),
     limit=dict(type="str", default="<environment>"),
     connect_timeout=dict(type="int", default=10),
+    migrations_dir=dict(type="path"),
 )
 
 
 # --------------------------------------------------------------------------- the run
 
-def run_behaviour(conn, rep, group, applied, app_role, marker, full, statement_timeout_ms, lock_timeout_ms):
+def run_behaviour(conn, rep, group, applied, app_role, marker, full, statement_timeout_ms, lock_timeout_ms, exp):
     """One transaction, always rolled back; returns the tenants it used."""
     conn.autocommit = False
-    beh = Behaviour(conn, rep, group, applied, app_role, marker, full=full)
+    beh = Behaviour(conn, rep, group, applied, app_role, marker, exp, full=full)
     try:
         cur = beh.cur
         cur.execute("SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true),"
@@ -144,24 +151,21 @@ def run_behaviour(conn, rep, group, applied, app_role, marker, full, statement_t
     return list(beh.tenants.values())
 
 
-MIGRATION_FILES = {"0008": "0008_tenant_context_guard.sql", "0009": "0009_credit_lots_lot_entries.sql",
-                   "0010": "0010_webhook_events_crypto_payments.sql", "0011": "0011_usage_events_pg.sql"}
-
-
-def next_steps(failed, limit):
+def next_steps(failed, limit, exp):
     groups = {c["group"] for c in failed}
     steps = []
     if groups & {"structure", "runbook", "behaviour", "cleanup"}:
-        versions = sorted({c["version"] for c in failed if c.get("version") in KNOWN_VERSIONS})
+        versions = sorted({c["version"] for c in failed if c.get("version") in exp.known_versions})
         steps.append("look for drift: 'ansible-playbook playbooks/status.yml -l %s'" % limit)
         if versions:
-            prev = KNOWN_VERSIONS[KNOWN_VERSIONS.index(versions[0]) - 1] if versions[0] != "0008" else "base"
+            first = exp.known_versions.index(versions[0])
+            prev = exp.known_versions[first - 1] if first > 0 else "base"
             steps.append("repair the objects named above as files/migrations/%s define%s them (where the ledger"
                          " holds no data worth keeping, 'ansible-playbook playbooks/rollback.yml -l %s -e rollback_to=%s'"
                          " then 'ansible-playbook playbooks/migrate.yml -l %s' re-creates them: reverting drops"
                          " their data; or restore the backup: 'ansible-playbook playbooks/rollback.yml -l %s"
                          " -e rollback_mode=restore')"
-                         % (", ".join(MIGRATION_FILES[v] for v in versions), "s" if len(versions) == 1 else "",
+                         % (", ".join(exp.files[v] for v in versions), "s" if len(versions) == 1 else "",
                             limit, prev, limit, limit))
     if "pgbouncer" in groups:
         steps.append("check PgBouncer: pool_mode = transaction, and the application sets its tenant with"
@@ -173,7 +177,7 @@ def next_steps(failed, limit):
     return "; ".join(steps)
 
 
-def format_failure(target, failed, total, versions, limit):
+def format_failure(target, failed, total, versions, limit, exp):
     lines = ["verify failed on %s: %d of %d checks failed (verified versions: %s)"
              % (target, len(failed), total, ", ".join(versions) or "none")]
     for c in failed:
@@ -181,7 +185,7 @@ def format_failure(target, failed, total, versions, limit):
         if c.get("expected"):
             line += " (expected: %s)" % c["expected"]
         lines.append(line)
-    lines.append("Next: " + next_steps(failed, limit) + ".")
+    lines.append("Next: " + next_steps(failed, limit, exp) + ".")
     return "\n".join(lines)
 
 
@@ -198,7 +202,8 @@ def run(p, check_mode=False):
     url = p["database_url"]
     target = describe_target(url)
     run_id = p["run_id"] or new_run_id()
-    rep = Report()
+    exp = Expectations.load(p["migrations_dir"])
+    rep = Report(exp)
     result = {"changed": False, "target": target, "run_id": run_id, "checks": rep.checks, "failed_checks": [],
               "verification_failed": True,
               "passed": 0, "versions": [], "versions_source": None, "leftover_rows": {}, "event_logged": False}
@@ -211,16 +216,16 @@ def run(p, check_mode=False):
                           " playbooks/precheck.yml -l %s')." % (exc.msg, p["limit"]), **result)
     try:
         cur = conn.cursor()
-        applied, source = applied_versions(cur)
-        known = [v for v in applied if v in KNOWN_VERSIONS]
+        applied, source = applied_versions(cur, exp)
+        known = [v for v in applied if v in exp.known_versions]
         result.update(versions=known, versions_source=source,
-                      unknown_versions=[v for v in applied if v not in KNOWN_VERSIONS])
+                      unknown_versions=[v for v in applied if v not in exp.known_versions])
         objects_before = object_snapshot(cur)
 
-        check_structure(cur, rep, known, source, p["app_role"])
-        check_runbook_catalog(cur, rep, known)
+        check_structure(cur, rep, known, source, p["app_role"], exp)
+        check_runbook_catalog(cur, rep, known, exp)
         tenants = run_behaviour(conn, rep, "behaviour", known, p["app_role"], marker, True,
-                                p["statement_timeout_ms"], p["lock_timeout_ms"])
+                                p["statement_timeout_ms"], p["lock_timeout_ms"], exp)
 
         if p["pgbouncer_url"]:
             if known:
@@ -231,7 +236,7 @@ def run(p, check_mode=False):
                 else:
                     try:
                         tenants += run_behaviour(bconn, rep, "pgbouncer", known, p["app_role"], marker + "p", False,
-                                                 p["statement_timeout_ms"], p["lock_timeout_ms"])
+                                                 p["statement_timeout_ms"], p["lock_timeout_ms"], exp)
                     finally:
                         bconn.close()
             leak_check(p["pgbouncer_url"], rep, p["leak_attempts"], p["connect_timeout"], "0008" in known)
@@ -243,9 +248,9 @@ def run(p, check_mode=False):
 
         # Nothing left behind: rows (by verify's own tenants and keys), settings, objects.
         markers = [marker, marker + "p"]
-        leftovers = leftover_rows(conn, tenants, markers, known, p["statement_timeout_ms"])
+        leftovers = leftover_rows(conn, tenants, markers, known, p["statement_timeout_ms"], exp)
         result["leftover_rows"] = leftovers
-        tables = [short(rel) for rel in applied_tables(known)]
+        tables = [short(rel) for rel in applied_tables(known, exp)]
         rep.add("cleanup", "no_rows_left", None, not leftovers,
                 ("verify's rows remain after its rollback: %s" % leftovers) if leftovers else
                 "no row of verify's %d tenant(s) or keys in %s" % (len(tenants), ", ".join(tables) or "no ledger table"),
@@ -286,7 +291,7 @@ def run(p, check_mode=False):
                     "health_url": _safe_url(p["health_url"]) or None, "jwks_url": _safe_url(p["jwks_url"]) or None})
     result["verification_failed"] = bool(failed)
     if failed:
-        raise LedgerError(format_failure(target, failed, len(rep.checks), result["versions"], p["limit"]), **result)
+        raise LedgerError(format_failure(target, failed, len(rep.checks), result["versions"], p["limit"], exp), **result)
     if not result["versions"]:
         result["msg"] = "verify on %s: no ledger migration applied, nothing to verify (%d checks passed)" % (
             target, result["passed"])

@@ -132,12 +132,16 @@ def installed_collection(tmp_path_factory):
     base = tmp_path_factory.mktemp("collection")
     galaxy = str(Path(sys.executable).parent / "ansible-galaxy")
     (base / "ansible.cfg").write_text("[defaults]\n")  # not this project's ansible.cfg
-    env = dict(os.environ, ANSIBLE_CONFIG=str(base / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    # A home of its own: Molecule's ansible-compat links this checkout into $ANSIBLE_HOME/collections,
+    # and ansible-galaxy would then call the artifact "already installed".
+    env = dict(os.environ, ANSIBLE_CONFIG=str(base / "ansible.cfg"), ANSIBLE_HOME=str(base / ".ansible"),
+               ANSIBLE_NOCOLOR="1")
     subprocess.run([galaxy, "collection", "build", str(ROOT), "--output-path", str(base / "dist")],
                    check=True, capture_output=True, text=True, env=env, timeout=120)
     (artifact,) = (base / "dist").glob("arrakis-ledger-*.tar.gz")
     # --no-deps: community.postgresql is already there (bundled by the pinned ansible package); no Galaxy here.
-    subprocess.run([galaxy, "collection", "install", str(artifact), "-p", str(base / "collections"), "--no-deps"],
+    subprocess.run([galaxy, "collection", "install", str(artifact), "-p", str(base / "collections"), "--no-deps",
+                    "--force"],
                    check=True, capture_output=True, text=True, env=env, timeout=120)
     path = base / "collections"
     assert (path / "ansible_collections" / "arrakis" / "ledger" / "MANIFEST.json").is_file()

@@ -151,8 +151,9 @@ def test_non_superuser_owner_is_held_to_rls_and_the_definer_function_works(owned
         seed_tenant(app, a, "a")
         seed_tenant(app, b, "b")
         assert owner.one("SELECT tableowner FROM pg_tables WHERE tablename = 'credit_lots'") == role
-        # The owner is held to the same tenant rule (FORCE ROW LEVEL SECURITY).
-        assert owner.run("SELECT * FROM public.credit_lots") == []
+        # The owner is held to the same tenant rule (FORCE ROW LEVEL SECURITY): no context, P0001.
+        for rel in ("credit_lots", "credit_lot_balances", "lot_balances"):
+            assert owner.fails(f"SELECT * FROM public.{rel}").pgcode == "P0001", rel
         assert {r[0] for r in owner.run("SELECT community_id FROM public.lot_balances", tenant=a.id)} == {str(a.id)}
         err = owner.fails("INSERT INTO public.credit_lots (community_id, source, amount_micro)"
                           " VALUES (%s, 'seed', 1)", (str(a.id),))

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 import psycopg2
 import pytest
 
-TENANT_TABLES = ["credit_lots", "lot_entries", "crypto_payments", "usage_events", "reconciliation_cursor"]
+# Tenant-scoped (RLS): every read or write of arrakis_app needs the transaction's tenant.
+TENANT_TABLES = ["credit_lots", "lot_entries", "credit_lot_balances", "crypto_payments", "usage_events"]
+# Tables the application inserts into with its tenant (the balances are the database's own).
+APP_INSERTED = ["credit_lots", "lot_entries", "crypto_payments", "usage_events"]
 APPEND_ONLY = ["credit_lots", "lot_entries", "usage_events", "webhook_events"]
 SEARCH_PATH = ["search_path=pg_catalog, pg_temp"]
 LEDGER_FUNCTIONS = {
@@ -23,8 +26,14 @@ LEDGER_FUNCTIONS = {
     "app.set_community_context(uuid)",
     "app.update_lot_status(uuid,text)",
     "prevent_mutation()",
+    "require_tenant_context()",
+    "open_lot_balance()",
+    "apply_lot_entry()",
     "enforce_payment_status_monotonicity()",
+    "guard_jwks_key()",
+    "guard_reconciliation_fence()",
 }
+SECURITY_DEFINER = {"app.update_lot_status(uuid,text)", "open_lot_balance()", "apply_lot_entry()"}
 
 
 class Session:
@@ -176,22 +185,23 @@ def test_app_reads_only_its_tenant_rows(ledger, relation):
         assert rows, f"{relation}: tenant sees none of its own rows"
         assert {r[0] for r in rows} == {str(me.id)}
         assert 0 < len(rows) < total
-    # Without a context: no tenant row at all (the runbook's "0 rows"), not an error.
-    assert ledger.app.run(f"SELECT * FROM public.{relation}") == []
+    # Without a context: P0001 naming app.community_id, deliberately not the runbook's "0 rows"
+    # (a sweep that forgot its context must fail, not find nothing to do).
+    err = ledger.app.fails(f"SELECT * FROM public.{relation}")
+    assert err.pgcode == "P0001" and "app.community_id is not set" in err.pgerror, err.pgerror
 
 
 INSERTS = {
     "credit_lots": "INSERT INTO public.credit_lots (community_id, source, amount_micro) VALUES (%(c)s, 'seed', 1000000)",
     "lot_entries": "INSERT INTO public.lot_entries (lot_id, community_id, entry_type, amount_micro)"
-                   " VALUES (%(lot)s, %(c)s, 'credit', 1)",
+                   " VALUES (%(lot)s, %(c)s, 'credit_back', 1)",
     "crypto_payments": "INSERT INTO public.crypto_payments (community_id, payment_id, amount_usd)"
                        " VALUES (%(c)s, 'p-' || gen_random_uuid(), 5)",
     "usage_events": "INSERT INTO public.usage_events (community_id, amount_micro) VALUES (%(c)s, 1)",
-    "reconciliation_cursor": "INSERT INTO public.reconciliation_cursor (community_id) VALUES (%(c)s)",
 }
 
 
-@pytest.mark.parametrize("table", TENANT_TABLES)
+@pytest.mark.parametrize("table", APP_INSERTED)
 def test_app_writes_only_its_tenant_rows(ledger, table):
     a, b = ledger.a, ledger.b
     # With tenant A's context, a row of tenant B is refused by the policy's WITH CHECK.
@@ -202,7 +212,7 @@ def test_app_writes_only_its_tenant_rows(ledger, table):
     err = ledger.app.fails(INSERTS[table], {"c": str(a.id), "lot": a.lots[0]})
     assert err.pgcode == "P0001", err.pgerror
     assert "app.community_id is not set" in err.pgerror
-    # Its own tenant: accepted (a tenant without a cursor yet, as the cursor is one per tenant).
+    # Its own tenant: accepted.
     own = a.id if table == "lot_entries" else uuid.uuid4()
     assert ledger.app.run(INSERTS[table], {"c": str(own), "lot": a.lots[0]}, tenant=own) == 1
 
@@ -213,15 +223,17 @@ def test_rls_enabled_and_forced_on_every_tenant_table(ledger):
         " JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE n.nspname = 'public' AND c.relkind = 'r'"
         " AND EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'community_id')")
-    assert {r[0] for r in rows} == set(TENANT_TABLES)
-    assert all(r[1] and r[2] for r in rows), rows
+    assert {r[0] for r in rows} == set(TENANT_TABLES) | {"reconciliation_cursor"}
+    # The reconciler's cursor is a service's table (no tenant context): no RLS, by design.
+    assert all(r[1] and r[2] for r in rows if r[0] != "reconciliation_cursor"), rows
+    assert [r[1:] for r in rows if r[0] == "reconciliation_cursor"] == [(False, False)]
     policies = ledger.su.run("SELECT tablename, policyname, roles::text[], cmd, qual, with_check FROM pg_policies"
                              " WHERE schemaname = 'public' ORDER BY tablename")
     assert {p[0] for p in policies} == set(TENANT_TABLES)
     for table, name, roles, cmd, qual, check in policies:
         assert name == f"{table}_tenant_isolation" and roles == ["public"] and cmd == "ALL"
-        assert "current_setting('app.community_id'::text, true)" in qual
-        assert "app.current_community_id()" in check
+        assert qual == "((app.current_community_id() IS NOT NULL) AND (community_id = app.current_community_id()))"
+        assert check == "(community_id = app.current_community_id())"
 
 
 def test_view_runs_with_the_callers_rights(ledger):
@@ -284,12 +296,18 @@ def test_append_only_even_for_the_superuser(ledger, table, op):
     assert ledger.su.one(f"SELECT count(*) FROM public.{table}") == before
 
 
-@pytest.mark.parametrize("table", APPEND_ONLY)
+@pytest.mark.parametrize("table", APPEND_ONLY + ["credit_lot_balances"])
 def test_app_holds_no_update_delete_truncate_grant(ledger, table):
     for priv in ("UPDATE", "DELETE", "TRUNCATE"):
         assert ledger.su.one("SELECT has_table_privilege('arrakis_app', %s, %s)", (f"public.{table}", priv)) is False
-        assert ledger.su.one("SELECT has_any_column_privilege('arrakis_app', %s, 'UPDATE')", (f"public.{table}",)) \
-            is False
+    # Row locks (FOR UPDATE OF credit_lots) need UPDATE on a column: status only, guarded by the trigger.
+    updatable = ledger.su.run("SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0"
+                              " AND NOT attisdropped AND has_column_privilege('arrakis_app', attrelid, attnum,"
+                              " 'UPDATE') ORDER BY attname", (f"public.{table}",))
+    assert [r[0] for r in updatable] == (["status"] if table == "credit_lots" else [])
+    if table == "credit_lot_balances":
+        assert not ledger.su.one("SELECT has_table_privilege('arrakis_app', 'public.credit_lot_balances', 'INSERT')")
+        return
     for priv in ("SELECT", "INSERT"):
         assert ledger.su.one("SELECT has_table_privilege('arrakis_app', %s, %s)", (f"public.{table}", priv))
     err = ledger.app.fails(MUTATIONS["DELETE"].format(t=table), tenant=ledger.a.id)
@@ -308,8 +326,13 @@ def test_update_lot_status_allows_only_active_to_expired_or_depleted(ledger):
     assert lot_status(ledger, a.lots[1]) == "expired"
     ledger.app.run("SELECT app.update_lot_status(%s, 'depleted')", (a.lots[0],), tenant=a.id)
     assert lot_status(ledger, a.lots[0]) == "depleted"
-    # From a final status: refused by the trigger.
-    err = ledger.app.fails("SELECT app.update_lot_status(%s, 'depleted')", (a.lots[1],), tenant=a.id)
+    # Marking a final lot again (the same or the other final status) is a no-op: it stays as it is.
+    for again in ("expired", "depleted"):
+        ledger.app.run("SELECT app.update_lot_status(%s, %s)", (a.lots[1], again), tenant=a.id)
+        assert lot_status(ledger, a.lots[1]) == "expired"
+    # ... but no path leads out of a final status, even for the owner with the function's flag.
+    err = ledger.su.fails("SELECT set_config('app.lot_status_transition', %s, true);"
+                          " UPDATE public.credit_lots SET status = 'depleted' WHERE id = %s", (a.lots[1], a.lots[1]))
     assert err.pgcode == "P0002" and "append-only" in err.pgerror
     # Back to active (or any other target): refused by the function.
     err = ledger.app.fails("SELECT app.update_lot_status(%s, 'active')", (a.lots[1],), tenant=a.id)
@@ -335,9 +358,14 @@ def test_any_other_change_of_a_lot_is_refused(ledger):
     assert err.pgcode == "P0002"
     assert "and other columns changed" in err.pgerror
     assert lot_status(ledger, lot) == "active"
+    # arrakis_app holds UPDATE (status) for row locks only: a direct UPDATE is refused by the trigger,
+    # any other column by the privileges.
     err = ledger.app.fails("UPDATE public.credit_lots SET status = 'expired' WHERE id = %s", (lot,),
                            tenant=ledger.b.id)
+    assert err.pgcode == "P0002", err.pgerror
+    err = ledger.app.fails("UPDATE public.credit_lots SET amount_micro = 1 WHERE id = %s", (lot,), tenant=ledger.b.id)
     assert err.pgcode == "42501"
+    assert lot_status(ledger, lot) == "active"
 
 
 def test_status_transition_does_not_block_other_sessions_inserts(ledger):
@@ -361,7 +389,7 @@ def test_status_transition_does_not_block_other_sessions_inserts(ledger):
                        (str(tenant.id),), tenant=tenant.id)
         # An entry on the very lot being updated (the foreign key's KEY SHARE lock) does not wait either.
         writer.run("INSERT INTO public.lot_entries (lot_id, community_id, entry_type, amount_micro)"
-                   " VALUES (%s, %s, 'credit', 1)", (a.lots[1], str(a.id)), tenant=a.id)
+                   " VALUES (%s, %s, 'credit_back', 1)", (a.lots[1], str(a.id)), tenant=a.id)
         hcur.execute("COMMIT")
         assert lot_status(ledger, a.lots[1]) == "expired"
         assert ledger.su.one("SELECT count(*) FROM public.credit_lots WHERE amount_micro = 7") == 2
@@ -390,7 +418,7 @@ def test_functions_pin_search_path_and_are_not_public(ledger):
         " WHERE n.nspname IN ('app', 'public')")
     funcs = {r[0]: r[1:] for r in rows}
     assert set(funcs) == LEDGER_FUNCTIONS
-    assert {name for name, f in funcs.items() if f[0]} == {"app.update_lot_status(uuid,text)"}
+    assert {name for name, f in funcs.items() if f[0]} == SECURITY_DEFINER
     for name, (_secdef, config, acl, app_exec, admin_exec) in funcs.items():
         assert config == SEARCH_PATH, name
         assert acl is not None and not any(item.startswith("=") for item in acl), (name, acl)  # no PUBLIC
@@ -440,14 +468,15 @@ def test_app_inserts_and_reads_jwks_keys(ledger):
     ledger.app.run(ins, ("k1", "finn", None))
     ledger.app.run(ins, ("k2", "finn", "2000-01-01"))     # expired
     ledger.app.run(ins, ("k3", "freeside", None))
-    ledger.su.run("UPDATE public.s2s_jwks_public_keys SET revoked_at = now() WHERE kid = 'k3'")
+    ledger.app.run("UPDATE public.s2s_jwks_public_keys SET revoked_at = now() WHERE kid = 'k3'")
     assert ledger.app.run(ACTIVE_KEYS, ("finn",)) == [("k1",)]
     assert ledger.app.run(ACTIVE_KEYS, ("freeside",)) == []
     assert ledger.app.one("SELECT kty || ' ' || crv FROM public.s2s_jwks_public_keys WHERE kid = 'k1'") == "EC P-256"
     err = ledger.app.fails("INSERT INTO public.s2s_jwks_public_keys (kid, kty, x, y, issuer)"
                            " VALUES ('k4', 'RSA', 'x', 'y', 'finn')")
     assert err.pgcode == "23514"
-    assert ledger.app.fails("UPDATE public.s2s_jwks_public_keys SET revoked_at = now()").pgcode == "42501"
+    # The app may revoke (flow 7); nothing else of a key changes (guarantee 5: test_ledger_flows.py).
+    assert ledger.app.fails("UPDATE public.s2s_jwks_public_keys SET x = 'evil'").pgcode == "42501"
 
 
 def test_app_creates_and_advances_its_cursor(ledger):
@@ -457,23 +486,25 @@ def test_app_creates_and_advances_its_cursor(ledger):
               " VALUES (%s, %s, %s) ON CONFLICT (community_id) DO UPDATE"
               " SET last_fence_token = EXCLUDED.last_fence_token, drift_micro = EXCLUDED.drift_micro,"
               " updated_at = now() WHERE reconciliation_cursor.last_fence_token < EXCLUDED.last_fence_token")
-    assert ledger.app.run(upsert, (str(fresh), 1, 0), tenant=fresh) == 1         # created
-    assert ledger.app.run(upsert, (str(fresh), 5, -3), tenant=fresh) == 1        # advanced
-    assert ledger.app.run(upsert, (str(fresh), 4, 0), tenant=fresh) == 0         # stale fence: no-op
+    # The reconciler is a service, not a tenant: no context.
+    assert ledger.app.run(upsert, (str(fresh), 1, 0)) == 1         # created
+    assert ledger.app.run(upsert, (str(fresh), 5, -3)) == 1        # advanced
+    assert ledger.app.run(upsert, (str(fresh), 4, 0)) == 0         # stale fence: no-op
     advance = ("UPDATE public.reconciliation_cursor SET last_fence_token = %s, last_processed_event_id = %s,"
                " last_reconciled_at = now(), updated_at = now() WHERE community_id = %s AND last_fence_token < %s")
     ev = str(uuid.uuid4())
-    assert ledger.app.run(advance, (9, ev, str(a.id), 9), tenant=a.id) == 1
-    assert ledger.app.run("SELECT last_fence_token, last_processed_event_id::text FROM public.reconciliation_cursor",
-                          tenant=a.id) == [(9, ev)]
-    assert ledger.app.one("SELECT drift_micro FROM public.reconciliation_cursor", tenant=fresh) == -3
-    # Tenant A cannot advance B's cursor (not visible), move a cursor to another tenant, or delete one.
-    assert ledger.app.run(advance, (9, ev, str(b.id), 9), tenant=a.id) == 0
+    assert ledger.app.run(advance, (9, ev, str(a.id), 9)) == 1
+    assert ledger.app.run("SELECT last_fence_token, last_processed_event_id::text FROM public.reconciliation_cursor"
+                          " WHERE community_id = %s", (str(a.id),)) == [(9, ev)]
+    assert ledger.app.one("SELECT drift_micro FROM public.reconciliation_cursor WHERE community_id = %s",
+                          (str(fresh),)) == -3
+    # A stale compare-and-set changes nothing; B's cursor is untouched; no cursor moves community or goes away.
+    assert ledger.app.run(advance, (9, ev, str(a.id), 9)) == 0
     assert ledger.su.one("SELECT last_fence_token FROM public.reconciliation_cursor WHERE community_id = %s",
                          (str(b.id),)) == 0
-    err = ledger.app.fails("UPDATE public.reconciliation_cursor SET community_id = %s", (str(b.id),), tenant=a.id)
+    err = ledger.app.fails("UPDATE public.reconciliation_cursor SET community_id = %s", (str(b.id),))
     assert err.pgcode == "42501"
-    assert ledger.app.fails("DELETE FROM public.reconciliation_cursor", tenant=a.id).pgcode == "42501"
+    assert ledger.app.fails("DELETE FROM public.reconciliation_cursor").pgcode == "42501"
 
 
 # --- Guarantee 8: money ---------------------------------------------------------------------------
@@ -481,10 +512,10 @@ def test_app_creates_and_advances_its_cursor(ledger):
 def test_money_is_bigint_micro_usd(ledger):
     rows = ledger.su.run("SELECT table_name, column_name, data_type FROM information_schema.columns"
                          " WHERE table_schema = 'public' AND column_name LIKE '%%\\_micro'")
-    assert len(rows) == 8, rows  # 3 tables' amounts, the cursor's drift, the view's 4
+    assert len(rows) == 13, rows  # 3 tables' amounts, the cursor's drift, the balances' 5, the view's 4
     assert {r[2] for r in rows} == {"bigint"}, rows
     a = ledger.a
-    for amount in (0, -1):
+    for amount in (0, -1, 10**15 + 1):
         err = ledger.app.fails("INSERT INTO public.credit_lots (community_id, source, amount_micro)"
                                " VALUES (%s, 'seed', %s)", (str(a.id), amount), tenant=a.id)
         assert err.pgcode == "23514"
@@ -510,7 +541,11 @@ def test_one_debit_per_lot_and_reservation(ledger):
     err = ledger.app.fails(sql, (a.lots[0], str(a.id), "debit", "res-a-1"), tenant=a.id)  # seeded already
     assert err.pgcode == "23505" and "lot_entries_one_debit_per_reservation" in err.pgerror
     ledger.app.run(sql, (a.lots[0], str(a.id), "credit_back", "res-a-1"), tenant=a.id)
-    ledger.app.run(sql, (a.lots[1], str(a.id), "debit", "res-a-1"), tenant=a.id)
+    # The same reservation on another lot is another debit.
+    lot3 = ledger.app.one("INSERT INTO public.credit_lots (community_id, source, amount_micro) VALUES (%s, 'grant', 5)"
+                          " RETURNING id", (str(a.id),), tenant=a.id)
+    ledger.app.run(sql, (lot3, str(a.id), "credit", None), tenant=a.id)
+    ledger.app.run(sql, (lot3, str(a.id), "debit", "res-a-1"), tenant=a.id)
 
 
 # --- crypto_payments: status monotonicity ---------------------------------------------------------
@@ -574,8 +609,10 @@ SELECT ('00000000-0000-0000-0000-' || lpad((g % 200)::text, 12, '0'))::uuid,
        now() - g * interval '1 minute'
   FROM generate_series(1, 20000) AS g;
 INSERT INTO public.lot_entries (lot_id, community_id, entry_type, amount_micro, reservation_id, created_at)
-SELECT l.id, l.community_id, e.kind, 1000, CASE WHEN e.kind = 'debit' THEN 'r-' || l.id END, l.created_at
-  FROM public.credit_lots l CROSS JOIN (VALUES ('credit'), ('debit'), ('expiry')) AS e (kind);
+SELECT l.id, l.community_id, e.kind, e.amount, CASE WHEN e.kind = 'debit' THEN 'r-' || l.id END, l.created_at
+  FROM public.credit_lots l
+ CROSS JOIN (VALUES (1, 'credit', 2000), (2, 'debit', 1000), (3, 'expiry', 1000)) AS e (n, kind, amount)
+ ORDER BY l.id, e.n;
 INSERT INTO public.crypto_payments (community_id, payment_id, amount_usd, status, created_at)
 SELECT ('00000000-0000-0000-0000-' || lpad((g % 200)::text, 12, '0'))::uuid, 'cp-' || g, 10,
        CASE WHEN g % 50 = 0 THEN 'waiting' WHEN g % 50 = 1 THEN 'confirming' ELSE 'finished' END,
@@ -621,7 +658,7 @@ QUERIES = [
     # (name, who, sql, relation -> acceptable indexes)
     ("one lot's balance", "app", "SELECT * FROM public.lot_balances WHERE lot_id = %(lot)s",
      {"credit_lots": {"credit_lots_pkey", "credit_lots_id_community_id_key"},
-      "lot_entries": {"lot_entries_lot_id_idx"}}),
+      "credit_lot_balances": {"credit_lot_balances_pkey"}}),
     ("a tenant's lots by time", "app",
      "SELECT id, amount_micro, status FROM public.credit_lots WHERE community_id = %(tenant)s"
      " ORDER BY created_at DESC LIMIT 50",

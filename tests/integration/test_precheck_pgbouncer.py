@@ -59,3 +59,21 @@ def test_unreachable_pgbouncer_is_a_refusal_not_a_traceback(empty_db):
     result = run(empty_db, pgbouncer_admin_url="postgresql://postgres:pw@127.0.0.1:1/pgbouncer", connect_timeout=2)
     assert result["failed_checks"] == ["pgbouncer"]
     assert "cannot reach PgBouncer" in result["msg"] and "pw@" not in result["msg"]
+
+
+def test_pgbouncer_that_would_leak_a_tenant_context_is_refused(empty_db, pg_cluster, tmp_path):
+    """Guarantee 7: a transaction-mode PgBouncer without server_reset_query_always would carry a
+    session-level SET app.community_id to the next client; the precheck refuses it, names the
+    settings and says what to change. The shipped configuration (scripts/pgbouncer_ctl.py) passes."""
+    try:
+        pgbouncer_ctl.find_binary()
+    except pgbouncer_ctl.BouncerError as exc:
+        pytest.skip(f"pgbouncer is not installed: {exc}")
+    state = pgbouncer_ctl.start(tmp_path / "leaky", pg_cluster.port, pool_size=1, leaky=True)
+    try:
+        result = run(empty_db, pgbouncer_admin_url=pgbouncer_ctl.url(state, db="pgbouncer"))
+    finally:
+        pgbouncer_ctl.stop(tmp_path / "leaky")
+    assert result["failed_checks"] == ["pgbouncer"], result["msg"]
+    assert "does not reset server connections between clients" in result["msg"]
+    assert "server_reset_query_always = 1" in result["msg"]

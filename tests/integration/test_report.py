@@ -119,7 +119,7 @@ def test_a_check_run_is_reported_and_changes_nothing(tmp_path, target):
 
 
 def test_a_failure_is_reported_with_sqlstate_file_and_line(tmp_path, target):
-    query(target, "CREATE TABLE public.webhook_events (id integer)")  # 0010 creates it: 42P07, line 40
+    query(target, "CREATE TABLE public.webhook_events (id integer)")  # 0010 creates it: 42P07, line 47
     res = run(tmp_path, target, "-e", "precheck_rehearse=false", "-e", f"report_dir={tmp_path / 'r'}")
     assert res.returncode != 0
     report, markdown = only_report(tmp_path / "r")
@@ -129,7 +129,7 @@ def test_a_failure_is_reported_with_sqlstate_file_and_line(tmp_path, target):
     assert "verify" not in tgt["stages"]
     failure = tgt["failure"]
     assert failure["stage"] == "migrate" and failure["sqlstate"] == "42P07"
-    assert Path(failure["file"]).name == "0010_webhook_events_crypto_payments.sql" and failure["line"] == 40
+    assert Path(failure["file"]).name == "0010_webhook_events_crypto_payments.sql" and failure["line"] == 47
     assert "SQLSTATE 42P07" in markdown and "0010_webhook_events_crypto_payments.sql" in markdown
 
 

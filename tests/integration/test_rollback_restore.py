@@ -111,10 +111,11 @@ def structure_failures(url):
     conn = psycopg2.connect(url)
     try:
         with conn.cursor() as cur:
-            applied, source = verify.applied_versions(cur)
+            exp = verify.Expectations.load()  # this collection's files/migrations/*.verify.json
+            applied, source = verify.applied_versions(cur, exp)
             assert source == "history"
-            report = verify.Report()
-            verify.check_structure(cur, report, applied, source, "arrakis_app")
+            report = verify.Report(exp)
+            verify.check_structure(cur, report, applied, source, "arrakis_app", exp)
             assert report.checks
             return report.failed()
     finally:

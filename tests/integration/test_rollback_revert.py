@@ -23,7 +23,7 @@ from pghelpers import history, load_module, q
 ROOT = Path(__file__).resolve().parents[2]
 MIGRATIONS = ROOT / "files" / "migrations"
 SET_0011 = ["0008", "0009", "0010", "0011"]
-LEDGER_TABLES = ["public.credit_lots", "public.crypto_payments", "public.lot_entries",
+LEDGER_TABLES = ["public.credit_lot_balances", "public.credit_lots", "public.crypto_payments", "public.lot_entries",
                  "public.reconciliation_cursor", "public.s2s_jwks_public_keys", "public.usage_events",
                  "public.webhook_events"]
 
@@ -85,7 +85,7 @@ def test_revert_to_a_version_runs_the_down_scripts_newest_first(db):
     assert result["reverted"] == ["0011", "0010"]
     assert result["changed"] is True and result["version_after"] == "0009"
     assert history(db) == ["0008", "0009"]
-    assert tables(db) == ["public.credit_lots", "public.lot_entries"]
+    assert tables(db) == ["public.credit_lot_balances", "public.credit_lots", "public.lot_entries"]
     events = q(db, "SELECT version FROM migrations.events WHERE action = 'revert' AND outcome = 'ok' ORDER BY id")
     assert [e[0] for e in events] == ["0011", "0010"]
     # Nothing above 0009 left: a second run has nothing to do.
@@ -133,7 +133,9 @@ def test_data_loss_override_requires_a_verified_backup_of_the_current_version(db
     seed_lot(db)
     plan = revert(db, step="plan", rollback_to="0008", allow_data_loss=True)
     assert plan["backup_needed"] is True
-    assert [(r["table"], r["rows"]) for r in plan["data_at_risk"]] == [("public.credit_lots", 1)]
+    # The lot and the balance row the database keeps for it.
+    assert sorted((r["table"], r["rows"]) for r in plan["data_at_risk"]) == [("public.credit_lot_balances", 1),
+                                                                             ("public.credit_lots", 1)]
 
     with pytest.raises(LedgerError) as err:
         revert(db, rollback_to="0008", allow_data_loss=True)

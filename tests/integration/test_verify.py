@@ -20,7 +20,7 @@ from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_probes import leftover_rows
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_verify_schema import (
-    KNOWN_VERSIONS, jwks_kid, webhook_event_ids)
+    Expectations, jwks_kid, webhook_event_ids)
 from conftest import apply_sql_files
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,7 +113,7 @@ def seeded_db(pg_cluster, ledger_template):
 EXPECTED_CHECKS = [
     "structure.view_security_invoker:public.lot_balances",
     "structure.rls_forced:public.credit_lots",
-    "structure.rls_forced:public.reconciliation_cursor",
+    "structure.rls_forced:public.credit_lot_balances",
     "structure.append_only_triggers:public.webhook_events",
     "structure.monotonicity_trigger:public.crypto_payments",
     "structure.app_privileges:public.usage_events",
@@ -125,10 +125,11 @@ EXPECTED_CHECKS = [
     "runbook.guard_raises_p0001:app.current_community_id()",
     "runbook.insert_without_context_refused:public.credit_lots",
     "runbook.lot_balances_queryable:public.lot_balances",
-    "runbook.select_without_context_sees_nothing:public.credit_lots",
+    "runbook.select_without_context_raises:public.credit_lots",
     "behaviour.tenant_isolation:public.lot_balances",
-    "behaviour.no_context_sees_nothing:public.usage_events",
-    "behaviour.cross_tenant_insert_refused:public.reconciliation_cursor",
+    "behaviour.no_context_raises:public.usage_events",
+    "behaviour.no_context_raises:public.lot_balances",
+    "behaviour.cross_tenant_insert_refused:public.usage_events",
     "behaviour.entry_lot_same_tenant:public.lot_entries",
     "behaviour.update_refused_p0002:public.usage_events",
     "behaviour.delete_refused_p0002:public.webhook_events",
@@ -138,6 +139,14 @@ EXPECTED_CHECKS = [
     "behaviour.webhook_dedup:public.webhook_events",
     "behaviour.jwks_keys_readable:public.s2s_jwks_public_keys",
     "behaviour.reconciliation_cursor_advanced:public.reconciliation_cursor",
+    "behaviour.lot_never_overdrawn:public.lot_entries",
+    "behaviour.balance_matches_journal:public.credit_lot_balances",
+    "behaviour.balance_written_by_journal_only:public.credit_lot_balances",
+    "behaviour.debit_path_locks_lots:public.credit_lots",
+    "behaviour.amounts_bounded:public.credit_lots",
+    "behaviour.payment_final_and_id_once:public.crypto_payments",
+    "behaviour.fence_never_moves_back:public.reconciliation_cursor",
+    "behaviour.key_revoked_once:public.s2s_jwks_public_keys",
     "cleanup.no_rows_left",
     "cleanup.no_settings_left",
     "cleanup.no_objects_left",
@@ -306,6 +315,50 @@ DAMAGE = {
         ["structure.rls_forced:public.lot_entries"],
         ["public.lot_entries", "relforcerowsecurity = False"],
     ),
+    # Issue 12's guarantees: a damaged database is caught.
+    "balance_trigger_dropped": (
+        ["DROP TRIGGER lot_entries_apply_balance ON public.lot_entries"],
+        ["behaviour.lot_never_overdrawn:public.lot_entries",
+         "behaviour.balance_matches_journal:public.credit_lot_balances"],
+        ["public.lot_entries", "succeeded"],
+    ),
+    "balance_check_dropped_and_guard_disabled": (
+        ["ALTER TABLE public.credit_lot_balances DISABLE TRIGGER credit_lot_balances_no_update"],
+        ["behaviour.balance_written_by_journal_only:public.credit_lot_balances"],
+        ["public.credit_lot_balances"],
+    ),
+    "policy_back_to_zero_rows": (
+        ["ALTER POLICY usage_events_tenant_isolation ON public.usage_events USING (community_id ="
+         " NULLIF(current_setting('app.community_id', true), '')::uuid)"],
+        ["behaviour.no_context_raises:public.usage_events"],
+        ["public.usage_events", "succeeded"],
+    ),
+    "fence_guard_dropped": (
+        ["DROP TRIGGER reconciliation_cursor_fence ON public.reconciliation_cursor"],
+        ["behaviour.fence_never_moves_back:public.reconciliation_cursor"],
+        ["public.reconciliation_cursor"],
+    ),
+    "payment_final_statuses_lost": (
+        ["CREATE OR REPLACE FUNCTION public.enforce_payment_status_monotonicity() RETURNS trigger LANGUAGE plpgsql"
+         " SET search_path = pg_catalog, pg_temp AS $$ BEGIN RETURN NEW; END $$"],
+        ["behaviour.payment_final_and_id_once:public.crypto_payments"],
+        ["public.crypto_payments"],
+    ),
+    "key_guard_dropped": (
+        ["DROP TRIGGER s2s_jwks_public_keys_guard ON public.s2s_jwks_public_keys"],
+        ["behaviour.key_revoked_once:public.s2s_jwks_public_keys"],
+        ["public.s2s_jwks_public_keys"],
+    ),
+    "amount_bound_dropped": (
+        ["ALTER TABLE public.credit_lots DROP CONSTRAINT credit_lots_amount_micro_check"],
+        ["behaviour.amounts_bounded:public.credit_lots"],
+        ["public.credit_lots"],
+    ),
+    "lot_lock_privilege_revoked": (
+        ["REVOKE UPDATE (status) ON public.credit_lots FROM arrakis_app"],
+        ["structure.app_privileges:public.credit_lots", "behaviour.debit_path_locks_lots:public.credit_lots"],
+        ["public.credit_lots", "missing: UPDATE(status)"],
+    ),
     "update_granted_to_app": (
         ["GRANT UPDATE ON public.credit_lots TO arrakis_app"],
         ["structure.app_privileges:public.credit_lots"],
@@ -320,7 +373,7 @@ DAMAGE = {
     "lot_balances_without_security_invoker": (
         [VIEW_WITHOUT_INVOKER],
         ["structure.view_security_invoker:public.lot_balances", "behaviour.tenant_isolation:public.lot_balances",
-         "behaviour.no_context_sees_nothing:public.lot_balances"],
+         "behaviour.no_context_raises:public.lot_balances"],
         ["public.lot_balances", "1 of tenant B's"],
     ),
     "search_path_unpinned": (
@@ -397,7 +450,7 @@ def test_proving_nothing_is_left_reads_no_table_in_full(pg_cluster, ledger_templ
 def test_leftover_check_finds_verifys_rows_by_tenant_and_key(ledger_db):
     """The proof is not vacuous: rows of verify's tenants or keys that survived are found and named."""
     tenant, other, marker = str(uuid.uuid4()), str(uuid.uuid4()), uuid.uuid4().hex[:12]
-    applied = list(KNOWN_VERSIONS)
+    applied = list(Expectations.load().known_versions)
     conn = psycopg2.connect(ledger_db)
     conn.autocommit = True
     try:

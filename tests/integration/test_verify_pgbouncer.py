@@ -49,6 +49,17 @@ def bouncer(pg_cluster, tmp_path_factory):
         pgbouncer_ctl.stop(base)
 
 
+@pytest.fixture(scope="module")
+def leaky_bouncer(pg_cluster, tmp_path_factory):
+    """The same PgBouncer without server_reset_query_always: a configuration precheck refuses."""
+    base = tmp_path_factory.mktemp("pgbouncer-leaky")
+    state = start_bouncer(base, pg_cluster.port, pool_size=1, leaky=True)
+    try:
+        yield state
+    finally:
+        pgbouncer_ctl.stop(base)
+
+
 def via(bouncer, direct_url: str) -> str:
     return pgbouncer_ctl.url(bouncer, db=direct_url.rsplit("/", 1)[1])
 
@@ -77,10 +88,11 @@ def test_pgbouncer_runs_in_transaction_mode(bouncer, ledger_db):
     assert pools and pools[0]["pool_mode"] == "transaction"
 
 
-def test_a_session_level_set_would_leak_through_this_pool(bouncer, ledger_db):
-    """Positive control: the pool shares one server connection, so a plain SET reaches client B."""
-    a = psycopg2.connect(via(bouncer, ledger_db))
-    b = psycopg2.connect(via(bouncer, ledger_db))
+def test_a_session_level_set_would_leak_through_a_pool_without_reset(leaky_bouncer, ledger_db):
+    """Positive control: the pool shares one server connection, so without a server reset between
+    clients a plain SET reaches client B (the shipped configuration resets: test_ledger_pooler.py)."""
+    a = psycopg2.connect(via(leaky_bouncer, ledger_db))
+    b = psycopg2.connect(via(leaky_bouncer, ledger_db))
     try:
         with a.cursor() as cur:
             cur.execute("SELECT pg_backend_pid()")
@@ -106,9 +118,9 @@ def test_verify_through_pgbouncer_passes(bouncer, ledger_db):
     for cid in ("pgbouncer.guard_raises_p0001:app.current_community_id()",
                 "pgbouncer.tenant_isolation:public.credit_lots",
                 "pgbouncer.tenant_isolation:public.lot_balances",
-                "pgbouncer.no_context_sees_nothing:public.usage_events",
+                "pgbouncer.no_context_raises:public.usage_events",
                 "pgbouncer.cross_tenant_insert_refused:public.crypto_payments",
-                "pgbouncer.insert_without_context_refused:public.reconciliation_cursor",
+                "pgbouncer.insert_without_context_refused:public.usage_events",
                 "pgbouncer.context_does_not_leak:app.community_id"):
         assert pgb[cid]["status"] == "passed", pgb.get(cid)
     leak = pgb["pgbouncer.context_does_not_leak:app.community_id"]["observed"]
@@ -116,7 +128,7 @@ def test_verify_through_pgbouncer_passes(bouncer, ledger_db):
     assert "through PgBouncer too" in result["msg"]
 
 
-def test_session_level_context_function_is_caught_as_a_leak(bouncer, ledger_db):
+def test_session_level_context_function_is_caught_as_a_leak(leaky_bouncer, ledger_db):
     """An app.set_community_context() that used SET (session) instead of SET LOCAL."""
     conn = psycopg2.connect(ledger_db)
     with conn, conn.cursor() as cur:
@@ -124,7 +136,7 @@ def test_session_level_context_function_is_caught_as_a_leak(bouncer, ledger_db):
                        LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
                        BEGIN PERFORM pg_catalog.set_config('app.community_id', p_community_id::text, false); END $$""")
     conn.close()
-    result = run_verify(ledger_db, pgbouncer_url=via(bouncer, ledger_db))
+    result = run_verify(ledger_db, pgbouncer_url=via(leaky_bouncer, ledger_db))
     assert result["failed"]
     assert "pgbouncer.context_does_not_leak:app.community_id" in result["failed_checks"]
     assert "app.current_community_id() returned" in result["msg"]

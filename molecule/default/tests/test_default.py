@@ -12,9 +12,11 @@ import pytest
 PORT_BASE = int(os.environ.get("LEDGER_MOLECULE_PORT_BASE", "55600"))
 URL = f"postgresql://postgres@127.0.0.1:{PORT_BASE + 11}/ledger"
 LEDGER_TABLES = {
-    "credit_lots", "lot_entries", "webhook_events", "crypto_payments",
+    "credit_lots", "lot_entries", "credit_lot_balances", "webhook_events", "crypto_payments",
     "usage_events", "s2s_jwks_public_keys", "reconciliation_cursor",
 }
+# Tenant tables (RLS); the reconciler's cursor is a service's table and the other two are global.
+TENANT_TABLES = LEDGER_TABLES - {"webhook_events", "s2s_jwks_public_keys", "reconciliation_cursor"}
 APPEND_ONLY = ["credit_lots", "lot_entries", "usage_events", "webhook_events"]
 
 
@@ -31,14 +33,18 @@ def test_history_has_0008_to_0011_with_checksums(host):
     assert all(len(r["c"]) == 64 for r in rows)
 
 
-def test_the_seven_ledger_tables_exist(host):
+def test_the_eight_ledger_tables_exist(host):
     names = set(sql(host, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'").split())
     assert LEDGER_TABLES <= names
 
 
-@pytest.mark.parametrize("table", sorted(LEDGER_TABLES - {"webhook_events", "s2s_jwks_public_keys"}))
+@pytest.mark.parametrize("table", sorted(TENANT_TABLES))
 def test_rls_enabled_and_forced_on_tenant_tables(host, table):
     assert sql(host, f"SELECT relrowsecurity AND relforcerowsecurity FROM pg_class WHERE oid = 'public.{table}'::regclass") == "t"
+
+
+def test_the_reconcilers_cursor_has_no_rls(host):
+    assert sql(host, "SELECT relrowsecurity FROM pg_class WHERE oid = 'public.reconciliation_cursor'::regclass") == "f"
 
 
 @pytest.mark.parametrize("table", APPEND_ONLY)

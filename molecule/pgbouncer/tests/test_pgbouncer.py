@@ -18,6 +18,8 @@ def sql(host, url, query):
 def test_pgbouncer_is_in_transaction_mode(host):
     config = dict(line.split("|", 2)[:2] for line in sql(host, ADMIN, "SHOW CONFIG").splitlines())
     assert config["pool_mode"] == "transaction"
+    # Guarantee 7: every server connection is reset after each client transaction.
+    assert config["server_reset_query"] == "DISCARD ALL" and config["server_reset_query_always"] == "1"
 
 
 def test_verify_passed_through_pgbouncer(host):
