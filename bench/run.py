@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from context import Context, SectionResult  # noqa: E402
 from lib import BENCH, BenchError, Cluster, log, machine_info  # noqa: E402
-from sections import fleet, ledger, money, overhead, pitr, restore, size, traffic  # noqa: E402
+from sections import fleet, impact, ledger, money, overhead, pitr, restore, size, traffic  # noqa: E402
 
 SECTIONS = {
     "overhead": overhead.run,
@@ -34,12 +34,13 @@ SECTIONS = {
     "ledger": ledger.run,
     "money": money.run,
     "fleet": fleet.run,
+    "impact": impact.run,
 }
 
 
 def cleanup(workdir: Path) -> None:
     """Remove what the sections left in the work directory (only our own names: it may be a shared path)."""
-    for name in ("runs", "floor", "dumps", "traffic_migrations", "pg_pitr"):
+    for name in ("runs", "floor", "dumps", "traffic_migrations", "pg_pitr", "impact_migrations"):
         shutil.rmtree(workdir / name, ignore_errors=True)
     for pattern in ("timings-*.json", "script-*"):
         for path in workdir.glob(pattern):
@@ -61,6 +62,8 @@ def parse_args(argv):
     p.add_argument("--ledger-entries", type=int, default=1_000_000,
                    help="lot_entries rows in the ledger section (default 1,000,000 over 10,000 lots, 100 tenants)")
     p.add_argument("--fleet", default="1,4,8", help="fleet sizes (default 1,4,8)")
+    p.add_argument("--impact-rows", type=int, default=5_000_000,
+                   help="lot_entries rows in the impact section (default 5,000,000)")
     args = p.parse_args(argv)
     try:
         args.sizes = [float(s) for s in args.sizes.split(",") if s.strip() != ""]
@@ -108,7 +111,7 @@ def write_results(path: Path, args, machine: dict, results: dict, started: float
         "seconds": round(time.time() - started, 1),
         "parameters": {"sizes_gb": args.sizes, "runs": args.runs, "only": args.only,
                        "traffic_seconds": args.traffic_seconds, "ledger_entries": args.ledger_entries,
-                       "fleet": args.fleet},
+                       "fleet": args.fleet, "impact_rows": args.impact_rows},
         "machine": machine,
         "sections": {name: res.as_dict() for name, res in results.items()},
         "table": [r.as_dict() for res in results.values() for r in res.rows],

@@ -58,7 +58,7 @@ KEEP_KEYS = (
     "rehearsed", "from_version", "to_version", "schema_version", "current_version", "target_version",
     "backup_file", "backup", "path", "manifest", "manifest_file", "sha256", "size", "size_bytes", "format",
     "verified", "verification", "checks", "failed_checks", "passed", "reverted", "restored", "mode",
-    "stamp", "stamp_file", "set_checksum", "override", "refused", "taken", "duration_ms", "elapsed",
+    "stamp", "stamp_file", "set_checksum", "override", "refused", "taken", "duration_ms", "elapsed", "impact",
     "method", "restore_point", "lsn", "timeline", "backup_label",  # backup_method=pgbackrest
 )
 FAILURE_KEYS = ("msg", "sqlstate", "file", "line", "version", "hint", "detail", "next_command", "failed_checks")
@@ -425,9 +425,19 @@ class CallbackModule(CallbackBase):
             "migrations_pending": self._pending(stages),
             "backup": self._backup(stages),
             "verify": self._verify(stages),
+            "impact": self._impact(stages),
             "failure": self._failure(rec),
         }
         return out
+
+    @staticmethod
+    def _impact(stages):
+        """The impact profile: the migrate stage's (--check), else the precheck's rehearsal (or staging's)."""
+        for name in ("migrate", "precheck"):
+            impact = stages.get(name, {}).get("details", {}).get("impact")
+            if isinstance(impact, dict):
+                return impact
+        return None
 
     @staticmethod
     def _applied(stages):

@@ -28,9 +28,12 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import (
 VERSION_RE = re.compile(r"^[0-9]{4}$")
 UP_RE = re.compile(r"^(?P<version>[0-9]{4})_(?P<name>[A-Za-z0-9][A-Za-z0-9_]*)\.sql$")
 DOWN_RE = re.compile(r"^(?P<version>[0-9]{4})_(?P<name>[A-Za-z0-9][A-Za-z0-9_]*)\.down\.sql$")
-DIRECTIVE_RE = re.compile(r"^--\s*ledger:(?P<name>[A-Za-z0-9_-]*)")
-KNOWN_DIRECTIVES = ("no-transaction",)
+DIRECTIVE_RE = re.compile(r"^--\s*ledger:(?P<name>[A-Za-z0-9_-]*)(?P<arg>.*)$")
+KNOWN_DIRECTIVES = ("no-transaction", "allow-lock")
 NO_TRANSACTION = "no-transaction"
+# "-- ledger:allow-lock schema.table": the lock impact on that table is intended (issue 14).
+ALLOW_LOCK = "allow-lock"
+QUALIFIED_TABLE = re.compile(r'^(?:"[^"]+"|[A-Za-z_][A-Za-z0-9_$]*)\.(?:"[^"]+"|[A-Za-z_][A-Za-z0-9_$]*)$')
 
 
 # =========================================================================== migration set
@@ -57,6 +60,7 @@ class Migration(object):
         self.down_filename = None
         self.down_transactional = True
         self.down_statements = None
+        self.allow_lock = ()
 
     def to_dict(self):
         return {
@@ -114,7 +118,17 @@ class MigrationSet(list):
 
 
 def parse_directives(text, filename):
-    """The ``-- ledger:...`` directives of a file's header (comments before its first statement)."""
+    """The names of the ``-- ledger:...`` directives of a file's header (comments before its first statement)."""
+    return [name for name, _arg in header_directives(text, filename)]
+
+
+def allow_lock_tables(text, filename):
+    """The tables of a file's ``-- ledger:allow-lock schema.table`` header lines (one table a line)."""
+    return tuple(arg.replace('"', "") for name, arg in header_directives(text, filename) if name == ALLOW_LOCK)
+
+
+def header_directives(text, filename):
+    """[(name, argument)] of the ``-- ledger:...`` directives of a file's header, validated."""
     found = []
     in_header = True
     for lineno, raw in enumerate(text.splitlines(), 1):
@@ -132,7 +146,12 @@ def parse_directives(text, filename):
                 if not in_header:
                     raise LedgerError("%s line %d: the directive 'ledger:%s' must be in the header, before the"
                                       " first statement" % (filename, lineno, name), file=filename, line=lineno)
-                found.append(name)
+                arg = m.group("arg").strip()
+                if name == ALLOW_LOCK and not QUALIFIED_TABLE.match(arg):
+                    raise LedgerError("%s line %d: 'ledger:allow-lock' takes one schema-qualified table per line"
+                                      " ('-- ledger:allow-lock public.accounts'), not %r" % (filename, lineno, arg),
+                                      file=filename, line=lineno)
+                found.append((name, arg))
             continue
         in_header = False
     return found
@@ -173,6 +192,7 @@ def _parse_file(path, filename):
         raise LedgerError("%s is not UTF-8 (%s)" % (filename, exc), file=filename)
     text = _checked_text(text, filename)
     transactional = NO_TRANSACTION not in parse_directives(text, filename)
+    allow_lock = allow_lock_tables(text, filename)
     try:
         statements = split_sql(text)
     except SqlSyntaxError as exc:
@@ -216,7 +236,7 @@ def _parse_file(path, filename):
                     "%s line %d: %s can't run inside a transaction block; put the statement in a migration of its"
                     " own whose header says '-- ledger:no-transaction' (see the migrate role's README)"
                     % (filename, st.line, why), file=filename, line=st.line)
-    return raw, text, transactional, statements
+    return raw, text, transactional, statements, allow_lock
 
 
 BAD_NAME = ("%s: a migration file is named NNNN_name.sql (4-digit version, then letters, digits or _), or"
@@ -311,20 +331,21 @@ def load_migration_set(directory):
     migrations = []
     for version in sorted(ups):
         name, path, filename = ups[version]
-        raw, text, transactional, statements = _parse_file(path, filename)
+        raw, text, transactional, statements, allow_lock = _parse_file(path, filename)
         mig = Migration(version, name, filename, path, hashlib.sha256(raw).hexdigest(), text, transactional,
                         statements)
+        mig.allow_lock = allow_lock
         if version in downs:
             dname, dpath, dfilename = downs.pop(version)
             if dname != name:
                 raise LedgerError("%s does not match its up migration %s (same NNNN_name expected)"
                                   % (dfilename, filename), file=dfilename)
-            _unused, _unused, dtx, dstatements = _parse_file(dpath, dfilename)
+            _unused, _unused, dtx, dstatements, _unused = _parse_file(dpath, dfilename)
             mig.down_path, mig.down_filename, mig.down_transactional, mig.down_statements = \
                 dpath, dfilename, dtx, dstatements
         migrations.append(mig)
     orphans = {}
     for version, (dname, dpath, dfilename) in downs.items():
-        _unused, _unused, dtx, dstatements = _parse_file(dpath, dfilename)
+        _unused, _unused, dtx, dstatements, _unused = _parse_file(dpath, dfilename)
         orphans[version] = DownScript(version, dname, dfilename, dpath, dtx, dstatements)
     return MigrationSet(migrations, directory=directory, orphan_downs=orphans)

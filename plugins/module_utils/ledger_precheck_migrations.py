@@ -17,6 +17,7 @@ except ImportError as _exc:  # the engine ships with the migrate stage
     ENGINE_IMPORT_ERROR = _exc
 
 
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_precheck_server import (
     check,
     not_run,
@@ -117,7 +118,54 @@ NOT_REHEARSED_SQLSTATES = {"57014": "statement timeout or cancel", "55P03": "loc
                            "40P01": "deadlock with another session"}
 
 
-def check_rehearsal(conn, url, params, state, session_failed):
+def stamp_plan(conn, params, state):
+    """Production's precheck with staging's profile (promotion stamp): (results, heavy, differences) or None."""
+    profile = params.get("impact_profile")
+    if not profile or not state["pending_items"]:
+        return None
+    names = [rel.get("table") for f in profile if isinstance(f, dict) for st in f.get("statements") or []
+             for rel in st.get("relations") or []]
+    with conn.cursor() as cur:
+        rows_here = ledger_impact.rows_of_tables(cur, names)
+    return ledger_impact.from_stamp(profile, state["pending_items"], rows_here, params["lock_rows_threshold"])
+
+
+def check_lock_impact(params, results, planned, migrations):
+    """The lock policy over the rehearsal's observed profile, or staging's (the stamp) where it has one."""
+    threshold = {"policy": params["lock_policy"], "rows_threshold": params["lock_rows_threshold"],
+                 "impact": "a lock above SHARE UPDATE EXCLUSIVE held while working on, or a rewrite of, a "
+                           "pre-existing table with more estimated rows than rows_threshold"}
+    if not params.get("migrations_dir"):
+        return None, None
+    staged = planned[0] if planned else []
+    staged_files = set(r["filename"] for r in staged)
+    observed = [r for r in results or [] if r.get("impact") is not None and r["filename"] not in staged_files]
+    profile = staged + observed
+    if not profile:
+        return None, None
+    rows_threshold = params["lock_rows_threshold"]
+    found = ledger_impact.impacts(profile, rows_threshold)
+    passed, message, nxt = ledger_impact.policy_verdict(found, params["lock_policy"], rows_threshold)
+    differences = planned[2] if planned else []
+    if differences:
+        sizes = ", ".join("%s %s rows here, %s on staging" % (d["table"], d["rows"], d["staging_rows"])
+                          for d in differences)
+        message += ("; table sizes differ from staging's by more than 10x: %s (staging's profile was measured on "
+                    "other sizes)" % sizes)
+    squawk = ledger_impact.compare_squawk(observed, migrations, rows_threshold) if params.get("compare_squawk") else []
+    observed_info = {"impacts": found, "table": ledger_impact.format_table(profile),
+                     "source": "staging's profile (promotion stamp)" if staged else "this rehearsal",
+                     "size_differences": differences, "squawk": squawk}
+    heavy = planned[1] if planned else {}
+    result = {"files": ledger_impact.stamp_profile(profile), "impacts": found, "squawk": squawk,
+              "size_differences": differences, "policy": params["lock_policy"], "rows_threshold": rows_threshold,
+              # The statements no rehearsal may run on this target (the migrate stage's --check obeys it too).
+              "not_rehearsed": [{"file": f, "line": line, "reason": why} for (f, line), why in sorted(heavy.items())]}
+    return check("lock_impact", passed, observed_info, threshold, [i for i in found if not i["allowed"]], message,
+                 nxt if not passed else None), result
+
+
+def check_rehearsal(conn, url, params, state, session_failed, stop_before=None):
     """Run the pending migrations in one rolled-back transaction (the engine's rehearsal).
 
     The rehearsal runs on production, so it is bounded: CONCURRENTLY statements are not
@@ -147,7 +195,7 @@ def check_rehearsal(conn, url, params, state, session_failed):
         results = ledger_engine.rehearse(url, pending_items, lock_timeout=limits["lock_timeout"],
                                          statement_timeout=limits["statement_timeout"], lock_retries=0,
                                          rehearse_concurrently=False, run_id=params.get("run_id"),
-                                         record_event=False, conn=conn)
+                                         record_event=False, conn=conn, stop_before=stop_before)
     except LedgerError as exc:
         return check("rehearsal", False, {"pending": state["pending"]}, threshold, message=exc.msg,
                      next_step=exc.fields.get("next_command") or "re-run when the target is reachable"), None
@@ -189,5 +237,13 @@ def check_rehearsal(conn, url, params, state, session_failed):
                      "rehearsal: %s" % "; ".join(line for line in lines if "would fail" in line),
                      "fix %s at line %s (SQLSTATE %s), then re-run; nothing was changed" % (
                          first["filename"], first.get("line"), first.get("sqlstate"))), results
+    stopped = [r for r in results if r.get("stopped_at")]
+    if stopped:
+        observed["not_rehearsed_here"] = [r["reason"] for r in stopped]
+        return check("rehearsal", True, observed, threshold,
+                     message="%d pending migration(s) rehearsed up to %s line %s, which staging's profile shows as "
+                             "heavy: not rehearsed here (nor what follows it), so that the rehearsal never stalls "
+                             "this target%s" % (len(results), stopped[0]["filename"], stopped[0]["stopped_at"],
+                                                not_rehearsed)), results
     return check("rehearsal", True, observed, threshold,
                  message="%d pending migration(s) rehearsed, all would apply%s" % (len(results), not_rehearsed)), results

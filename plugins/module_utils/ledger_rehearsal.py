@@ -18,6 +18,7 @@ try:
 except ImportError:  # pragma: no cover - connect() reports it
     psycopg2 = None
 
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_impact import Profiler
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import elapsed_ms, safe_rollback
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_runner import RETRIABLE, backoff, error_line, run_settings, set_timeouts
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import rehearsal_form
@@ -26,7 +27,8 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import r
 
 
 def rehearse(url, pending, lock_timeout=None, statement_timeout=None, lock_retries=None, retry_backoff=None,
-             run_id=None, record_event=False, rehearse_concurrently=True, conn=None):
+             run_id=None, record_event=False, rehearse_concurrently=True, conn=None, profile=True,
+             stop_before=None):
     """Run ``pending`` for real in ONE transaction that is rolled back; report per file.
 
     Files run in order, one savepoint each, so each sees the objects of the ones
@@ -49,6 +51,12 @@ def rehearse(url, pending, lock_timeout=None, statement_timeout=None, lock_retri
     ``conn``: an optional open connection to use instead of ``url`` (left open, in its
     autocommit mode; a transaction open on it is rolled back first).
 
+    ``profile``: record each file's impact profile (``impact``: per statement the locks
+    newly held on pre-existing relations, rewrites, rows, ms; module_utils/ledger_impact.py)
+    and its ``allow_lock`` tables. ``stop_before``: {(filename, line): reason} of statements
+    never to run here (production's precheck: staging measured them as heavy); the rest of
+    that file and the later files are then not rehearsed either (they may depend on it).
+
     Returns a list, one dict per file, in order: version, filename, status
     (``would_apply`` | ``would_fail`` | ``not_rehearsed``), duration_ms,
     skipped_statements, notices; a would_fail also has sqlstate, message, detail,
@@ -64,7 +72,8 @@ def rehearse(url, pending, lock_timeout=None, statement_timeout=None, lock_retri
     try:
         attempt = 0
         while True:
-            results, retry = _rehearse_once(conn, pending, s, rehearse_concurrently)
+            results, retry = _rehearse_once(conn, pending, s, rehearse_concurrently,
+                                            Profiler() if profile else None, stop_before or {})
             if not retry or attempt >= s["lock_retries"]:
                 break
             time.sleep(backoff(s, attempt))
@@ -84,8 +93,9 @@ def rehearse(url, pending, lock_timeout=None, statement_timeout=None, lock_retri
     return results
 
 
-def _rehearse_once(conn, pending, s, rehearse_concurrently):
+def _rehearse_once(conn, pending, s, rehearse_concurrently, profiler=None, stop_before=None):
     results = []
+    stopped = None
     was_autocommit = conn.autocommit
     if not was_autocommit:
         conn.rollback()  # start from a clean transaction: the rehearsal rolls everything back
@@ -95,19 +105,33 @@ def _rehearse_once(conn, pending, s, rehearse_concurrently):
     try:
         with conn.cursor() as cur:
             set_timeouts(cur, s)
+            if profiler is not None:
+                profiler.start(cur)
             for m in pending:
-                if failed:
+                if failed or stopped:
                     results.append({"version": m.version, "filename": m.filename, "status": "not_rehearsed",
-                                    "reason": "an earlier migration would fail"})
+                                    "reason": stopped or "an earlier migration would fail"})
                     continue
                 res = {"version": m.version, "filename": m.filename, "status": "would_apply",
                        "transactional": m.transactional, "skipped_statements": [], "notices": []}
+                if profiler is not None:
+                    res.update(impact=[], allow_lock=list(getattr(m, "allow_lock", ()) or ()))
                 t1 = time.monotonic()
                 del conn.notices[:]
                 cur.execute("SAVEPOINT ledger_rehearsal")
                 stmt = None
                 try:
                     for stmt in m.statements:
+                        why = stop_before.get((m.filename, stmt.line))
+                        if why:
+                            stopped = ("%s line %d: %s; not rehearsed on this target (the rehearsal must not stall it)"
+                                       % (m.filename, stmt.line, why))
+                            res.update(status="not_rehearsed", reason=stopped, stopped_at=stmt.line)
+                            stopped = "follows %s line %d, not rehearsed here" % (m.filename, stmt.line)
+                            break
+                        if profiler is not None and not m.transactional:
+                            # Its rehearsal form (no CONCURRENTLY) would lock otherwise than the real run.
+                            res["impact"].append(profiler.documented(stmt))
                         text, note = rehearsal_form(stmt)
                         if note and (text is None or not rehearse_concurrently):
                             res["skipped_statements"].append({"line": stmt.line, "statement": stmt.summary(80),
@@ -116,7 +140,13 @@ def _rehearse_once(conn, pending, s, rehearse_concurrently):
                             continue
                         if note:
                             res.setdefault("notes", []).append("line %d: %s" % (stmt.line, note))
-                        cur.execute(text)
+                        if profiler is None:
+                            cur.execute(text)
+                        elif m.transactional:
+                            res["impact"].append(profiler.execute(cur, stmt, text))
+                        else:  # its entry is the documented one; keep the observation current
+                            cur.execute(text)
+                            profiler.statement(cur, stmt, None)
                     cur.execute("RELEASE SAVEPOINT ledger_rehearsal")
                 except psycopg2.Error as exc:
                     err = pg_error(exc)

@@ -141,6 +141,23 @@ options:
       - With O(action=status), fail when drift (or an out-of-order file) is found.
     type: bool
     default: false
+  lock_policy:
+    description:
+      - Check mode of O(action=apply) - C(refuse) fails the rehearsal when its impact profile shows a lock impact
+        (a lock above SHARE UPDATE EXCLUSIVE held while working on, or a rewrite of, a pre-existing table above
+        O(lock_rows_threshold) estimated rows) not declared with C(-- ledger:allow-lock schema.table); C(warn)
+        reports it. The precheck enforces the same policy before a real run.
+    type: str
+    choices: [refuse, warn]
+    default: warn
+  lock_rows_threshold: {description: Tables with more estimated rows than this are large., type: int, default: 100000}
+  not_rehearsed:
+    description:
+      - Check mode - statements (C(file), C(line), C(reason)) never to rehearse on this target, with the rest of
+        their file and the later files; the precheck's C(impact.not_rehearsed) (staging measured them as heavy).
+    type: list
+    elements: dict
+    default: []
   record_rehearsal:
     description:
       - With O(action=apply), rehearse the pending migrations first (rolled back) and append a
@@ -295,7 +312,8 @@ invalid_indexes:
   elements: dict
 """
 
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module, with_defaults
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import RUN_OPTIONS_SPEC
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, describe_target
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice
@@ -347,7 +365,10 @@ def _rehearsal(url, migrations, p, record):
                                                                        info["target"]))
     route_problem = nontx_route_problem(url, pending, direct_url=p.get("direct_url"),
                                         advice=PlaybookAdvice(p["limit"]))
-    results = rehearse(url, pending, run_id=p["run_id"], record_event=record, **_timeouts(p))
+    stop_before = dict(((str(x.get("file")), int(x.get("line") or 0)), str(x.get("reason") or "heavy"))
+                       for x in p.get("not_rehearsed") or [])
+    results = rehearse(url, pending, run_id=p["run_id"], record_event=record, stop_before=stop_before,
+                       **_timeouts(p))
     lines = format_rehearsal(results)
     failed = [r for r in results if r["status"] == "would_fail"]
     out = dict(common, changed=True, pending=[m.version for m in pending], rehearsal=results,
@@ -368,7 +389,20 @@ def _rehearsal(url, migrations, p, record):
         raise LedgerError("rehearsal on %s: every file would apply, but the real run would refuse: %s\n  %s"
                           % (target, route_problem.msg, "\n  ".join(lines)),
                           **dict(out, next_command=route_problem.fields.get("next_command")))
-    out["msg"] = "rehearsal on %s (rolled back, nothing written):\n  %s" % (target, "\n  ".join(lines))
+    found = ledger_impact.impacts(results, p["lock_rows_threshold"])
+    passed, verdict, nxt = ledger_impact.policy_verdict(found, p["lock_policy"], p["lock_rows_threshold"])
+    squawk = ledger_impact.compare_squawk(results, pending, p["lock_rows_threshold"])
+    table = ledger_impact.format_table(results) + [
+        "squawk: %s" % (("%s line %s: %s" % (n["file"], n["line"], n["note"])) if n.get("file") else n["note"])
+        for n in squawk]
+    out["impact"] = {"files": ledger_impact.stamp_profile(results), "impacts": found, "policy": p["lock_policy"],
+                     "rows_threshold": p["lock_rows_threshold"], "squawk": squawk}
+    if not passed:
+        raise LedgerError("rehearsal on %s: %s\n%s\n  nothing was changed (the rehearsal was rolled back)\n  next: %s"
+                          % (target, verdict, "\n".join(table), nxt),
+                          **dict(out, file=found[0]["file"], line=found[0]["line"], next_command=nxt))
+    out["msg"] = "rehearsal on %s (rolled back, nothing written):\n  %s\nlock impact: %s\n%s" % (
+        target, "\n  ".join(lines), verdict, "\n".join(table))
     return out
 
 
@@ -389,6 +423,7 @@ def _failure_changed(result, params, check_mode):
 
 
 def run(p, check_mode=False):
+    p = with_defaults(ARGUMENT_SPEC, p)  # callers in process may pass only some options
     url = p["database_url"]
     action = p["action"]
     migrations = load_migration_set(p["migrations_dir"])
@@ -455,6 +490,9 @@ ARGUMENT_SPEC = dict(
     limit=dict(type="str"),
     fail_on_drift=dict(type="bool", default=False),
     record_rehearsal=dict(type="bool", default=False),
+    lock_policy=dict(type="str", choices=["refuse", "warn"], default="warn"),
+    lock_rows_threshold=dict(type="int", default=100000),
+    not_rehearsed=dict(type="list", elements="dict", default=[]),
 )
 
 SPEC_OPTIONS = dict(

@@ -38,6 +38,23 @@ options:
         the set as not fully rehearsed (the rehearsal never queues production traffic for longer).
     type: str
     default: 2s
+  lock_policy:
+    description:
+      - What a lock impact does (a lock above SHARE UPDATE EXCLUSIVE held while working on, or a rewrite of, a
+        pre-existing table with more than O(lock_rows_threshold) estimated rows), unless the file's header
+        declares it with C(-- ledger:allow-lock schema.table).
+      - C(refuse) fails the check before any change; C(warn) reports it.
+    type: str
+    choices: [refuse, warn]
+    default: warn
+  lock_rows_threshold: {description: Tables with more estimated rows than this are large., type: int, default: 100000}
+  impact_profile:
+    description:
+      - Staging's impact profile of the set (from the promotion stamp). The policy is enforced from it at this
+        target's table sizes, and a statement it shows as heavy is not rehearsed here.
+    type: list
+    elements: dict
+  compare_squawk: {description: Compare the observed profile with squawk's verdict per statement., type: bool, default: true}
   accepted_versions: {description: Accepted PostgreSQL major versions., type: list, elements: int, default: [15]}
   app_role: {description: The application role that must exist with LOGIN., type: str, default: arrakis_app}
   required_roles: {description: Roles the migration set needs., type: list, elements: str, default: [arrakis_app, arrakis_admin]}
@@ -80,6 +97,12 @@ failed_checks: {description: Names of the failed checks., type: list, returned: 
 pending: {description: Pending versions., type: list, returned: always}
 applied: {description: Applied versions., type: list, returned: always}
 schema_version: {description: Newest applied version (null when none)., type: str, returned: always}
+impact:
+  description: "The impact profile (files: per statement the locks, rewrites, rows, ms), the impacts found, squawk's
+    disagreements, table sizes that differ from staging's >10x; null without a rehearsal or a stamp profile."
+  type: dict
+  returned: always
+impact_lines: {description: The impact table and the policy's verdict as lines., type: list, returned: when profiled}
 terminated: {description: "Sessions ended by terminate_idle_minutes (or that would be, in check mode).", type: list, returned: always}
 """
 
@@ -102,8 +125,10 @@ except ImportError:  # pragma: no cover - reported by connect()
     psycopg2 = None
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_precheck_migrations import (
     NOT_REHEARSED_SQLSTATES,
+    check_lock_impact,
     check_migrations,
     check_rehearsal,
+    stamp_plan,
 )
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_precheck_server import (
     check,
@@ -131,6 +156,10 @@ ARGUMENT_SPEC = dict(
     rehearse=dict(type="bool", default=True),
     rehearse_statement_timeout=dict(type="str", default="30s"),
     rehearse_lock_timeout=dict(type="str", default="2s"),
+    lock_policy=dict(type="str", choices=["refuse", "warn"], default="warn"),
+    lock_rows_threshold=dict(type="int", default=100000),
+    impact_profile=dict(type="list", elements="dict"),
+    compare_squawk=dict(type="bool", default=True),
     accepted_versions=dict(type="list", elements="int", default=[15]),
     app_role=dict(type="str", default="arrakis_app"),
     required_roles=dict(type="list", elements="str", default=["arrakis_app", "arrakis_admin"]),
@@ -198,6 +227,7 @@ def run_precheck(params, check_mode=False, now_utc=None):
     changed = False
     backup_state = None
     rehearsal_results = None
+    impact = None
     try:
         conn = connect(url, autocommit=True, connect_timeout=p["connect_timeout"])
     except LedgerError as exc:
@@ -287,11 +317,16 @@ def run_precheck(params, check_mode=False, now_utc=None):
                                                    sorted(set(p.get("lock_tables") or []) | state["tables"]))]
             checks.extend(session_checks)
             # Last: the rehearsal takes the migrations' locks (then rolls back), so it runs only
-            # when no session would make it wait.
+            # when no session would make it wait, and never runs what staging measured as heavy.
+            planned = stamp_plan(conn, p, state) if not state["problem"] else None
             rehearsal, rehearsal_results = check_rehearsal(
-                conn, url, p, state, [c["name"] for c in session_checks if c["passed"] is False])
+                conn, url, p, state, [c["name"] for c in session_checks if c["passed"] is False],
+                stop_before=planned[1] if planned else None)
             if rehearsal is not None:
                 checks.append(rehearsal)
+            lock_impact, impact = check_lock_impact(p, rehearsal_results, planned, state["pending_items"])
+            if lock_impact is not None:
+                checks.append(lock_impact)
         else:
             for name in ("connections", "long_running_queries", "idle_in_transaction", "lock_waits"):
                 checks.append(not_run(name, "no connection"))
@@ -326,6 +361,7 @@ def run_precheck(params, check_mode=False, now_utc=None):
         "server_version": facts["server_version"] if facts else None,
         "database_size_bytes": facts["db_size"] if facts else None,
         "environment": p["environment"], "duration_s": round(time.time() - started, 3), "check_mode": check_mode,
+        "impact": impact,
     }
     rerun = p.get("rerun_command") or "the same ansible-playbook command (to re-check alone: `%s`)" % (
         playbook_command("precheck"))
@@ -343,6 +379,12 @@ def run_precheck(params, check_mode=False, now_utc=None):
             target, len([c for c in checks if c["passed"]]), len(state["pending"]),
             " (%s)" % ", ".join(state["pending"]) if state["pending"] else "",
             "; created %s 0700" % backup_state["path"] if backup_dir_created else "")
+    impact_check = next((c for c in checks if c["name"] == "lock_impact"), None)
+    if impact_check is not None:
+        result["impact_lines"] = (["lock impact: %s" % impact_check["message"]] + impact_check["observed"]["table"]
+                                  + ["squawk: %s line %s: %s" % (n.get("file"), n.get("line"), n["note"])
+                                     if n.get("file") else "squawk: %s" % n["note"]
+                                     for n in impact_check["observed"]["squawk"]])
 
     # The event: real runs only; never create the records schema for a refused run.
     if not check_mode and facts is not None and (facts["records"] or (state["pending"] and not failed)):

@@ -74,6 +74,13 @@ options:
     description: Accept a set without a stamp (check); logged as a promotion_override event.
     type: bool
     default: false
+  impact_profile:
+    description:
+      - record - the impact profile of the run's precheck rehearsal (per file and statement, module_utils/ledger_impact.py),
+        kept in the stamp entry and the C(promotion_stamp) event; check returns it as RV(impact_profile).
+    type: list
+    elements: dict
+    default: []
 author: Arrakis platform team (@arrakis-platform)
 """
 
@@ -103,6 +110,7 @@ version: {description: Highest version of the set, type: str, returned: always}
 files: {description: The set's files and their sha256, type: list, returned: always}
 stamp: {description: The stamp found (check) or recorded (record), type: dict, returned: when found}
 stamp_file: {description: Path of the stamp file, type: str, returned: always}
+impact_profile: {description: "check: staging's impact profile from the stamp (empty when none)", type: list, returned: state=check}
 source: {description: "check: nothing_pending, file, staging_events or override", type: str, returned: state=check}
 override: {description: Whether the override was used, type: bool, returned: state=check}
 target: {description: "This target, without its password.", type: str, returned: always}
@@ -228,6 +236,9 @@ class Promotion(object):
             "run_id": self.p["run_id"],
             "actor": actor(),
         }
+        if self.p.get("impact_profile"):
+            # Staging's measured impact profile: production's precheck enforces the lock policy from it.
+            entry["impact"] = self.p["impact_profile"]
         path = self.stamp_path(checksum)
         result = dict(set_checksum=checksum, version=version, files=self.files_list(files), stamp_file=path,
                       target=self.target)
@@ -247,7 +258,8 @@ class Promotion(object):
                     ensure_records(cur)
                     log_event(cur, self.p["run_id"], "promotion_stamp", "recorded", version=version,
                               detail={"set_checksum": checksum, "files": self.files_list(files),
-                                      "environment": self.p["environment"], "stamp_file": os.path.basename(path)})
+                                      "environment": self.p["environment"], "stamp_file": os.path.basename(path),
+                                      "impact": entry.get("impact") or []})
             finally:
                 conn.close()
         return dict(changed=changed, stamp=stamp,
@@ -317,7 +329,7 @@ class Promotion(object):
         stamp = self.read_stamp(path)
         found = self.valid_stamp(stamp, checksum)
         if found:
-            return dict(changed=False, source="file", stamp=found,
+            return dict(changed=False, source="file", stamp=found, impact_profile=found.get("impact") or [],
                         msg="the set %s (up to %s) passed verify on %s %s in run %s (%s)"
                         % (checksum[:12], version, found.get("environment"), found.get("target"),
                            found.get("run_id"), os.path.basename(path)), **result)
@@ -327,6 +339,7 @@ class Promotion(object):
             found = self.staging_event(checksum)
             if found:
                 return dict(changed=False, source="staging_events", stamp=found,
+                            impact_profile=found.pop("impact", None) or [],
                             msg="the set %s (up to %s) passed verify on %s in run %s (staging's "
                             "migrations.events)" % (checksum[:12], version, found.get("target"),
                                                     found.get("run_id")), **result)
@@ -376,7 +389,8 @@ class Promotion(object):
             with conn.cursor() as cur:
                 if not records_exist(cur):
                     return None
-                cur.execute("SELECT run_id, at::text, actor, detail->>'environment' FROM migrations.events"
+                cur.execute("SELECT run_id, at::text, actor, detail->>'environment', detail->'impact'"
+                            " FROM migrations.events"
                             " WHERE action = 'promotion_stamp' AND outcome = 'recorded'"
                             " AND detail->>'set_checksum' = %s ORDER BY id DESC LIMIT 1", (checksum,))
                 row = cur.fetchone()
@@ -385,7 +399,8 @@ class Promotion(object):
         if not row:
             return None
         return {"run_id": row[0], "recorded_at": row[1], "actor": row[2], "environment": row[3] or "staging",
-                "target": describe_target(self.p["staging_url"]), "verify": "passed"}
+                "target": describe_target(self.p["staging_url"]), "verify": "passed",
+                "impact": row[4] if isinstance(row[4], list) else []}
 
 
 ARGUMENT_SPEC = dict(
@@ -400,6 +415,7 @@ ARGUMENT_SPEC = dict(
     run_id=dict(type="str", required=True),
     staging_url=dict(type="str", default="", no_log=True),
     override=dict(type="bool", default=False),
+    impact_profile=dict(type="list", elements="dict", default=[]),
 )
 SPEC_OPTIONS = {}
 

@@ -12,6 +12,33 @@ def _cell(value):
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _impact_lines(impact):
+    """The impact profile of a target: per file, each statement's locks on pre-existing tables."""
+    if not impact or not impact.get("files"):
+        return []
+    out = ["", "Impact profile (policy %s, large above %s rows):" % (impact.get("policy"), impact.get("rows_threshold")),
+           "", "| file | line | relation | lock | rewrite | rows | ms | observed |", "|---|---|---|---|---|---|---|---|"]
+    for f in impact["files"]:
+        for st in f.get("statements") or []:
+            for rel in st.get("relations") or []:
+                out.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                    _cell(f.get("filename")), st.get("line"), _cell(rel.get("relation")), rel.get("lock") or "-",
+                    "yes" if rel.get("rewrite") else "no", rel.get("rows"), "-" if st.get("ms") is None else st["ms"],
+                    "yes" if st.get("observed", True) else "no (documented)"))
+    for i in impact.get("impacts") or []:
+        out.append("- **impact**%s: `%s` line %s: %s%s on `%s` (%s rows)" % (
+            " (allowed by -- ledger:allow-lock)" if i.get("allowed") else "", i.get("file"), i.get("line"),
+            i.get("lock") or "", " + rewrite" if i.get("rewrite") else "", i.get("table"), i.get("rows")))
+    for n in impact.get("squawk") or []:
+        where = ("`%s` line %s: " % (n["file"], n["line"])) if n.get("file") else ""
+        out.append("- squawk vs profile: %s" % _cell(where + n.get("note", "")))
+    for d in impact.get("size_differences") or []:
+        out.append("- size differs from staging >10x: `%s` %s rows here, %s on staging" % (
+            d["table"], d["rows"], d["staging_rows"]))
+    out.append("")
+    return out
+
+
 def render_markdown(report):
     lines = []
     mode = " (--check rehearsal: nothing was changed)" if report.get("check_mode") else ""
@@ -79,6 +106,7 @@ def render_markdown(report):
                     lines.append("  - failed check `%s`%s: %s" % (
                         c.get("name"), (" on %s" % c["relation"]) if c.get("relation") else "",
                         _cell(c.get("observed") or c.get("message") or c.get("msg"))))
+        lines.extend(_impact_lines(tgt.get("impact")))
         failure = tgt.get("failure")
         if failure:
             where = ""

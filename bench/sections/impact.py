@@ -1,0 +1,154 @@
+"""7. impact: the rehearsal's impact profile (issue 14) on a big table under application traffic.
+
+The traffic section's database (0009 applied by the pipeline) with public.lot_entries grown to
+--impact-rows rows (default 5,000,000) and ANALYZEd. Four bench-only migrations, each pending
+alone as 0010 of a copy of the set:
+  * nullable column         ALTER TABLE ... ADD COLUMN ... text        expected: no impact (brief lock)
+  * volatile default        ADD COLUMN ... DEFAULT random()            expected: impact (rewrite)
+  * CREATE INDEX            plain, in a transaction                    expected: impact (SHARE for the build)
+  * CREATE INDEX CONCURRENTLY  in a '-- ledger:no-transaction' file    expected: no impact
+For each: the profile's verdict at the default threshold (100,000 rows) and whether it is
+right; the profiling overhead, rehearsal with the profile against without it (median of
+--runs alternating pairs on one open connection as the precheck's, after one warm-up; no
+traffic: the rehearsal is rolled back, the table unchanged);
+then the migration applied for real by the engine while the traffic section's 4 clients
+insert into lot_entries as arrakis_app: the longest application transaction during the
+apply (the stall it caused), measured; then reverted with its down script (untimed).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+
+from lib import MIGRATIONS, ROOT, BenchError, log, median, require_migrations
+from sections.traffic import Workload, prepare
+
+sys.path.insert(0, str(ROOT / ".collections"))
+
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine as engine  # noqa: E402
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact as impact  # noqa: E402
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice  # noqa: E402
+
+GOAL_OVERHEAD = 1.2
+THRESHOLD = 100_000
+GROW = """
+SET session_replication_role = replica;  -- bulk load: row triggers and FK checks off (consistent by construction)
+INSERT INTO public.lot_entries (lot_id, community_id, entry_type, amount_micro, reservation_id)
+SELECT md5('lot' || (g % 1000))::uuid, md5('tenant' || ((g % 1000) % 100))::uuid, 'debit', 1,
+       'grow-' || g
+  FROM generate_series(1, {rows}) g;
+RESET session_replication_role;
+"""
+
+# name -> (up file, down file, the right verdict: an impact?)
+MIGRATIONS_UNDER_TEST = {
+    "nullable column": ("ALTER TABLE public.lot_entries ADD COLUMN bench_note text;\n",
+                        "ALTER TABLE public.lot_entries DROP COLUMN bench_note;\n", False),
+    "volatile default": ("ALTER TABLE public.lot_entries ADD COLUMN bench_rand double precision DEFAULT random();\n",
+                         "ALTER TABLE public.lot_entries DROP COLUMN bench_rand;\n", True),
+    "CREATE INDEX": ("CREATE INDEX lot_entries_bench_amount ON public.lot_entries (amount_micro);\n",
+                     "DROP INDEX public.lot_entries_bench_amount;\n", True),
+    "CREATE INDEX CONCURRENTLY": ("-- ledger:no-transaction\n"
+                                  "CREATE INDEX CONCURRENTLY lot_entries_bench_amount_c"
+                                  " ON public.lot_entries (amount_micro);\n",
+                                  "-- ledger:no-transaction\nDROP INDEX CONCURRENTLY public.lot_entries_bench_amount_c;\n",
+                                  False),
+}
+
+
+def migration_set(workdir, name, up, down):
+    """0008, 0009 and the migration under test as 0010 (its own directory)."""
+    d = workdir / "impact_migrations" / "".join(c if c.isalnum() else "_" for c in name.lower())
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    for path in sorted(MIGRATIONS.glob("000[89]_*.sql")):
+        shutil.copy2(path, d / path.name)
+    (d / "0010_bench_impact.sql").write_text(up)
+    (d / "0010_bench_impact.down.sql").write_text(down)
+    return engine.load_migration_set(str(d))
+
+
+def rehearse_seconds(conn, pending, profile):
+    """One rehearsal on an open connection, as the precheck runs it (its catalog caches warm)."""
+    t = time.perf_counter()
+    results = engine.rehearse(None, pending, profile=profile, lock_timeout="10s", statement_timeout="0", conn=conn)
+    took = time.perf_counter() - t
+    if any(r["status"] != "would_apply" for r in results):
+        raise BenchError(f"impact: the rehearsal did not pass: {engine.format_rehearsal(results)}")
+    return took, results
+
+
+def run(ctx, res):
+    require_migrations("0008", "0009")
+    cl = ctx.cluster
+    rows = ctx.args.impact_rows
+    base = prepare(ctx, ctx.workdir / "traffic_migrations")
+    url = cl.url(base)
+    advice = PlaybookAdvice("bench")
+    try:
+        log(f"impact: growing lot_entries to {rows:,} rows (untimed setup)")
+        t = time.perf_counter()
+        cl.execute(base, GROW.format(rows=max(rows - 100_000, 0)))
+        cl.execute(base, "VACUUM (ANALYZE) public.lot_entries")
+        reltuples = cl.query(base, "SELECT reltuples::bigint, pg_total_relation_size('public.lot_entries')"
+                                   " FROM pg_class WHERE oid = 'public.lot_entries'::regclass")[0]
+        res.details["table"] = {"reltuples": reltuples[0], "total_bytes": reltuples[1],
+                                "setup_s": round(time.perf_counter() - t, 1)}
+        log(f"impact: lot_entries {reltuples[0]:,} rows, {reltuples[1] / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s")
+        total_with = total_without = 0.0
+        for name, (up, down, expected) in MIGRATIONS_UNDER_TEST.items():
+            migrations = migration_set(ctx.workdir, name, up, down)
+            pending = [m for m in migrations if m.version == "0010"]
+            with_, without = [], []
+            results = None
+            conn = cl.connect(base)
+            try:
+                rehearse_seconds(conn, pending, True)  # warm-up, not counted (the precheck's connection is warm)
+                for _ in range(ctx.args.runs):
+                    without.append(rehearse_seconds(conn, pending, False)[0])
+                    took, results = rehearse_seconds(conn, pending, True)
+                    with_.append(took)
+            finally:
+                conn.close()
+            found = impact.impacts(results, THRESHOLD)
+            verdict = bool(found)
+            ratio = median(with_) / median(without) if median(without) else None
+            total_with += median(with_)
+            total_without += median(without)
+            # Applied for real under the application's inserts; the longest transaction is the stall.
+            phase = min(ctx.args.traffic_seconds, 2.0)
+            with Workload(cl.url(base, "arrakis_app"), "impact-" + "".join(c for c in name.lower() if c.isalnum())) as wl:
+                time.sleep(phase)
+                ta0 = time.monotonic()
+                engine.apply(url, migrations, target="0010", run_id="bench-impact", advice=advice,
+                             lock_timeout="10s", statement_timeout="0", lock_retries=3)
+                ta1 = time.monotonic()
+                time.sleep(phase)
+            engine.revert(url, migrations, "0009", run_id="bench-impact", advice=advice)
+            if wl.failures:
+                raise BenchError(f"impact ({name}): the workload failed: {'; '.join(wl.failures)}")
+            during = [r for r in wl.all() if r[2] is None and r[1] >= ta0 and r[0] <= ta1]
+            stall = max((r[1] - r[0] for r in during), default=None)
+            errors = sum(1 for r in wl.all() if r[2] is not None)
+            res.row(f"impact ({name}): verdict (expected {'impact' if expected else 'no impact'})",
+                    "impact" if verdict else "no impact", "", "right", verdict == expected)
+            res.row(f"impact ({name}): longest application stall while applying ({ta1 - ta0:.1f} s apply)",
+                    stall, "s")
+            res.row(f"impact ({name}): rehearsal with profile / without ({median(with_):.3f} s / "
+                    f"{median(without):.3f} s)", ratio, "x", f"<= {GOAL_OVERHEAD}x",
+                    ratio is not None and ratio <= GOAL_OVERHEAD)
+            res.details[name] = {"impacts": found, "profile": results[-1].get("impact"), "with_s": with_,
+                                 "without_s": without, "apply_s": ta1 - ta0, "stall_s": stall,
+                                 "failed_app_tx": errors, "committed_during_apply": len(during)}
+            log(f"impact ({name}): verdict {'impact' if verdict else 'no impact'} (expected "
+                f"{'impact' if expected else 'no impact'}); stall {stall or 0:.3f} s over a {ta1 - ta0:.2f} s apply; "
+                f"rehearsal {median(with_):.3f} s with profile, {median(without):.3f} s without ({ratio or 0:.2f}x); "
+                f"{errors} failed application transactions")
+        overall = total_with / total_without if total_without else None
+        res.row("impact: all four rehearsals, with profile / without", overall, "x", f"<= {GOAL_OVERHEAD}x",
+                overall is not None and overall <= GOAL_OVERHEAD)
+    finally:
+        cl.drop_db(base)
+        shutil.rmtree(ctx.workdir / "impact_migrations", ignore_errors=True)

@@ -1,0 +1,524 @@
+# -*- coding: utf-8 -*-
+"""The impact profile of a rehearsal and the lock policy (issue 14).
+
+During a rehearsal, after each statement, one query of ``pg_locks`` (this backend
+only, joined to ``pg_class``) says which relations the statement newly locked and
+in which mode, and whether a pre-existing table or index was rewritten (its
+``relfilenode`` changed). One snapshot of ``pg_class`` at the start of the rehearsal
+gives what existed before and its estimated rows (``reltuples``) and size. Files
+that run outside a transaction are profiled from PostgreSQL's documented lock
+levels ("not observed"): their rehearsal form would take other locks than the real
+run (a plain CREATE INDEX instead of CONCURRENTLY).
+
+The policy: a lock stronger than SHARE UPDATE EXCLUSIVE on a pre-existing table
+with more than ``threshold`` estimated rows, or a rewrite of such a table, is an
+*impact*; ``-- ledger:allow-lock schema.table`` in a file's header declares it
+intended. squawk's verdict on the same statements is compared with what was
+observed (``compare_squawk``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+# PostgreSQL's table lock modes, weakest first (pg_locks.mode names).
+LOCK_MODES = ("AccessShareLock", "RowShareLock", "RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock",
+              "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock")
+MODE_NAMES = dict((m, re.sub(r"(?<!^)([A-Z])", r" \1", m[:-4]).upper()) for m in LOCK_MODES)
+MODE_RANK = dict((name, i) for i, name in enumerate(MODE_NAMES[m] for m in LOCK_MODES))
+# A lock stronger than this blocks the application's writes (or reads) for its whole duration.
+WEAKEST_STRONG = MODE_RANK["SHARE"]
+TABLE_KINDS = ("r", "p", "m")
+KIND_NAMES = {"r": "table", "p": "table", "m": "materialized view", "i": "index", "I": "index"}
+
+SYSTEM_SCHEMAS = "('pg_catalog', 'information_schema')"
+SNAPSHOT_SQL = (
+    "SELECT c.oid, n.nspname, c.relname, c.relkind, pg_relation_filenode(c.oid), c.reltuples::bigint,"
+    " c.relpages::bigint * current_setting('block_size')::bigint,"
+    " CASE WHEN c.reltuples < 0 THEN pg_relation_size(c.oid) END, i.indrelid"
+    " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " LEFT JOIN pg_index i ON i.indexrelid = c.oid"
+    " WHERE c.relkind IN ('r', 'p', 'm', 'i', 'I') AND n.nspname NOT IN " + SYSTEM_SCHEMAS +
+    " AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'")
+# The one query per statement: this backend's granted relation locks with each relation's filenode.
+# Rows read counts this transaction's tuples returned by scans and fetched through indexes
+# (pg_stat_xact_*): a statement that reads a table under a strong lock holds it for that work.
+LOCKS_SQL = (
+    "SELECT l.relation::bigint, l.mode, pg_relation_filenode(l.relation),"
+    " pg_stat_get_xact_tuples_returned(l.relation) + pg_stat_get_xact_tuples_fetched(l.relation) FROM pg_locks l"
+    " WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation' AND l.granted")
+# Statements of these kinds (and ALTER, but for ALTER TYPE/DOMAIN) lock only the objects they name: when they name no pre-existing
+# relation (not even in a function body or a string), pg_locks is not read after them. The
+# read costs ~1 ms once a big set has created hundreds of objects (pg_lock_status() copies
+# every lock), so a set of many CREATEs would otherwise pay far more than 1.2x.
+NAMED_ONLY = frozenset(("create", "comment", "grant", "revoke"))
+WORDS = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+# Above this many pre-existing relations the lock query is not narrowed to them by an inline list.
+MAX_LISTED = 5000
+# Tuples per byte when a table was never ANALYZEd (reltuples = -1): a rough 100 bytes a row, so
+# a big table that was never analyzed still counts as big.
+BYTES_PER_ROW_GUESS = 100
+
+
+def mode_name(mode):
+    return MODE_NAMES.get(mode, mode)
+
+
+def stronger(a, b):
+    """The stronger of two lock names (either may be None)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if MODE_RANK.get(a, -1) >= MODE_RANK.get(b, -1) else b
+
+
+def is_strong(lock):
+    return lock is not None and MODE_RANK.get(lock, -1) >= WEAKEST_STRONG
+
+
+class Relation(object):
+    __slots__ = ("oid", "schema", "name", "kind", "filenode", "rows", "size_bytes", "table_oid", "rows_guessed")
+
+    def __init__(self, row):
+        (self.oid, self.schema, self.name, self.kind, self.filenode, reltuples, self.size_bytes,
+         unanalyzed_size, self.table_oid) = row
+        self.rows_guessed = reltuples is None or reltuples < 0
+        self.rows = (int(unanalyzed_size or 0) // BYTES_PER_ROW_GUESS) if self.rows_guessed else int(reltuples)
+        if self.rows_guessed:
+            self.size_bytes = int(unanalyzed_size or 0)
+
+    @property
+    def qualified(self):
+        return "%s.%s" % (self.schema, self.name)
+
+
+def snapshot(cur):
+    """{oid: Relation} of every user relation as the rehearsal starts (what exists before the migrations)."""
+    cur.execute(SNAPSHOT_SQL)
+    return dict((row[0], Relation(row)) for row in cur.fetchall())
+
+
+class Profiler(object):
+    """Per-statement observation inside the rehearsal transaction (one pg_locks query per statement)."""
+
+    def __init__(self):
+        self.before = {}
+        self.held = set()
+        self.locks_sql = LOCKS_SQL
+        self.filenodes = {}
+        self.reads = {}
+        self.by_name = {}
+
+    def start(self, cur):
+        self.before = snapshot(cur)
+        self.by_name = dict((r.qualified, r) for r in self.before.values())
+        self.names = set(r.name.lower() for r in self.before.values())
+        self.filenodes = dict((oid, r.filenode) for oid, r in self.before.items())
+        # Only what existed before can be an impact: the relations the migrations create hold
+        # locks too (hundreds in a big set), and reading them back at every statement would cost
+        # more than the rehearsal. An inline literal (no bind parameter: the statement is sent
+        # with it, and a migration's own % signs must stay as they are).
+        if len(self.before) <= MAX_LISTED:
+            self.locks_sql = LOCKS_SQL + " AND l.relation = ANY('{%s}'::oid[])" % ",".join(
+                str(int(oid)) for oid in sorted(self.before))
+        # The rehearsal's transaction has just begun: it holds no lock on a user relation yet and
+        # has read none of their rows, so there is nothing more to ask before the first statement.
+        self.held, self.reads = set(), {}
+
+    def _locks(self, cur, run_first=None):
+        if not self.before:  # nothing pre-existing (a fresh database): nothing to observe
+            if run_first is not None:
+                cur.execute(run_first)
+            return set(), {}, {}
+        # The statement and the observation in one round trip (simple query protocol, inside the
+        # rehearsal's transaction): the profile then costs one small query, not one more exchange.
+        cur.execute(self.locks_sql if run_first is None else run_first + "\n;\n" + self.locks_sql)
+        held, nodes, reads = set(), {}, {}
+        for oid, mode, filenode, read in cur.fetchall():
+            held.add((oid, mode))
+            nodes[oid] = filenode
+            reads[oid] = int(read or 0)
+        return held, nodes, reads
+
+    def names_nothing_old(self, stmt):
+        """Whether a statement can only lock what it creates (a CREATE/COMMENT/GRANT naming no old relation)."""
+        words = [w.lower() for w in stmt.keywords[:2]]
+        alter = bool(words) and words[0] == "alter" and len(words) > 1 and words[1] not in ("type", "domain")
+        if not words or not (words[0] in NAMED_ONLY or alter):
+            # ALTER TYPE / DOMAIN may scan every table using them, without naming one.
+            return False
+        return not any(w.lower() in self.names for w in WORDS.findall(stmt.text))
+
+    def execute(self, cur, stmt, text):
+        """Run a statement's rehearsal form and return its profile entry (observed)."""
+        t = time.monotonic()
+        if self.names_nothing_old(stmt):
+            cur.execute(text)
+            return {"line": stmt.line, "statement": stmt.summary(100), "ms": int(round((time.monotonic() - t) * 1000)),
+                    "observed": True, "relations": []}
+        observed = self._locks(cur, text)
+        return self._entry(stmt, int(round((time.monotonic() - t) * 1000)), *observed)
+
+    def statement(self, cur, stmt, ms):
+        """The profile entry of a statement that just ran (observed)."""
+        return self._entry(stmt, ms, *self._locks(cur))
+
+    def _entry(self, stmt, ms, held, nodes, reads):
+        new = held - self.held
+        self.held = held
+        per_rel = {}
+        for oid, mode in new:
+            if oid in self.before:
+                per_rel.setdefault(oid, set()).add(mode_name(mode))
+        read_now = {}
+        for oid, n in reads.items():
+            if oid in self.before and n > self.reads.get(oid, 0):
+                read_now[oid] = n - self.reads.get(oid, 0)
+                per_rel.setdefault(oid, set())
+        self.reads.update(reads)
+        rewritten = set()
+        for oid, node in nodes.items():
+            if oid in self.before and node is not None and node != self.filenodes.get(oid):
+                rewritten.add(oid)
+                self.filenodes[oid] = node
+                per_rel.setdefault(oid, set())
+        relations = []
+        for oid, modes in per_rel.items():
+            rel = self.before[oid]
+            # An index's lock and rewrite are shown; its table's size is what the policy weighs.
+            if rel.kind not in TABLE_KINDS and oid not in rewritten:
+                continue
+            lock = None
+            for m in modes:
+                lock = stronger(lock, m)
+            if oid in rewritten:
+                # Every rewrite holds ACCESS EXCLUSIVE on what it rewrites; a rehearsal's earlier
+                # statement may already hold it (then it is not new to this one).
+                lock = "ACCESS EXCLUSIVE"
+            relations.append(_relation_entry(rel, lock, oid in rewritten, self.before, read_now.get(oid, 0)))
+        relations.sort(key=lambda r: (-MODE_RANK.get(r["lock"] or "", -1), r["relation"]))
+        return {"line": stmt.line, "statement": stmt.summary(100), "ms": ms, "observed": True,
+                "relations": relations}
+
+    def documented(self, stmt):
+        """The profile entry of a statement of a no-transaction file, from PostgreSQL's documentation."""
+        return documented_profile(stmt, self.by_name)
+
+
+def _relation_entry(rel, lock, rewrite, before, rows_read):
+    table = before.get(rel.table_oid) if rel.table_oid else None
+    rows_of = table or rel
+    return {"relation": rel.qualified, "kind": KIND_NAMES.get(rel.kind, rel.kind),
+            "table": table.qualified if table else rel.qualified, "lock": lock, "rewrite": bool(rewrite),
+            "rows_read": rows_read,
+            "rows": rows_of.rows, "rows_guessed": rows_of.rows_guessed, "size_bytes": rows_of.size_bytes}
+
+
+# --------------------------------------------------------------------------- documented lock levels
+
+_IDENT = r'(?:"[^"]+"|[A-Za-z_][A-Za-z0-9_$]*)'
+_QNAME = r"(%s(?:\s*\.\s*%s)?)" % (_IDENT, _IDENT)
+# (pattern on the masked statement, lock on the named table, rewrite, the documentation's words)
+DOCUMENTED = (
+    (re.compile(r"^\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\b.*?\bON\s+(?:ONLY\s+)?" + _QNAME, re.I | re.S),
+     "SHARE UPDATE EXCLUSIVE", False, "CREATE INDEX CONCURRENTLY"),
+    (re.compile(r"^\s*REINDEX\b.*\bCONCURRENTLY\s+" + _QNAME, re.I | re.S),
+     "SHARE UPDATE EXCLUSIVE", False, "REINDEX CONCURRENTLY"),
+    (re.compile(r"^\s*DROP\s+INDEX\s+CONCURRENTLY\s+(?:IF\s+EXISTS\s+)?" + _QNAME, re.I | re.S),
+     "SHARE UPDATE EXCLUSIVE", False, "DROP INDEX CONCURRENTLY"),
+    (re.compile(r"^\s*ALTER\s+TABLE\s+(?:ONLY\s+)?" + _QNAME + r"\s+DETACH\s+PARTITION\b.*\bCONCURRENTLY", re.I | re.S),
+     "SHARE UPDATE EXCLUSIVE", False, "DETACH PARTITION CONCURRENTLY"),
+    (re.compile(r"^\s*VACUUM\s*(?:\([^)]*\bFULL\b[^)]*\)|FULL\b)\s*(?:\w+\s+)*?" + _QNAME, re.I | re.S),
+     "ACCESS EXCLUSIVE", True, "VACUUM FULL"),
+    (re.compile(r"^\s*VACUUM\b(?:\s*\([^)]*\))?(?:\s+(?:VERBOSE|ANALYZE|FREEZE))*\s+" + _QNAME, re.I | re.S),
+     "SHARE UPDATE EXCLUSIVE", False, "VACUUM"),
+)
+
+
+def _unquote(qname):
+    parts = [p.strip().strip('"') for p in qname.split(".")]
+    return ".".join(parts) if len(parts) == 2 else "public." + parts[0]
+
+
+def documented_profile(stmt, by_name):
+    """What PostgreSQL documents for a statement run outside a transaction ("not observed")."""
+    entry = {"line": stmt.line, "statement": stmt.summary(100), "ms": None, "observed": False, "relations": []}
+    for pattern, lock, rewrite, what in DOCUMENTED:
+        m = pattern.match(stmt.masked)
+        if not m:
+            continue
+        name = _unquote(m.group(1))
+        rel = by_name.get(name)
+        if rel is not None and rel.kind in ("i", "I"):
+            table = next((r for r in by_name.values() if r.oid == rel.table_oid), None)
+        else:
+            table = rel
+        entry["relations"].append({
+            "relation": name, "kind": KIND_NAMES.get(rel.kind, "table") if rel else "table",
+            "table": table.qualified if table else name, "lock": lock, "rewrite": rewrite,
+            "rows": table.rows if table else None, "rows_guessed": table.rows_guessed if table else False,
+            "size_bytes": table.size_bytes if table else None, "documented": what})
+        entry["note"] = "not observed: %s, by PostgreSQL's documented lock level" % what
+        return entry
+    entry["note"] = "not observed: no documented lock level known for this statement"
+    return entry
+
+
+# --------------------------------------------------------------------------- the policy
+
+def impacts(results, threshold):
+    """The impacts of a profiled rehearsal: [{file, version, line, table, lock, rewrite, rows, allowed, work_line}].
+
+    ``results`` are the rehearsal's per-file results (each with ``impact`` and ``allow_lock``). A
+    strong lock (above SHARE UPDATE EXCLUSIVE) on a large pre-existing table is an impact when the
+    file does work on that table while holding it: a rewrite, or reading its rows (a scan, an index
+    build, a validation), in that statement or a later one of the file (the lock is held until the
+    file's transaction ends). A strong lock without work (ADD COLUMN without a volatile default,
+    a NOT VALID constraint) is brief: no impact. A rewrite is always one.
+    """
+    out = []
+    for r in results:
+        allowed = set(r.get("allow_lock") or [])
+        held = {}  # table -> (lock, line) of the strongest lock this file took on it so far
+        flagged = set()
+        for st in r.get("impact") or []:
+            documented = not st.get("observed", True)
+            for rel in st.get("relations") or []:
+                if rel.get("kind") not in ("table", "materialized view"):
+                    continue
+                table = rel["table"]
+                if is_strong(rel.get("lock")) and not is_strong((held.get(table) or (None,))[0]):
+                    held[table] = (rel["lock"], st["line"])
+                rows = rel.get("rows")
+                if rows is None or rows <= threshold or table in flagged:
+                    continue
+                read = rel.get("rows_read") or 0
+                # Work: a rewrite, or reading a good part of the table (not a few index look-ups).
+                working = rel.get("rewrite") or read > threshold or read * 10 >= rows or documented
+                if not working or table not in held:
+                    continue
+                flagged.add(table)
+                lock, line = held[table]
+                out.append({"table": table, "lock": lock, "rewrite": bool(rel.get("rewrite")), "rows": rows,
+                            "rows_guessed": bool(rel.get("rows_guessed")), "file": r["filename"],
+                            "version": r["version"], "line": line, "work_line": st["line"],
+                            "statement": st.get("statement"), "observed": not documented,
+                            "allowed": table in allowed})
+    return out
+
+
+def describe_impact(i):
+    what = []
+    if i.get("lock"):
+        what.append("%s lock" % i["lock"])
+    if i.get("rewrite"):
+        what.append("a rewrite")
+    work = "" if i.get("work_line") in (None, i["line"]) else ", held while line %s works on it" % i["work_line"]
+    return "%s line %s: %s on %s (%s%s rows%s%s)" % (
+        i["file"], i["line"], " and ".join(what) or "impact", i["table"], "~" if i.get("rows_guessed") else "",
+        i["rows"], ", never ANALYZEd: estimated from its size" if i.get("rows_guessed") else "", work)
+
+
+def policy_verdict(found, policy, threshold):
+    """(passed, message, next) of the lock policy for the impacts found."""
+    blocking = [i for i in found if not i["allowed"]]
+    allowed = [i for i in found if i["allowed"]]
+    said = []
+    if allowed:
+        said.append("%d intended by -- ledger:allow-lock (%s)" % (len(allowed), "; ".join(
+            describe_impact(i) for i in allowed)))
+    if not blocking:
+        return True, ("no lock impact above %d rows%s" % (threshold, (": " + said[0]) if said else "")), None
+    msg = "%d lock impact(s) on tables above %d estimated rows: %s%s" % (
+        len(blocking), threshold, "; ".join(describe_impact(i) for i in blocking), ("; " + said[0]) if said else "")
+    first = blocking[0]
+    nxt = ("make the change without the strong lock or the rewrite (CREATE INDEX CONCURRENTLY in a "
+           "'-- ledger:no-transaction' file, a nullable column then a batched backfill, NOT VALID then VALIDATE), "
+           "or declare the impact intended with a header line '-- ledger:allow-lock %s' in %s and run it in a "
+           "maintenance window" % (first["table"], first["file"]))
+    if policy == "refuse":
+        return False, "migrate_lock_policy=refuse: " + msg, nxt
+    return True, "migrate_lock_policy=warn: " + msg, nxt
+
+
+# --------------------------------------------------------------------------- the stamp
+
+def stamp_profile(results):
+    """The profile of a rehearsal as carried in a promotion stamp (per file, per statement)."""
+    out = []
+    for r in results or []:
+        if r.get("impact") is None:
+            continue
+        out.append({"version": r["version"], "filename": r["filename"], "allow_lock": r.get("allow_lock") or [],
+                    "statements": r["impact"]})
+    return out
+
+
+def from_stamp(profile, pending, rows_here, threshold):
+    """Production's view of staging's profile: impacts at production's table sizes, and size differences.
+
+    ``profile`` is the stamp's (stamp_profile()), ``pending`` the pending Migration objects here,
+    ``rows_here`` {schema.table: estimated rows on this target}. Returns (results, heavy, differences):
+    results shaped as the rehearsal's (for impacts()), heavy {(filename, line): reason} statements not
+    to rehearse here, differences [{table, staging_rows, rows}] beyond 10x.
+    """
+    by_file = dict((p.get("filename"), p) for p in profile or [] if isinstance(p, dict))
+    results, heavy, differences, seen = [], {}, [], set()
+    for m in pending:
+        p = by_file.get(m.filename)
+        if p is None:
+            continue
+        statements = []
+        for st in p.get("statements") or []:
+            rels = []
+            for rel in st.get("relations") or []:
+                rel = dict(rel)
+                here = rows_here.get(rel.get("table"))
+                staged = rel.get("rows")
+                if here is not None:
+                    if rel["table"] not in seen and _differs(staged, here):
+                        seen.add(rel["table"])
+                        differences.append({"table": rel["table"], "staging_rows": staged, "rows": here})
+                    rel["staging_rows"], rel["rows"] = staged, here
+                rels.append(rel)
+            statements.append(dict(st, relations=rels))
+        result = {"version": m.version, "filename": m.filename, "allow_lock": list(m.allow_lock),
+                  "impact": statements, "source": "staging"}
+        results.append(result)
+        # Heavy here or on staging: never rehearsed on this target (from its lock on, the rest of the file).
+        staged_sizes = dict(result, impact=[
+            dict(st, relations=[dict(rel, rows=rel.get("staging_rows", rel.get("rows"))) for rel in st["relations"]])
+            for st in statements])
+        for i in impacts([result], threshold) + impacts([staged_sizes], threshold):
+            key = (m.filename, i["line"])
+            heavy.setdefault(key, "staging measured %s%s on %s (%s rows here)" % (
+                "%s lock" % i["lock"] if i.get("lock") else "", " and a rewrite" if i.get("rewrite") else "",
+                i["table"], rows_here.get(i["table"], "?")))
+    return results, heavy, differences
+
+
+def _differs(a, b):
+    if a is None or b is None:
+        return False
+    lo, hi = sorted((max(int(a), 0), max(int(b), 0)))
+    return hi > 10 * max(lo, 1) and hi >= 1000
+
+
+def rows_of_tables(cur, names):
+    """{schema.table: estimated rows} on this target (reltuples; size-based for never-analyzed tables)."""
+    names = sorted(set(n for n in names if n))
+    if not names:
+        return {}
+    cur.execute("SELECT n.nspname || '.' || c.relname, c.reltuples::bigint,"
+                " CASE WHEN c.reltuples < 0 THEN pg_relation_size(c.oid) END"
+                " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname || '.' || c.relname = ANY(%s)", (names,))
+    return dict((name, int(t) if t is not None and t >= 0 else int(size or 0) // BYTES_PER_ROW_GUESS)
+                for name, t, size in cur.fetchall())
+
+
+# --------------------------------------------------------------------------- the table
+
+def format_table(results, threshold=None):
+    """Per-file impact lines: statement line, relation, strongest lock, rewrite, rows, ms."""
+    lines = []
+    for r in results or []:
+        if r.get("impact") is None:
+            continue
+        rows = []
+        for st in r["impact"]:
+            ms = "-" if st.get("ms") is None else str(st["ms"])
+            for rel in st.get("relations") or []:
+                rows.append("    %5s  %-32s %-24s %-7s %12s %8s%s" % (
+                    st["line"], rel["relation"], rel.get("lock") or "-", "yes" if rel.get("rewrite") else "no",
+                    ("~%s" % rel["rows"]) if rel.get("rows_guessed") else rel.get("rows", "-"), ms,
+                    "  (not observed: documented)" if not st.get("observed", True) else ""))
+        source = " (staging's profile)" if r.get("source") == "staging" else (
+            "" if r.get("transactional", True) else " (no-transaction file: not observed, documented lock levels)")
+        if not rows:
+            lines.append("  %s: no lock on a pre-existing table%s" % (r["filename"], source))
+            continue
+        lines.append("  %s impact%s:" % (r["filename"], source))
+        lines.append("     line  relation                         lock                     rewrite         rows       ms")
+        lines.extend(rows)
+    return lines
+
+
+# --------------------------------------------------------------------------- squawk
+
+# squawk rules whose warning is about a lock or a rewrite (the others are style and safety).
+SQUAWK_LOCK_RULES = frozenset((
+    "adding-field-with-default", "adding-foreign-key-constraint", "adding-not-nullable-field",
+    "adding-required-field", "adding-serial-primary-key-field", "changing-column-type",
+    "constraint-missing-not-valid", "disallowed-unique-constraint", "require-concurrent-index-creation",
+    "require-concurrent-index-deletion", "setting-not-nullable-field", "ban-alter-domain-with-add-constraint",
+))
+
+
+def squawk_binary():
+    """squawk next to this Python (the project's venv), else on PATH, else None."""
+    here = os.path.join(os.path.dirname(sys.executable), "squawk")
+    if os.access(here, os.X_OK):
+        return here
+    return shutil.which("squawk")
+
+
+def squawk_findings(path, transactional, timeout=60):
+    """{statement line: [rule, ...]} of squawk's lock rules on a file, or None when squawk is unavailable."""
+    binary = squawk_binary()
+    if binary is None:
+        return None
+    cmd = [binary, "--reporter", "json", "--pg-version", "15.0",
+           "--assume-in-transaction" if transactional else "--no-assume-in-transaction", path]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        found = json.loads(proc.stdout or "[]")
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    out = {}
+    for f in found if isinstance(found, list) else []:
+        if isinstance(f, dict) and f.get("rule_name") in SQUAWK_LOCK_RULES and isinstance(f.get("line"), int):
+            out.setdefault(f["line"] + 1, []).append(f["rule_name"])  # squawk's lines are 0-based
+    return out
+
+
+def compare_squawk(results, migrations, threshold):
+    """Where squawk's verdict on a statement and the observed profile disagree, both directions."""
+    by_file = dict((m.filename, m) for m in migrations)
+    out = []
+    for r in results or []:
+        m = by_file.get(r["filename"])
+        if m is None or r.get("impact") is None:
+            continue
+        found = squawk_findings(m.path, m.transactional)
+        if found is None:
+            return [{"note": "squawk not found: no comparison with the static lint"}]
+        starts = [st.line for st in m.statements]
+        rules_at = {}
+        for line, rules in found.items():
+            start = max([s for s in starts if s <= line] or [starts[0]])
+            rules_at.setdefault(start, []).extend(rules)
+        for st in r["impact"]:
+            rules = sorted(set(rules_at.get(st["line"], [])))
+            hit = impacts([{"filename": r["filename"], "version": r["version"], "impact": [st]}], threshold)
+            if rules and not hit:
+                seen = ", ".join("%s on %s (%s rows)" % (rel.get("lock") or "no lock", rel["relation"], rel.get("rows"))
+                                 + (" rewrite" if rel.get("rewrite") else "") for rel in st.get("relations") or [])
+                out.append({"file": r["filename"], "line": st["line"], "squawk": rules, "observed_impact": False,
+                            "note": "squawk warns (%s), the %s profile shows no impact%s" % (
+                                ", ".join(rules), "observed" if st.get("observed", True) else "documented",
+                                (": " + seen) if seen else "")})
+            elif hit and not rules:
+                what = "; ".join("%s%s on %s, %s rows" % (h["lock"] or "", " + rewrite" if h["rewrite"] else "",
+                                                          h["table"], h["rows"]) for h in hit)
+                out.append({"file": r["filename"], "line": st["line"], "squawk": [], "observed_impact": True,
+                            "note": "the %s profile shows an impact (%s), squawk says nothing" % (
+                                "observed" if st.get("observed", True) else "documented", what)})
+    return out
