@@ -123,7 +123,9 @@ class CallbackModule(DefaultCallback):
         if action in STAGE_ACTIONS:
             text = stage_line(action, res, bool(result._task.check_mode))
         elif action in DEBUG_ACTIONS and "msg" in res and not res.get("skipped_reason"):
-            text = res["msg"] if isinstance(res["msg"], str) else self._dump_results({"msg": res["msg"]})
+            msg = res["msg"]
+            text = msg if isinstance(msg, str) else "\n".join(str(m) for m in msg) if isinstance(msg, list) \
+                else self._dump_results({"msg": msg})
         if text:
             self._display.display(self._prefix(host, text))
 

@@ -370,8 +370,14 @@ def run_precheck(params, check_mode=False, now_utc=None):
             target, len(failed), len([c for c in checks if c["passed"] is not None]))]
         for c in failed:
             lines.append("- %s: %s" % (c["name"], c["message"]))
+            if c["name"] == "lock_impact":
+                # The per-file table (what was not rehearsed here, and why) belongs to the refusal itself.
+                lines.extend("  " + row for row in (c.get("observed") or {}).get("table") or [])
             if c.get("next"):
                 lines.append("  next: %s" % c["next"])
+        # A rehearsal that stopped before a heavy statement passed, but the refusal must say what was not run.
+        lines.extend("- rehearsal: " + c["message"] for c in checks
+                     if c["name"] == "rehearsal" and c["passed"] and (c.get("observed") or {}).get("not_rehearsed_here"))
         lines.append("Then re-run: %s" % rerun)
         result["msg"] = redact("\n".join(lines))
     else:
@@ -380,7 +386,8 @@ def run_precheck(params, check_mode=False, now_utc=None):
             " (%s)" % ", ".join(state["pending"]) if state["pending"] else "",
             "; created %s 0700" % backup_state["path"] if backup_dir_created else "")
     impact_check = next((c for c in checks if c["name"] == "lock_impact"), None)
-    if impact_check is not None:
+    # Shown on the screen only when there is something to say: an impact or a squawk disagreement.
+    if impact_check is not None and (impact_check["observed"].get("impacts") or impact_check["observed"].get("squawk")):
         result["impact_lines"] = (["lock impact: %s" % impact_check["message"]] + impact_check["observed"]["table"]
                                   + ["squawk: %s line %s: %s" % (n.get("file"), n.get("line"), n["note"])
                                      if n.get("file") else "squawk: %s" % n["note"]
