@@ -372,12 +372,14 @@ def run_precheck(params, check_mode=False, now_utc=None):
             lines.append("- %s: %s" % (c["name"], c["message"]))
             if c["name"] == "lock_impact":
                 # The per-file table (what was not rehearsed here, and why) belongs to the refusal itself.
-                lines.extend("  " + row for row in (c.get("observed") or {}).get("table") or [])
+                observed = c.get("observed") if isinstance(c.get("observed"), dict) else {}
+                lines.extend("  " + row for row in observed.get("table") or [])
             if c.get("next"):
                 lines.append("  next: %s" % c["next"])
         # A rehearsal that stopped before a heavy statement passed, but the refusal must say what was not run.
         lines.extend("- rehearsal: " + c["message"] for c in checks
-                     if c["name"] == "rehearsal" and c["passed"] and (c.get("observed") or {}).get("not_rehearsed_here"))
+                     if c["name"] == "rehearsal" and c["passed"] and isinstance(c.get("observed"), dict)
+                     and c["observed"].get("not_rehearsed_here"))
         lines.append("Then re-run: %s" % rerun)
         result["msg"] = redact("\n".join(lines))
     else:
