@@ -15,7 +15,18 @@ import sys
 from pgcluster import port_in_use
 
 
-def free_block(size: int, low: int = 20000, high: int = 60000, tries: int = 200) -> int:
+def _ephemeral_low(default: int = 32768) -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def free_block(size: int, low: int = 20000, high: int | None = None, tries: int = 200) -> int:
+    # Stay below the kernel's ephemeral range: a port that is free now can otherwise be taken
+    # as the local end of an outgoing connection before PostgreSQL binds it ("Address already in use").
+    high = high or _ephemeral_low()
     rng = random.SystemRandom()
     for _ in range(tries):
         base = rng.randrange(low, high - size)
