@@ -31,3 +31,11 @@ def q(url: str, query: str, args=None):
 def history(url: str) -> list[str]:
     """The applied versions recorded in migrations.history, in order."""
     return [r[0] for r in q(url, "SELECT version FROM migrations.history ORDER BY version")]
+
+
+def events(url: str, columns: str = "action, outcome, run_id", action: str | None = None) -> list[tuple]:
+    """migrations.events rows in order (only `action`'s when given); [] when the records schema does not exist."""
+    if q(url, "SELECT to_regclass('migrations.events') IS NOT NULL")[0][0] is not True:
+        return []
+    where = " WHERE action = %s" if action else ""
+    return q(url, "SELECT %s FROM migrations.events%s ORDER BY id" % (columns, where), (action,) if action else None)

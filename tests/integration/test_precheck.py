@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from pghelpers import load_module
+from pghelpers import events, load_module
 from ledgertest import RUNBOOK_SET
 
 
@@ -48,18 +48,6 @@ def schema_exists(url, schema="migrations"):
     finally:
         conn.close()
 
-
-def events(url):
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('migrations.events') IS NOT NULL")
-            if not cur.fetchone()[0]:
-                return []
-            cur.execute("SELECT action, outcome, run_id FROM migrations.events ORDER BY id")
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 @pytest.fixture

@@ -16,25 +16,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psycopg2
 import pytest
 import yaml
 from ledgertest import RUNBOOK_SET
+from pghelpers import q as query
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).parent / "ansible-playbook")
 ALL_VERSIONS = ["0008", "0009", "0010", "0011"]
 
-
-def query(url: str, sql: str, args=None):
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchall() if cur.description else None
-    finally:
-        conn.close()
 
 
 @pytest.fixture

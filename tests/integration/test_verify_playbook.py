@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import psycopg2
+from pghelpers import events
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOK = ROOT / "playbooks" / "verify.yml"
@@ -28,17 +29,9 @@ def play(tmp_path: Path, url: str, *extra: str, limit: str | None = "t1", verbos
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
+
 def verify_events(url: str) -> list[tuple]:
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('migrations.events') IS NOT NULL")
-            if not cur.fetchone()[0]:
-                return []
-            cur.execute("SELECT outcome, run_id FROM migrations.events WHERE action = 'verify' ORDER BY id")
-            return cur.fetchall()
-    finally:
-        conn.close()
+    return events(url, "outcome, run_id", action="verify")
 
 
 def test_playbook_passes_and_records_the_run(tmp_path, ledger_db):
