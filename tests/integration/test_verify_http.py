@@ -5,10 +5,7 @@ the health endpoint (200, a bad status, a timeout, nobody listening) and the JWK
 from __future__ import annotations
 
 import base64
-import contextlib
 import http.server
-import importlib
-import io
 import json
 import socket
 import threading
@@ -17,18 +14,13 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from ansible.module_utils.testing import patch_module_args
+from ledgertest import via_main
 
 ROOT = Path(__file__).resolve().parents[2]
-ledger_verify = importlib.import_module("ansible_collections.arrakis.ledger.plugins.modules.ledger_verify")
 
 
 def run_verify(url: str, **args) -> dict:
-    out = io.StringIO()
-    with patch_module_args(dict(database_url=url, limit="testenv", **args)), contextlib.redirect_stdout(out):
-        with pytest.raises(SystemExit):
-            ledger_verify.main()
-    return json.loads(out.getvalue())
+    return via_main("ledger_verify", dict(database_url=url, limit="testenv", **args))
 
 
 def http_check(result: dict, name: str) -> dict:

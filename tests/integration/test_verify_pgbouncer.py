@@ -7,28 +7,19 @@ the leak check can fail."""
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import io
-import json
 from pathlib import Path
 
 import psycopg2
 import pytest
-from ansible.module_utils.testing import patch_module_args
 
 import pgbouncer_ctl
+from ledgertest import via_main
 
 ROOT = Path(__file__).resolve().parents[2]
-ledger_verify = importlib.import_module("ansible_collections.arrakis.ledger.plugins.modules.ledger_verify")
 
 
 def run_verify(url: str, **args) -> dict:
-    out = io.StringIO()
-    with patch_module_args(dict(database_url=url, limit="testenv", **args)), contextlib.redirect_stdout(out):
-        with pytest.raises(SystemExit):
-            ledger_verify.main()
-    return json.loads(out.getvalue())
+    return via_main("ledger_verify", dict(database_url=url, limit="testenv", **args))
 
 
 def start_bouncer(base, pg_port, **kw):
