@@ -11,8 +11,6 @@ import urllib.error
 import urllib.parse
 import uuid
 
-from ansible.module_utils.urls import ConnectionError as UrlsConnectionError
-from ansible.module_utils.urls import open_url
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
     LedgerError, connect,
 )
@@ -123,6 +121,12 @@ def http_get(url, timeout):
 
     user:password@ in the URL is sent as HTTP basic auth (urllib would not).
     """
+    # Imported here, not at the top: ansible.module_utils.urls pulls in http.client and
+    # cryptography.x509 (~60 ms), and most runs have no health_url or jwks_url to probe.
+    # (AnsiballZ still finds this import: it scans function bodies too.)
+    from ansible.module_utils.urls import ConnectionError as UrlsConnectionError
+    from ansible.module_utils.urls import open_url
+
     headers = {"Accept": "application/json", "User-Agent": "ledger-verify"}
     parts = urllib.parse.urlsplit(url)
     if parts.username is not None:
