@@ -22,7 +22,11 @@ validated_parameters/errors, remove_values, and the ActionBase API of an action 
 
 Each task runs in its own forked worker process (also with forks=25), and every module opens and
 closes its own connections and stops its threads before returning: nothing is shared between
-tasks or hosts.
+tasks or hosts. What is shared is code: the strategy loads each action class in the
+controller's main process before it forks the task's worker, and loading the class imports the
+stage module (LedgerAction.__init_subclass__). Every later worker inherits it compiled, with
+its module_utils and psycopg2; imported in the worker instead, they were compiled again for
+each stage, since the collection loader compiles from source and keeps no bytecode cache.
 """
 
 from __future__ import annotations
@@ -51,6 +55,15 @@ LOCAL_TRANSPORTS = ("local", "ansible.builtin.local", "ansible.legacy.local")
 def load_module(name):
     """The module plugins/modules/<name>.py of this collection, imported in this process."""
     return importlib.import_module("ansible_collections.arrakis.ledger.plugins.modules." + name)
+
+
+def preload_module(name):
+    """Import the stage module now, if it can be: a module that cannot be imported on the
+    controller (a dependency missing) is imported again, and reported, when a task needs it."""
+    try:
+        load_module(name)
+    except Exception as exc:  # noqa: BLE001 - never fail an action plugin's import for it
+        display.vvvv("%s: not preloaded (%s)" % (name, type(exc).__name__))
 
 
 def _venv_of(path):
@@ -136,6 +149,11 @@ class LedgerAction(ActionBase):
     MODULE = None
     _supports_check_mode = True
     _supports_async = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.MODULE:
+            preload_module(cls.MODULE)
 
     def _in_process(self, task_vars):
         """Why the module must run the usual way, or None when it may run in this process."""
