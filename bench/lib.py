@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -81,6 +82,7 @@ class Result:
     out: str
     err: str
     cmd: list
+    cpu_seconds: float | None = None  # user+sys of the command and every process it waited for
 
     def check(self, what: str) -> "Result":
         if self.rc != 0:
@@ -92,6 +94,7 @@ class Result:
 def sh(cmd, *, env=None, timeout=None, cwd=ROOT, stdin: str | None = None) -> Result:
     """Run a command, capture its output, time it with a monotonic clock."""
     cmd = [str(c) for c in cmd]
+    before = _children_cpu()
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
@@ -99,7 +102,17 @@ def sh(cmd, *, env=None, timeout=None, cwd=ROOT, stdin: str | None = None) -> Re
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         raise BenchError(f"{os.path.basename(cmd[0])} timed out after {timeout} s:\n{tail(out)}") from exc
-    return Result(proc.returncode, time.perf_counter() - start, proc.stdout, proc.stderr, cmd)
+    return Result(proc.returncode, time.perf_counter() - start, proc.stdout, proc.stderr, cmd,
+                  _children_cpu() - before)
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user+sys) of every child process waited for so far. The benchmark runs one
+    command at a time, so the difference around a command is that command's CPU (the server's
+    own processes are not children: neither side of a comparison includes them). Unlike wall
+    time, it barely moves with the machine's load."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,6 +221,7 @@ class ScriptRun:
     seconds: float
     steps: dict
     dump_bytes: int | None
+    cpu_seconds: float | None = None
 
 
 def run_runbook(cluster: Cluster, db: str, workdir: Path, migrations_dir: Path = MIGRATIONS,
@@ -226,7 +240,7 @@ def run_runbook(cluster: Cluster, db: str, workdir: Path, migrations_dir: Path =
                 steps[parts[1]] = steps.get(parts[1], 0.0) + int(parts[2]) / 1e6
             elif len(parts) == 3 and parts[0] == "dump":
                 dump_bytes = int(parts[2])
-        return ScriptRun(res.seconds, steps, dump_bytes)
+        return ScriptRun(res.seconds, steps, dump_bytes, res.cpu_seconds)
     finally:
         shutil.rmtree(backup_dir, ignore_errors=True)
 
@@ -280,6 +294,7 @@ class PlaybookRun:
     started: float | None = None               # epoch seconds of the callback's start (task times are relative)
     plays: list = field(default_factory=list)  # one entry per play start (a serial play starts once per batch)
     profile: str = ""                          # profile_tasks' TASKS RECAP
+    cpu_seconds: float | None = None           # user+sys of ansible-playbook, its workers and their commands
 
     def role_seconds(self, role: str, host: str | None = None) -> float:
         return sum(t["seconds"] for t in self.tasks
@@ -332,7 +347,7 @@ class Ansible:
             cmd += ["-e", json.dumps(extra)]
         res = sh(cmd, env=env, timeout=timeout)
         out = res.out + (("\n" + res.err) if res.err.strip() else "")
-        pr = PlaybookRun(res.rc, res.seconds, out)
+        pr = PlaybookRun(res.rc, res.seconds, out, cpu_seconds=res.cpu_seconds)
         if timings_file and timings_file.exists():
             try:
                 data = json.loads(timings_file.read_text())

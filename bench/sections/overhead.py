@@ -8,6 +8,8 @@ pipeline run (ansible.posix.profile_tasks plus the bench_timings callback).
 
 from __future__ import annotations
 
+import os
+
 from lib import log, median, profile_table, run_runbook
 
 GOAL_RATIO = 4.0
@@ -50,7 +52,7 @@ def run(ctx, res):
     res.details["floor"] = {"empty_play_s": empty, "ping10_s": ping}
 
     # Alternating runs on fresh empty databases.
-    pipe, script, script_steps = [], [], []
+    pipe, script, script_steps, pipe_cpu, script_cpu = [], [], [], [], []
     for i in range(runs):
         order = ("pipeline", "script") if i % 2 == 0 else ("script", "pipeline")
         for kind in order:
@@ -60,19 +62,28 @@ def run(ctx, res):
                     pr = ctx.pipeline("playbooks/migrate.yml", {"t1": db}, "t1", timings=False,
                                       what="migrate.yml on an empty database")
                     pipe.append(pr.seconds)
-                    log(f"run {i + 1}/{runs}: pipeline {pr.seconds:.2f} s")
+                    pipe_cpu.append(pr.cpu_seconds)
+                    log(f"run {i + 1}/{runs}: pipeline {pr.seconds:.2f} s (CPU {pr.cpu_seconds:.2f} s)")
                 else:
                     sr = run_runbook(cl, db, ctx.workdir)
                     script.append(sr.seconds)
                     script_steps.append(sr.steps)
-                    log(f"run {i + 1}/{runs}: script {sr.seconds:.2f} s")
+                    script_cpu.append(sr.cpu_seconds)
+                    log(f"run {i + 1}/{runs}: script {sr.seconds:.2f} s (CPU {sr.cpu_seconds:.2f} s)")
             finally:
                 cl.drop_db(db)
     ratio = median(pipe) / median(script)
     res.row(f"pipeline migrate.yml, empty db (median of {runs})", median(pipe), "s")
     res.row(f"runbook script bench/runbook.sh (median of {runs})", median(script), "s")
     res.row("ratio pipeline / script", ratio, "x", f"<= {GOAL_RATIO:g}x", ratio <= GOAL_RATIO)
-    res.details.update({"pipeline_s": pipe, "script_s": script, "script_steps": script_steps})
+    # CPU (user+sys of the client side: ansible-playbook and its workers, or bash and its psql,
+    # pg_dump, pg_restore) moves little with the load of a shared machine, unlike wall time.
+    res.row(f"pipeline CPU, client side (median of {runs})", median(pipe_cpu), "s")
+    res.row(f"script CPU, client side (median of {runs})", median(script_cpu), "s")
+    load = os.getloadavg()[0]
+    res.row("load average (1 min) after the runs", round(load, 2), "")
+    res.details.update({"pipeline_s": pipe, "script_s": script, "script_steps": script_steps,
+                        "pipeline_cpu_s": pipe_cpu, "script_cpu_s": script_cpu, "loadavg_1min": load})
 
     # One profiled run: where the pipeline's time goes.
     db = cl.create_db("bench_ovh_profile")
