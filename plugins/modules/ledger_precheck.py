@@ -115,7 +115,8 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
     pg_error, redact, redact_obj,
 )
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_migration_set import load_migration_set
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import check_backup_dir, ensure_backup_dir, human_bytes
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_dir import check_backup_dir, ensure_backup_dir
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import human_bytes
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_leftovers import diagnose_refused, leftovers_check
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 
