@@ -20,6 +20,7 @@ import json
 import os
 import re
 import socket
+import time
 import uuid
 
 try:
@@ -36,6 +37,9 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_errors impor
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target, target_name
 
 APPLICATION_NAME = "ledger-migrations"
+# The application_name of the run lease's short-lived connections (a waiter's polls, a restore's beats):
+# a restore lets them be (each lasts milliseconds and holds nothing) instead of refusing or terminating them.
+LEASE_APPLICATION = "ledger-migrations lease"
 
 # The schema that holds the project's records. Never dropped by a revert of the set.
 RECORDS_DDL = """
@@ -119,19 +123,32 @@ def url_with_database(url, dbname):
     return Target(url).with_database(dbname).url
 
 
-def connect(url, autocommit=True, connect_timeout=10):
+def connect(url, autocommit=True, connect_timeout=10, application_name=APPLICATION_NAME):
     """Open a connection with a clear error when the target is unreachable."""
     if not HAS_PSYCOPG2:
         raise LedgerError("psycopg2 is not importable by %s: run 'make setup' and use the "
                           "virtualenv's interpreter" % os.sys.executable)
     target = Target(url)
     try:
-        conn = psycopg2.connect(url, connect_timeout=connect_timeout, application_name=APPLICATION_NAME)
+        conn = psycopg2.connect(url, connect_timeout=connect_timeout, application_name=application_name)
     except psycopg2.Error as exc:
         raise LedgerError("cannot connect to %s: %s" % (target.name, redact(str(exc)).strip()),
                           target=target.name)
     conn.autocommit = autocommit
     return conn
+
+
+def connect_through_swap(url, connect_timeout=10, application_name=LEASE_APPLICATION):
+    """connect(), retried twice: a connection that arrives during a restore's swap waits on the
+    database's lock, then is refused once ("database ... does not exist. It seems to have just been dropped
+    or renamed"); the name is back (the restored copy) a moment later."""
+    for attempt in range(3):
+        try:
+            return connect(url, autocommit=True, connect_timeout=connect_timeout, application_name=application_name)
+        except LedgerError:
+            if attempt == 2:
+                raise
+            time.sleep(0.3)
 
 
 # --------------------------------------------------------------------------- errors

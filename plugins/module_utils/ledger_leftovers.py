@@ -136,6 +136,35 @@ def leftovers_check(cur, dbname, host_label=None):
                     "-e rollback_drop_leftovers=true" % (host_label or "<target>")}
 
 
+def lease_check(cur, dbname):
+    """The precheck's run_lease check: informational; who holds the target's run lease now.
+
+    A run killed while holding it (a restore killed at its swap holds it longest: its TTL plus the
+    swap's allowance) leaves the row until it expires: a run started now waits for it, then takes it over.
+    """
+    cur.execute("SELECT to_regclass('migrations.lock') IS NOT NULL")
+    row = None
+    if cur.fetchone()[0]:
+        cur.execute("SELECT run_id, holder, extract(epoch FROM now() - acquired_at)::int,"
+                    " extract(epoch FROM now() - renewed_at)::int, extract(epoch FROM expires_at - now())::int"
+                    "  FROM migrations.lock WHERE id = 1")
+        row = cur.fetchone()
+    if row is None:
+        return {"name": "run_lease", "passed": True, "observed": None, "threshold": None, "offenders": [],
+                "message": "the run lease of %s is free" % dbname, "next": None}
+    run_id, holder, age, renewed, expires_in = row
+    observed = {"run_id": run_id, "holder": holder, "age_s": age, "renewed_s_ago": renewed,
+                "expires_in_s": expires_in}
+    if expires_in <= 0:
+        state = "expired %ss ago: the next run takes it over" % -expires_in
+    else:
+        state = ("expires in %ss: a run started now waits for it (within its lock_wait); if that run is no longer "
+                 "running (stopped, killed), its lease expires by itself and the next run takes it over" % expires_in)
+    return {"name": "run_lease", "passed": True, "observed": observed, "threshold": None, "offenders": [observed],
+            "message": "the run lease of %s is held by run %s (%s), taken %ss ago, renewed %ss ago, %s" % (
+                dbname, run_id, holder, age, renewed, state), "next": None}
+
+
 def diagnose_refused(url, maintenance_db, connect_timeout, host_label=None):
     """Why the target refuses connections when its server answers: (message, next) or None.
 

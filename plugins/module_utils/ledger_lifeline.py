@@ -6,21 +6,39 @@ ansible-playbook process group does not reach it, so a restore would go on and s
 databases after the operator saw the run die. Two defences, both Linux-only (elsewhere they
 are no-ops and the parent check still works):
 
-* die_with_parent(): prctl(PR_SET_PDEATHSIG, SIGTERM) on this process. Ansible's worker
-  handles SIGTERM by killing its own process group (pg_restore included) and exiting; the
-  server then rolls back whatever transaction the worker had open (the swap is one).
+* die_with_parent(): prctl(PR_SET_PDEATHSIG, SIGKILL) on this process; the server then rolls
+  back whatever transaction the worker had open (the swap is one). SIGKILL, not SIGTERM: Ansible's
+  worker handles SIGTERM in Python, and a Python handler runs only once the statement in progress
+  returns (a swap waiting on a lock would stay alive, waiting, after the playbook died); its
+  handler runs no cleanup either (it re-raises the signal with the default action), so nothing is
+  lost. A SIGTERM or Ctrl-C of the playbook reaches the worker the same way: ansible-playbook
+  forwards it, then exits, and its death kills the worker.
 * parent_alive(): checked right before the point of no return (the swap): the parent seen at
   the start is still our parent. A worker re-parented to init (or a subreaper) stops there.
 
 Children (pg_restore) get PR_SET_PDEATHSIG SIGKILL through child_preexec().
+
+A signal the worker does get (ansible-playbook forwards SIGTERM and SIGINT to it, then waits for it
+before exiting) is handled in Python, so only between two statements: a statement waiting inside libpq
+(a swap waiting on a lock) would keep the worker, and so the playbook, alive. interruptible_waits()
+makes psycopg2 wait in Python (a wait callback, as psycopg2.extras.wait_select) while the stage runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+import select
 import signal
+import time
+
+try:
+    import psycopg2
+    import psycopg2.extensions as pgext
+except ImportError:  # pragma: no cover - reported by connect()
+    psycopg2 = None
 
 PR_SET_PDEATHSIG = 1
 
@@ -48,10 +66,10 @@ class Lifeline(object):
     def die_with_parent(self):
         # A process whose parent is already init has nobody to die with.
         if self.parent > 1:
-            self.armed = _prctl_pdeathsig(signal.SIGTERM)
+            self.armed = _prctl_pdeathsig(signal.SIGKILL)
             # The parent may have died between getppid() and prctl(): the signal would never come.
             if os.getppid() != self.parent:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGKILL)
         return self
 
     def parent_alive(self):
@@ -61,3 +79,45 @@ class Lifeline(object):
 def child_preexec():
     """preexec_fn of a child that must die with this process (pg_restore)."""
     _prctl_pdeathsig(signal.SIGKILL)
+
+
+def _wait(conn):
+    """psycopg2.extras.wait_select, keeping connect_timeout (libpq ignores it for a connection made in the
+    non-blocking mode a wait callback puts psycopg2 in)."""
+    deadline = None
+    if conn.status == pgext.STATUS_SETUP:
+        timeout = pgext.parse_dsn(conn.dsn).get("connect_timeout")
+        if timeout and float(timeout) > 0:
+            deadline = time.monotonic() + float(timeout)
+    while True:
+        state = conn.poll()
+        if state == pgext.POLL_OK:
+            return
+        if state == pgext.POLL_READ:
+            fds = ([conn.fileno()], [])
+        elif state == pgext.POLL_WRITE:
+            fds = ([], [conn.fileno()])
+        else:
+            raise psycopg2.OperationalError("bad state from poll: %s" % state)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            ready = select.select(fds[0], fds[1], [], left)
+        except KeyboardInterrupt:
+            conn.cancel()
+            raise
+        if deadline is not None and not (ready[0] or ready[1]):
+            raise psycopg2.OperationalError("timeout expired")
+
+
+@contextlib.contextmanager
+def interruptible_waits():
+    """psycopg2 waits for the server in Python while this block runs (a signal's handler runs at once)."""
+    if psycopg2 is None:
+        yield
+        return
+    previous = pgext.get_wait_callback()
+    pgext.set_wait_callback(_wait)
+    try:
+        yield
+    finally:
+        pgext.set_wait_callback(previous)

@@ -16,9 +16,11 @@ import time
 import uuid
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
+    APPLICATION_NAME,
     LedgerError,
     actor,
     connect,
+    connect_through_swap,
     describe_target,
     ensure_records,
     log_event,
@@ -249,11 +251,24 @@ class Lease(object):
     token is ``run_id:<random hex>``; the row stores the run id in ``run_id`` and
     the random part in ``holder`` (``user@host pid N lease <hex>``), and every check
     (take, renew, lock in a migration transaction, release) compares both.
+
+    A runner's waiter holds no session on the target (``let_go``). The first attempt uses
+    ``conn`` (the run's connection, or none); when the lease is busy that connection is closed,
+    each later poll (and each lock_wait event) opens one of its own (application_name
+    LEASE_APPLICATION) and closes it at once, and acquire() reconnects once the lease is
+    taken (``self.conn`` is then a new session: the runner takes it from there). A session
+    kept on the target while waiting would block a restore's swap, which renames the database
+    and needs every other session gone, until its swap_timeout; a short poll ends within
+    milliseconds, and one arriving during the swap finds the restored database under the name.
     """
 
-    def __init__(self, url, conn, run_id, ttl=60.0, wait=None, advice=None, poll=0.5):
+    def __init__(self, url, conn, run_id, ttl=60.0, wait=None, advice=None, poll=0.5, connect_timeout=10,
+                 let_go=False):
         self.url = url
         self.conn = conn
+        self.connect_timeout = connect_timeout
+        self.let_go = let_go
+        self._reattach = False
         self.run_id = run_id
         self.ttl = float(ttl)
         self.wait = float(wait) if wait is not None else self.ttl + LOCK_WAIT_MARGIN
@@ -330,16 +345,50 @@ class Lease(object):
             if not conn.closed:
                 conn.autocommit = True
 
+    def _attached(self):
+        return self.conn is not None and not self.conn.closed
+
+    def _poll(self):
+        """One attempt: on the run's connection while it has one, else on a connection of its own."""
+        if self._attached():
+            return self._try()
+        self.conn = connect_through_swap(self.url, self.connect_timeout)
+        try:
+            try:
+                return self._try()
+            except psycopg2.Error as exc:
+                # A restore swapped in a database restored from a backup taken before any run: no records yet.
+                if exc.pgcode != "42P01":
+                    raise
+                create_records(self.conn)
+                return self._try()
+        finally:
+            self.conn.close()
+
+    def _let_go(self):
+        """Close the run's connection for the wait (reopened by acquire() once the lease is taken)."""
+        if self.let_go and self._attached():
+            self.conn.close()
+            self._reattach = True
+
     def _is_mine(self, run_id, holder):
         """Whether a lease row (run_id, holder) is this Lease object's (not merely this run id's)."""
         return run_id == self.run_id and holder == self.holder
 
     def _event(self, outcome, duration_ms=None, detail=None):
+        attached = self._attached()
         try:
-            with self.conn.cursor() as cur:
+            conn = self.conn if attached else connect_through_swap(self.url, self.connect_timeout)
+        except LedgerError:
+            return  # an event is not worth failing the wait for
+        try:
+            with conn.cursor() as cur:
                 log_event(cur, self.run_id, "lock_wait", outcome, duration_ms=duration_ms, detail=detail)
         except psycopg2.Error:
-            safe_rollback(self.conn)
+            safe_rollback(conn)
+        finally:
+            if not attached:
+                conn.close()
 
     # ---------------------------------------------------------------- API
     def acquire(self):
@@ -350,7 +399,7 @@ class Lease(object):
         said_at = t0
         while True:
             try:
-                state, info = self._try()
+                state, info = self._poll()
             except psycopg2.Error as exc:
                 raise LedgerError("cannot take the run lease on %s: %s" % (describe_target(self.url),
                                                                            pg_error(exc)["message"]),
@@ -358,6 +407,9 @@ class Lease(object):
             if state == "acquired":
                 self.held = True
                 self.waited_s = round(time.monotonic() - t0, 2)
+                if self._reattach:
+                    self._reattach = False
+                    self.conn = connect_through_swap(self.url, self.connect_timeout, APPLICATION_NAME)
                 if info is not None:
                     self.takeover = info
                     self._event("taken_over", elapsed_ms(t0), {"previous": info})
@@ -370,6 +422,7 @@ class Lease(object):
             if not logged:
                 self._event("waiting", None, {"holder": holder, "lock_wait_s": self.wait})
                 logged = True
+                self._let_go()
             if now >= said_at:
                 said_at = now + 15.0
                 say_now("waiting for the run lease on %s (%ds of at most %ds): %s" % (
@@ -456,8 +509,10 @@ class Lease(object):
         if not self.held:
             return
         self.held = False
+        attached = self._attached()
+        conn = None
         try:
-            conn = self.conn if not self.conn.closed else connect(self.url, autocommit=True)
+            conn = self.conn if attached else connect(self.url, autocommit=True, connect_timeout=self.connect_timeout)
             safe_rollback(conn)
             conn.autocommit = True
             with conn.cursor() as cur:
@@ -465,6 +520,9 @@ class Lease(object):
                             (self.run_id, self.holder))
         except Exception:  # noqa: BLE001 - it expires by itself
             pass
+        finally:
+            if conn is not None and not attached:
+                conn.close()
 
 
 def create_records(conn):

@@ -1,5 +1,9 @@
 # -*- coding: utf-8 -*-
-"""ledger_rollback's restore: a verified backup restored into a new database, checked, then swapped in by rename."""
+"""ledger_rollback's restore: a verified backup restored into a new database, checked, then swapped in by rename.
+
+The database it replaces (sessions, properties, room for a copy) is ledger_restore_target's; the run lease
+as a restore takes it is ledger_restore_lease's; the databases restores leave behind, ledger_leftovers'.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +14,23 @@ import time
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
-    LedgerError, connect, describe_target, ensure_records, format_pg_error, log_event, pg_error,
-    redact, redact_obj, url_with_database,
+    LedgerError, connect, describe_target, ensure_records, format_pg_error, log_event, pg_error, redact, redact_obj,
+    url_with_database,
 )
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_leftovers import (
     drop_command, drop_database, drop_how as _drop_how, leftover_databases, restore_names,
 )
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_lifeline import Lifeline, child_preexec
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import Lease
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_lifeline import (
+    Lifeline, child_preexec, interruptible_waits,
+)
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import (
     find_bindir, find_newest_verified, full_read_check, human_bytes, libpq_env, list_manifests,
     manifest_path_for, read_manifest, same_target, server_identity, target_slug, verify_against_manifest,
+)
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_restore_lease import take_restore_lease
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_restore_target import (
+    CLIENT_BACKENDS, SELF_RESTARTING, copies_advice, create_like, db_exists, db_properties, describe_sessions,
+    describe_space, lease_connection, restore_space, target_sessions,
 )
 
 try:
@@ -35,84 +45,6 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_rollback_pla
     _cmd,
     _defaults,
 )
-
-
-def _sessions(cur, dbname):
-    cur.execute(
-        "SELECT pid, usename, application_name, coalesce(host(client_addr), 'local'), state, backend_type,"
-        "       extract(epoch FROM now() - backend_start)::int, left(regexp_replace(query, '\\s+', ' ', 'g'), 80)"
-        "  FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() ORDER BY backend_start", (dbname,))
-    return [{"pid": r[0], "user": r[1], "application_name": r[2], "client": r[3], "state": r[4],
-             "backend_type": r[5], "connected_s": r[6], "query": r[7]} for r in cur.fetchall()]
-
-
-def _describe_sessions(rows, limit=8):
-    out = ["pid %s (%s, %s, from %s, %s, %ss)" % (r["pid"], r["user"], r["application_name"] or r["backend_type"],
-                                                  r["client"], r["state"] or r["backend_type"], r["connected_s"])
-           for r in rows[:limit]]
-    if len(rows) > limit:
-        out.append("and %d more" % (len(rows) - limit))
-    return "; ".join(out)
-
-
-def _db_properties(cur, dbname):
-    cur.execute(
-        "SELECT d.oid, pg_get_userbyid(d.datdba), pg_encoding_to_char(d.encoding), d.datcollate, d.datctype,"
-        "       d.datlocprovider, d.daticulocale, d.datconnlimit, t.spcname, d.datacl IS NOT NULL,"
-        "       shobj_description(d.oid, 'pg_database'), pg_database_size(d.oid)"
-        "  FROM pg_database d JOIN pg_tablespace t ON t.oid = d.dattablespace WHERE d.datname = %s", (dbname,))
-    row = cur.fetchone()
-    if row is None:
-        return None
-    props = dict(zip(("oid", "owner", "encoding", "collate", "ctype", "locprovider", "icu_locale", "connlimit",
-                      "tablespace", "has_acl", "comment", "size"), row))
-    props["acl"] = []
-    if props["has_acl"]:
-        cur.execute("SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END,"
-                    "       a.privilege_type, a.is_grantable"
-                    "  FROM pg_database d, aclexplode(d.datacl) a WHERE d.oid = %s", (props["oid"],))
-        props["acl"] = [{"grantee": g, "privilege": priv, "grantable": gr} for g, priv, gr in cur.fetchall()]
-    cur.execute("SELECT CASE WHEN s.setrole = 0 THEN NULL ELSE pg_get_userbyid(s.setrole) END, unnest(s.setconfig)"
-                "  FROM pg_db_role_setting s WHERE s.setdatabase = %s", (props["oid"],))
-    props["settings"] = [{"role": r, "setting": s} for r, s in cur.fetchall()]
-    return props
-
-
-# GUCs whose stored value is a list of already-quoted items (pg_dump treats them the same way).
-_LIST_GUCS = ("search_path", "temp_tablespaces", "session_preload_libraries", "local_preload_libraries",
-              "shared_preload_libraries")
-
-
-def _create_like(cur, new_db, props):
-    """CREATE DATABASE new_db with the properties, grants and settings of the database it will replace."""
-    opts = [sql.SQL("TEMPLATE template0"), sql.SQL("OWNER {}").format(sql.Identifier(props["owner"])),
-            sql.SQL("ENCODING {}").format(sql.Literal(props["encoding"])),
-            sql.SQL("LC_COLLATE {}").format(sql.Literal(props["collate"])),
-            sql.SQL("LC_CTYPE {}").format(sql.Literal(props["ctype"])),
-            sql.SQL("TABLESPACE {}").format(sql.Identifier(props["tablespace"])),
-            sql.SQL("CONNECTION LIMIT {}").format(sql.Literal(props["connlimit"]))]
-    if props.get("locprovider") == "i":
-        opts += [sql.SQL("LOCALE_PROVIDER icu"), sql.SQL("ICU_LOCALE {}").format(sql.Literal(props["icu_locale"]))]
-    cur.execute(sql.SQL("CREATE DATABASE {} ").format(sql.Identifier(new_db)) + sql.SQL(" ").join(opts))
-    ident = sql.Identifier(new_db)
-    if props["has_acl"]:
-        cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident))
-        cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM {}").format(ident, sql.Identifier(props["owner"])))
-        for a in props["acl"]:
-            grantee = sql.SQL("PUBLIC") if a["grantee"] is None else sql.Identifier(a["grantee"])
-            cur.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
-                sql.SQL(a["privilege"]), ident, grantee,
-                sql.SQL(" WITH GRANT OPTION" if a["grantable"] else "")))
-    for s in props["settings"]:
-        name, _unused, value = s["setting"].partition("=")
-        val = sql.SQL(value) if name.lower() in _LIST_GUCS else sql.Literal(value)
-        if s["role"] is None:
-            cur.execute(sql.SQL("ALTER DATABASE {} SET {} TO {}").format(ident, sql.Identifier(name), val))
-        else:
-            cur.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET {} TO {}").format(
-                sql.Identifier(s["role"]), ident, sql.Identifier(name), val))
-    if props.get("comment"):
-        cur.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(props["comment"])))
 
 
 def _archive_tables(bindir, path):
@@ -178,116 +110,6 @@ def _locate_backup(p, url, host, identity=None):
     return manifest["backup_path"], dict(manifest, other_target=False)
 
 
-def _db_exists(cur, name):
-    cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-    return cur.fetchone() is not None
-
-
-def _connect_through_swap(url, connect_timeout):
-    """connect(), retried twice: a connection that arrives during another restore's swap waits on the
-    database's lock, then is refused once ("database ... does not exist. It seems to have just been dropped
-    or renamed"); the name is back (the restored copy) a moment later."""
-    for attempt in range(3):
-        try:
-            return connect(url, autocommit=True, connect_timeout=connect_timeout)
-        except LedgerError:
-            if attempt == 2:
-                raise
-            time.sleep(0.3)
-
-
-class RestoreLease(Lease):
-    """The per-target run lease of migrate and revert (migrations.lock), taken by a restore.
-
-    Unlike migrate's, it holds no connection to the target between its polls and beats: a
-    session connected to the target would block the swap (ALTER DATABASE ... RENAME refuses while
-    anyone is connected). Before the swap park() stops the heartbeat and pushes the expiry out by
-    ``hold`` seconds, so nobody takes the lease while the names change; after the swap the row is
-    in the kept database (and deleted there), and the restored database's lease was cleared with
-    the copy's check: the target is free again.
-    """
-
-    def __init__(self, url, run_id, ttl, wait, connect_timeout, advice=None):
-        super(RestoreLease, self).__init__(url, None, run_id, ttl=ttl if ttl is not None else 60.0, wait=wait,
-                                           advice=advice)
-        self.holder = "restore by " + self.holder
-        self.connect_timeout = connect_timeout
-
-    def _fresh(self):
-        self.conn = _connect_through_swap(self.url, self.connect_timeout)
-        return self.conn
-
-    def _try(self):
-        self._fresh()
-        try:
-            return super(RestoreLease, self)._try()
-        finally:
-            self.conn.close()
-
-    def _event(self, outcome, duration_ms=None, detail=None):
-        try:
-            self._fresh()
-        except LedgerError:
-            return
-        try:
-            super(RestoreLease, self)._event(outcome, duration_ms, detail)
-        finally:
-            self.conn.close()
-
-    def _beat(self):
-        """Renew every ttl/3 seconds, each time on a connection of its own, closed at once."""
-        interval = max(0.3, self.ttl / 3.0)
-        while not self._stop.wait(interval):
-            try:
-                conn = connect(self.url, autocommit=True, connect_timeout=self.connect_timeout)
-            except LedgerError:
-                continue  # a missed beat is retried; the lease outlives two of them
-            try:
-                with conn.cursor() as cur:
-                    cur.execute("UPDATE migrations.lock SET renewed_at = clock_timestamp(),"
-                                " expires_at = clock_timestamp() + %s * interval '1 second'"
-                                " WHERE id = 1 AND run_id = %s AND holder = %s RETURNING 1",
-                                (self.ttl, self.run_id, self.holder))
-                    if cur.fetchone() is None:
-                        self.lost = "someone else"
-            except psycopg2.Error:
-                pass
-            finally:
-                conn.close()
-
-    def park(self, hold):
-        """Stop the heartbeat and extend the lease by ``hold`` seconds; no connection to the target stays open."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        conn = self._fresh()
-        try:
-            with conn.cursor() as cur:
-                cur.execute("UPDATE migrations.lock SET renewed_at = clock_timestamp(),"
-                            " expires_at = clock_timestamp() + %s * interval '1 second'"
-                            " WHERE id = 1 AND run_id = %s AND holder = %s", (self.ttl + hold, self.run_id, self.holder))
-        finally:
-            conn.close()
-
-    def release_in(self, url):
-        """Delete this lease's row from the database at ``url`` (the kept database after the swap)."""
-        self._stop.set()
-        self.held = False
-        try:
-            conn = connect(url, autocommit=True, connect_timeout=self.connect_timeout)
-        except LedgerError:
-            return False
-        try:
-            with conn.cursor() as cur:
-                cur.execute("DELETE FROM migrations.lock WHERE id = 1 AND run_id = %s AND holder = %s",
-                            (self.run_id, self.holder))
-            return True
-        except psycopg2.Error:
-            return False
-        finally:
-            conn.close()
-
-
 def _drop_scratch(cur, admin_url, name, how, p, what="The partial copy"):
     """Drop this run's scratch copy; the sentence saying what happened, known before it is said.
 
@@ -341,101 +163,6 @@ def _restore_failed(url, p, started, msg, fields):
     raise LedgerError(msg, **fields)
 
 
-# Backends a restore deals with: client sessions (terminated only with terminate_connections; a parallel worker
-# goes with its leader) and autovacuum workers (terminated at the swap: they restart on their own). Any other
-# process connected to the database (a walsender of logical replication, a background worker) refuses the restore.
-CLIENT_BACKENDS = ("client backend", "parallel worker")
-SELF_RESTARTING = ("autovacuum worker",)
-# Hosts whose server's data directory can be this machine's (free space measurable with statvfs).
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
-
-
-def _restore_space(cur, url, props, margin):
-    """Room for the copy: {needed_bytes, margin, free_bytes (None when not measurable), path, why}.
-
-    Measured only when the server runs on this machine (the URL's host is a loopback name or a socket
-    directory) and the role may read data_directory (superuser or pg_read_all_settings): then the free space of
-    the filesystem holding the database's tablespace (statvfs). Otherwise the size needed is only reported.
-    """
-    needed = int(props["size"] * margin)
-    out = {"needed_bytes": needed, "margin": margin, "free_bytes": None, "path": None, "why": None}
-    host = Target(url).host or ""
-    if host not in LOCAL_HOSTS and not host.startswith("/"):
-        out["why"] = "the server (%s) is not on this machine" % host
-        return out
-    cur.execute("SELECT CASE WHEN pg_has_role('pg_read_all_settings', 'USAGE')"
-                " THEN current_setting('data_directory') END,"
-                " (SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = %s)",
-                (props["tablespace"],))
-    datadir, location = cur.fetchone()
-    if not datadir:
-        out["why"] = "the role may not read data_directory (superuser or pg_read_all_settings needed)"
-        return out
-    path = location or datadir
-    out["path"] = path
-    if not os.path.isdir(path):
-        out["why"] = "%s is not a directory on this machine" % path
-        return out
-    try:
-        st = os.statvfs(path)
-    except OSError as exc:
-        out["why"] = "cannot read the free space of %s: %s" % (path, exc)
-        return out
-    out["free_bytes"] = st.f_bavail * st.f_frsize
-    return out
-
-
-def _copies_advice(copies, how):
-    if not copies:
-        return "Free space on the server (or restore on another one), then re-run"
-    total = sum(c["size_bytes"] or 0 for c in copies)
-    names = ", ".join("%s (%s)" % (c["name"], human_bytes(c["size_bytes"])) for c in copies[:5])
-    if len(copies) > 5:
-        names += " and %d more" % (len(copies) - 5)
-    return ("%d database(s) kept by earlier restores hold %s: %s. Drop those no longer needed (after checking "
-            "that nothing written to them is still wanted), e.g.: %s" % (
-                len(copies), human_bytes(total), names, drop_command(how, copies[0]["name"])))
-
-
-def _describe_space(space, props):
-    text = "the copy needs about %s free on the server (%s database x %s)" % (
-        human_bytes(space["needed_bytes"]), human_bytes(props["size"]), space["margin"])
-    if space["free_bytes"] is not None:
-        text += ", %s has %s free" % (space["path"], human_bytes(space["free_bytes"]))
-    else:
-        text += "; free space not measured: %s" % space["why"]
-    if space.get("previous_copies"):
-        text += "; %d database(s) kept by earlier restores hold %s" % (
-            len(space["previous_copies"]), human_bytes(sum(c["size_bytes"] or 0 for c in space["previous_copies"])))
-    return text
-
-
-def _take_lease(p):
-    """The target's run lease (the one migrate and revert take), or a refusal naming its holder."""
-    url = p["database_url"]
-    conn = _connect_through_swap(url, p["connect_timeout"])
-    try:
-        with conn.cursor() as cur:
-            # The lease lives in migrations.lock: a target never migrated gets its (empty) records here.
-            ensure_records(cur)
-    except psycopg2.Error as exc:
-        raise LedgerError("cannot prepare the run lease on %s: %s. Nothing was changed"
-                          % (describe_target(url), format_pg_error(pg_error(exc))), sqlstate=exc.pgcode)
-    finally:
-        conn.close()
-    lease = RestoreLease(url, p.get("run_id") or "adhoc", p.get("lock_ttl"), p.get("lock_wait"),
-                         p["connect_timeout"], advice=_RestoreAdvice(p.get("host_label")))
-    return lease.acquire()
-
-
-class _RestoreAdvice(object):
-    def __init__(self, host):
-        self.host = host
-
-    def migrate(self):
-        return _cmd(self.host, "-e rollback_mode=restore")
-
-
 def run_restore(params, check_mode=False):
     """Restore a verified backup; every failure of a real run is logged as a restore:failed event."""
     p = _defaults(params)
@@ -451,8 +178,9 @@ def run_restore(params, check_mode=False):
     lifeline = Lifeline().die_with_parent()
     lease = None
     try:
-        lease = _take_lease(p)
-        return _restore(p, False, started, lease, lifeline)
+        with interruptible_waits():
+            lease = take_restore_lease(p)
+            return _restore(p, False, started, lease, lifeline)
     except LedgerError as exc:
         if "event_logged" not in exc.fields:
             fields = exc.fields
@@ -490,7 +218,7 @@ def _restore(p, check_mode, started, lease, lifeline):
                 raise LedgerError("backup %s matches its manifest but can't be read in full (pg_restore -f /dev/null "
                                   "exited %s): %s. Nothing was changed; choose another backup (-e backup_file=PATH)"
                                   % (path, read["rc"], read["error"]), full_read=read, backup_file=path)
-            props = _db_properties(cur, dbname)
+            props = db_properties(cur, dbname)
             if props is None:
                 raise LedgerError("database %s does not exist on %s: nothing to restore over (create it, or restore "
                                   "by hand with pg_restore --create)" % (dbname, describe_target(admin_url)))
@@ -498,18 +226,18 @@ def _restore(p, check_mode, started, lease, lifeline):
                 raise LedgerError("the role connecting to %s can't CREATE DATABASE: the restore goes into a new "
                                   "database swapped in by name; grant CREATEDB (or run it as the database owner with "
                                   "CREATEDB). Nothing was changed" % target)
-            sessions = _sessions(cur, dbname)
-            space = _restore_space(cur, url, props, float(p.get("restore_space_margin") or 1.2))
+            sessions = target_sessions(cur, dbname)
+            space = restore_space(cur, url, props, float(p.get("restore_space_margin") or 1.2))
             leftovers = leftover_databases(cur, dbname)
             space["previous_copies"] = [{"name": d["name"], "size_bytes": d["size_bytes"]}
                                         for d in leftovers if d["kind"] == "kept"]
             # Unique per run (a stamp and a random tag): two restores never share a scratch copy.
             new_db, old_db = restore_names(dbname)
-            while _db_exists(cur, new_db) or _db_exists(cur, old_db):
+            while db_exists(cur, new_db) or db_exists(cur, old_db):
                 new_db, old_db = restore_names(dbname)
     finally:
         admin.close()
-    clients = [s for s in sessions if s["backend_type"] in CLIENT_BACKENDS]
+    clients = [s for s in sessions if s["backend_type"] in CLIENT_BACKENDS and not lease_connection(s)]
     others = [s for s in sessions if s["backend_type"] not in CLIENT_BACKENDS + SELF_RESTARTING]
     drop_how = _drop_how(admin_url)
     base = {"target": target, "backup_file": path, "manifest": manifest.get("manifest_path"),
@@ -527,20 +255,20 @@ def _restore(p, check_mode, started, lease, lifeline):
             "only, never a replication sender or a background worker: stop them first (a logical replication "
             "subscriber: ALTER SUBSCRIPTION ... DISABLE on the subscriber; a background worker: its extension's "
             "own command), then re-run. Nothing was changed" % (target, len(others), dbname,
-                                                                _describe_sessions(others)),
+                                                                describe_sessions(others)),
             **dict(base, refused="server_processes", server_processes=others))
     if space["free_bytes"] is not None and space["free_bytes"] < space["needed_bytes"]:
         raise LedgerError(
             "refusing to restore %s: the copy needs about %s free (%s database x %s) where the server keeps it (%s), "
             "which has %s free. Nothing was changed. %s" % (
                 target, human_bytes(space["needed_bytes"]), human_bytes(props["size"]), space["margin"],
-                space["path"], human_bytes(space["free_bytes"]), _copies_advice(space["previous_copies"], drop_how)),
+                space["path"], human_bytes(space["free_bytes"]), copies_advice(space["previous_copies"], drop_how)),
             **dict(base, refused="space"))
     if clients and not p.get("terminate_connections"):
         raise LedgerError(
             "refusing to restore %s: %d session(s) are connected to %s and the restored database can only be swapped "
             "in when they are gone: %s. Nothing was changed. Stop them (the application, PgBouncer: PAUSE), or let the "
-            "restore terminate them: %s" % (target, len(clients), dbname, _describe_sessions(clients),
+            "restore terminate them: %s" % (target, len(clients), dbname, describe_sessions(clients),
                                             _cmd(host, "-e rollback_mode=restore",
                                                  "-e rollback_terminate_connections=true")),
             **dict(base, refused="sessions"))
@@ -549,8 +277,8 @@ def _restore(p, check_mode, started, lease, lifeline):
             "would restore %s (sha256 %s verified against its manifest, read in full; taken %s at version %s) into a "
             "new database %s, check it, then swap it in for %s and keep the current one as %s; %s%s%s" % (
                 path, (manifest.get("sha256") or "")[:12], manifest.get("started_at"),
-                manifest.get("schema_version") or "base", new_db, dbname, old_db, _describe_space(space, props),
-                "; would terminate %d session(s): %s" % (len(clients), _describe_sessions(clients)) if clients else
+                manifest.get("schema_version") or "base", new_db, dbname, old_db, describe_space(space, props),
+                "; would terminate %d session(s): %s" % (len(clients), describe_sessions(clients)) if clients else
                 "", "; the backup is of another target (%s), restored as asked" % manifest.get("target")
                 if manifest.get("other_target") else "")))
 
@@ -561,7 +289,7 @@ def _restore(p, check_mode, started, lease, lifeline):
         cur = admin.cursor()
         # 2. The copy: a new database like the current one, restored with --exit-on-error.
         try:
-            _create_like(cur, new_db, props)
+            create_like(cur, new_db, props)
         except psycopg2.Error as exc:
             err = pg_error(exc)
             cleanup, dropped = _drop_scratch(cur, admin_url, new_db, drop_how, p, "The new database")
@@ -604,7 +332,10 @@ def _restore(p, check_mode, started, lease, lifeline):
                 "the playbook that started this restore of %s is gone (its process exited): the swap was not done. "
                 "%s; %s is unchanged" % (target, cleanup, target)), dict(base, scratch_dropped=dropped,
                                                                          refused="parent_gone"))
-        lease.park(max(int(p.get("swap_timeout") or 15), 1) + 30)
+        # The swap takes at most swap_timeout plus one RENAME's 5 s wait for sessions to exit; a lease parked
+        # for that (and 5 s more) and then abandoned by a kill still expires within a next run's default
+        # lock_wait (TTL + 30 s) when swap_timeout is at most 20 s (default 15).
+        lease.park(max(int(p.get("swap_timeout") or 15), 1) + 10)
         terminated = _swap(cur, dbname, new_db, old_db, p, base, url, started, admin_url, drop_how)
         swapped = True
     except BaseException:
@@ -638,7 +369,7 @@ def _restore(p, check_mode, started, lease, lifeline):
     warnings = [] if logged else ["the restore could not be logged in migrations.events: %s" % log_error]
     if space["previous_copies"]:
         warnings.append("%d earlier copies kept by restores are still on the server: %s" % (
-            len(space["previous_copies"]), _copies_advice(space["previous_copies"], drop_how)))
+            len(space["previous_copies"]), copies_advice(space["previous_copies"], drop_how)))
     return dict(base, changed=swapped, terminated=terminated, event_logged=logged, row_counts=counts,
                 warnings=warnings,
                 duration_s=round(duration_ms / 1000.0, 3), drop_previous=drop_cmd,
@@ -700,7 +431,7 @@ def _swap(cur, dbname, new_db, old_db, p, base, url, started, admin_url, how):
     terminated = {}
     deadline = time.time() + max(int(p.get("swap_timeout") or 15), 1)
     while True:
-        sessions = _sessions(cur, dbname)
+        sessions = target_sessions(cur, dbname)
         others = [s for s in sessions if s["backend_type"] not in CLIENT_BACKENDS + SELF_RESTARTING]
         if others:
             cleanup, dropped = _drop_scratch(cur, admin_url, new_db, how, p, "The restored copy")
@@ -708,7 +439,7 @@ def _swap(cur, dbname, new_db, old_db, p, base, url, started, admin_url, how):
                 "the restored copy could not be swapped in for %s: server process(es) that are not client "
                 "sessions connected to it: %s. They are never terminated by the restore. %s; "
                 "%s is unchanged. Stop them, then re-run"
-                % (dbname, _describe_sessions(others), cleanup, describe_target(url))),
+                % (dbname, describe_sessions(others), cleanup, describe_target(url))),
                 dict(base, refused="server_processes", server_processes=others, scratch_dropped=dropped))
         try:
             cur.execute("BEGIN")
@@ -716,7 +447,8 @@ def _swap(cur, dbname, new_db, old_db, p, base, url, started, admin_url, how):
                 # Autovacuum workers don't belong to anyone; they restart on their own. A parallel worker
                 # goes with its leader.
                 if s["backend_type"] in SELF_RESTARTING or (
-                        s["backend_type"] == "client backend" and p.get("terminate_connections")):
+                        s["backend_type"] == "client backend" and p.get("terminate_connections")
+                        and not lease_connection(s)):
                     cur.execute("SELECT pg_terminate_backend(%s)", (s["pid"],))
                     if s["backend_type"] == "client backend":
                         terminated.setdefault(s["pid"], s)
@@ -733,12 +465,12 @@ def _swap(cur, dbname, new_db, old_db, p, base, url, started, admin_url, how):
                 pass
             err = pg_error(exc)
             if err["sqlstate"] != "55006" or time.time() > deadline:
-                left = _sessions(cur, dbname) if not cur.connection.closed else []
+                left = target_sessions(cur, dbname) if not cur.connection.closed else []
                 cleanup, dropped = _drop_scratch(cur, admin_url, new_db, how, p, "The restored copy")
                 _restore_failed(url, p, started, (
                     "the restored copy could not be swapped in for %s: %s%s. %s; %s is "
                     "unchanged. %s" % (
-                        dbname, format_pg_error(err), " (still connected: %s)" % _describe_sessions(left)
+                        dbname, format_pg_error(err), " (still connected: %s)" % describe_sessions(left)
                         if left else "", cleanup, describe_target(url),
                         "Re-run with the sessions stopped, or: %s" % _cmd(
                             p.get("host_label"), "-e rollback_mode=restore",

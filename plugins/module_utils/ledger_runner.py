@@ -359,8 +359,10 @@ class Runner(object):
     def take_lease(self):
         create_records(self.conn)
         self.lease = Lease(self.url, self.conn, self.run_id, ttl=self.s["lock_ttl"], wait=self.s["lock_wait"],
-                           advice=self.advice)
+                           advice=self.advice, let_go=True)
         self.lease.acquire()
+        # A run that waited let go of its session meanwhile (it would block a restore's swap): a new one.
+        self.conn = self.lease.conn
 
     # ------------------------------------------------------------------ no-transaction files
     def check_nontx_route(self, files, records=True):

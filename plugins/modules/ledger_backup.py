@@ -80,10 +80,11 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
     LedgerError, connect, describe_target, format_pg_error, log_event_autonomous, pg_error, redact,
     redact_obj, url_with_database,
 )
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_dir import check_backup_dir, ensure_backup_dir
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import (
     run_tool,
-    FORMAT_SUFFIX, MANIFEST_FORMAT, apply_retention, backup_basename, check_backup_dir, count_rows,
-    reserve_backup_path, ensure_backup_dir, find_bindir, full_read_check, human_bytes, libpq_env, path_size,
+    FORMAT_SUFFIX, MANIFEST_FORMAT, apply_retention, backup_basename, count_rows,
+    reserve_backup_path, find_bindir, full_read_check, human_bytes, libpq_env, path_size,
     server_identity, sha256_path, target_slug, tool_major, tool_version, utc_iso, utc_stamp, manifest_path_for,
     stage_manifest, publish_backup,
 )
@@ -212,6 +213,19 @@ def _remove(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.exists(path):
         os.unlink(path)
+
+
+def _full_disk(path):
+    """Why a dump that pg_dump finished may be cut short: its filesystem is full (pg_dump does not see an
+    ENOSPC hit while it flushes its last block before rewriting its table of contents, and exits 0)."""
+    try:
+        st = os.statvfs(os.path.dirname(path))
+    except OSError:
+        return ""
+    if st.f_bavail * st.f_frsize >= st.f_frsize * 2:
+        return ""
+    return ("; its filesystem is full (No space left on device: %s free), which cut pg_dump's output short"
+            % human_bytes(st.f_bavail * st.f_frsize))
 
 
 def _write_failure(target, backup_dir, exc, needed, rerun):
@@ -434,9 +448,9 @@ def _dump_and_verify(params, url, target, run_id, facts, base, bindir, pg_dump, 
             progress.set("verifying: full read (pg_restore -f /dev/null)")
             read = full_read_check(partial, bindir=bindir)
             if not read["ok"]:
-                raise LedgerError("the new backup of %s fails the full read (pg_restore -f /dev/null exited %s): %s. "
-                                  "It was deleted; re-run: %s" % (target, read["rc"], read["error"], rerun),
-                                  full_read=read)
+                raise LedgerError("the new backup of %s fails the full read (pg_restore -f /dev/null exited %s): %s%s. "
+                                  "It was deleted; re-run: %s" % (target, read["rc"], read["error"],
+                                                                  _full_disk(partial), rerun), full_read=read)
             restore = None
             if verify == "restore":
                 scratch, restored_counts, mismatches = _restore_and_compare(

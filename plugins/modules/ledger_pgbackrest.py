@@ -77,10 +77,10 @@ import os
 import time
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_dir import ensure_backup_dir
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import (
     backup_basename,
     count_rows,
-    ensure_backup_dir,
     server_identity,
     target_slug,
     utc_iso,

@@ -115,8 +115,11 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
     pg_error, redact, redact_obj,
 )
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_migration_set import load_migration_set
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import check_backup_dir, ensure_backup_dir, human_bytes
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_leftovers import diagnose_refused, leftovers_check
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_dir import check_backup_dir, ensure_backup_dir
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import human_bytes
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_leftovers import (
+    diagnose_refused, lease_check, leftovers_check,
+)
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 
 try:
@@ -250,6 +253,8 @@ def run_precheck(params, check_mode=False, now_utc=None):
                 checks.extend(check_replication(cur, p["max_replication_lag"]))
                 # Scratch copies of interrupted restores and databases kept by restores, with size and age.
                 checks.append(leftovers_check(cur, Target(url).dbname))
+                # Whether a run holds the target (or a killed one still does, until its lease expires).
+                checks.append(lease_check(cur, Target(url).dbname))
         else:
             for name in ("backup_privilege", "app_role_login", "required_roles", "stage_privileges",
                          "replication_lag",

@@ -287,43 +287,81 @@ def test_unreachable_target_fails_with_the_target_and_no_password(tmp_path):
 
 # --------------------------------------------------------------------------- a full disk (issue 17)
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A real 16 KiB tmpfs (mounting needs root: skipped otherwise, and says so)."""
-    mnt = tmp_path / "small"
+def mount_tmpfs(mnt, size):
+    """A real tmpfs of ``size`` bytes at ``mnt`` (mounting needs root: the test is skipped otherwise, saying so)."""
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k,mode=0700", "tmpfs", str(mnt)],
+    if os.geteuid() != 0:
+        pytest.skip("a real ENOSPC needs a small tmpfs, and mounting one needs root (CI runs as root)")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%d,mode=0700" % size, "tmpfs", str(mnt)],
                          capture_output=True, text=True, check=False)
     if res.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs for a real ENOSPC (needs root): %s" % res.stderr.strip())
+        pytest.skip("cannot mount a small tmpfs for a real ENOSPC: %s" % res.stderr.strip())
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 16 KiB tmpfs."""
+    mnt = tmp_path / "small"
+    mount_tmpfs(mnt, 16 * 1024)
     try:
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
 
 
+def refused_for_space(ledger_db, backup_dir, run_id):
+    """A backup into a full ``backup_dir``: refused saying so with the space needed, no file left in it,
+    its backup:failed event logged. Returns the LedgerError."""
+    args = {"database_url": ledger_db, "backup_dir": str(backup_dir), "run_id": run_id, "retention": 0,
+            "space_margin": 0.0001}  # past the up-front space check: the disk itself must refuse
+    with pytest.raises(LedgerError) as err:
+        backup.run_backup(args)
+    assert "No space left on device" in err.value.msg and "needs about" in err.value.msg, err.value.msg
+    assert err.value.fields["verified"] is False
+    assert os.listdir(backup_dir) == []  # neither the dump nor a partial manifest
+    row = sql(ledger_db, "SELECT outcome, detail->>'error' FROM migrations.events WHERE action = 'backup'"
+                         " AND run_id = %s", (run_id,))
+    assert row and row[0][0] == "failed" and "No space left" in row[0][1]
+    return err.value
+
+
 def test_a_full_disk_is_a_clean_refusal_that_leaves_no_file_and_logs_the_event(ledger_db, small_fs):
     """ENOSPC from the OS (a full tmpfs) while pg_dump writes: refused, nothing kept, backup:failed logged."""
-    args = {"database_url": ledger_db, "backup_dir": str(small_fs / "backups"), "run_id": "enospc-run",
-            "retention": 0, "space_margin": 0.0001}
-    with pytest.raises(LedgerError) as err:
-        backup.run_backup(args)
-    msg = err.value.msg
-    assert "No space left on device" in msg and "needs about" in msg, msg
-    assert err.value.fields["verified"] is False
-    assert os.listdir(small_fs / "backups") == []
-    row = sql(ledger_db, "SELECT outcome, detail->>'error' FROM migrations.events WHERE action = 'backup'")
-    assert row and row[0][0] == "failed" and "No space left" in row[0][1]
+    refused_for_space(ledger_db, small_fs / "backups", "enospc-run")
 
 
-def test_the_dump_and_its_manifest_become_the_backup_together(ledger_db, tmp_path, monkeypatch):
-    """The manifest can't be written (an ENOSPC injected where it is staged: the real one is the test above):
-    the complete dump never takes its final name without it, and this run's files are removed."""
-    def no_room(*_args, **_kwargs):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(backup, "stage_manifest", no_room)
-    args = {"database_url": ledger_db, "backup_dir": str(tmp_path / "b"), "run_id": "manifest-run", "retention": 0}
-    with pytest.raises(LedgerError) as err:
-        backup.run_backup(args)
-    assert "No space left on device" in err.value.msg and "Nothing was kept" in err.value.msg
-    assert os.listdir(tmp_path / "b") == []
+@pytest.mark.parametrize("short", [0, 1], ids=["at_the_manifest", "at_the_dumps_last_page"])
+def test_a_disk_that_holds_the_dump_but_not_its_manifest_is_a_clean_refusal(ledger_db, tmp_path, short):
+    """A real full disk at the manifest: a tmpfs exactly the size of the dump (in pages), so the dump fits and
+    the manifest's first page does not (and, one page smaller, at the dump's end, where pg_dump may exit 0
+    with its output cut short: the full read catches it, and the message must still say the disk is full).
+    The dump's size is measured by a probe backup of the same database, whose traces (its event, the events
+    sequence) are then undone: the real dump has the same bytes but its timestamps, so the same size."""
+    def probe(name):
+        """A backup elsewhere, then its traces undone (its events, the events sequence): the dump's size."""
+        result = backup.run_backup({"database_url": ledger_db, "backup_dir": str(tmp_path / name), "run_id": "probe",
+                                    "retention": 0})
+        seq = sql(ledger_db, "SELECT pg_get_serial_sequence('migrations.events', 'id')")[0][0]
+        sql(ledger_db, "DELETE FROM migrations.events WHERE run_id = 'probe'")
+        sql(ledger_db, "SELECT setval(%s, coalesce((SELECT max(id) FROM migrations.events), 1),"
+                       " (SELECT count(*) > 0 FROM migrations.events))", (seq,))
+        return result
+
+    probe("first")  # creates the records (migrations.*) a backup logs into: part of every later dump
+    dump_bytes = os.path.getsize(probe("probe")["backup_file"])
+    history = sql(ledger_db, "SELECT version FROM migrations.history ORDER BY version")
+    page = os.sysconf("SC_PAGE_SIZE")
+    mnt = tmp_path / "exact"
+    mount_tmpfs(mnt, (-(-dump_bytes // page) - short) * page)
+    try:
+        (mnt / "backups").mkdir(mode=0o700)
+        err = refused_for_space(ledger_db, mnt / "backups", "manifest-enospc")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+    if short:
+        assert "cut pg_dump's output short" in err.msg and "It was deleted" in err.msg
+    else:
+        # Refused at the manifest: the dump was complete and verified, and is gone with it.
+        assert "Nothing was kept" in err.msg and "nothing was migrated" in err.msg
+        assert err.fields["errno"] == 28
+    assert sql(ledger_db, "SELECT version FROM migrations.history ORDER BY version") == history

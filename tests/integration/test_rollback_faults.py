@@ -38,14 +38,18 @@ class SwapBlocker(object):
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s FOR UPDATE", (dbname,))
         self.cluster = cluster
 
-    def wait_for_swap(self, timeout=60):
-        """The pid of the backend whose ALTER DATABASE ... RENAME waits on the row."""
+    def wait_for_swap(self, timeout=60, gone=lambda: None):
+        """The pid of the backend whose ALTER DATABASE ... RENAME waits on the row (``gone``: why the
+        restore will never get there, or None)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             rows = q(self.cluster.url(), "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                                          " AND query LIKE 'ALTER DATABASE%%RENAME%%'")
             if rows:
                 return rows[0][0]
+            why = gone()
+            if why:
+                raise AssertionError("the restore never reached its swap: %s" % why)
             time.sleep(0.05)
         raise AssertionError("the restore never reached its swap")
 
@@ -120,6 +124,99 @@ def test_a_restore_waiting_too_long_refuses_naming_the_holder(target):
     assert err.value.fields["sqlstate"] == "55P03"
     assert err.value.fields["event_logged"] is True
     assert databases(target.cluster, target.name + "\\_%restore\\_%") == []
+
+
+class LeaseParker(object):
+    """Holds the target's lease row FOR UPDATE once a restore holds the lease: its park() (the last
+    statement on the target before the swap) waits right there, lease held, copy restored and checked."""
+
+    def __init__(self, url, timeout=120):
+        deadline = time.time() + timeout
+        while not q(url, "SELECT 1 FROM migrations.lock WHERE holder LIKE 'restore by %%'"):
+            assert time.time() < deadline, "the restore never took the lease"
+            time.sleep(0.05)
+        self.url = url
+        self.conn = psycopg2.connect(url)
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM migrations.lock WHERE id = 1 FOR UPDATE")
+
+    def wait_for_park(self, results, timeout=120):
+        """The pid of the restore's backend whose park() waits on the row."""
+        deadline = time.time() + timeout
+        while True:
+            rows = q(self.url, "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                               " AND query LIKE 'UPDATE migrations.lock%%' AND datname = current_database()")
+            if rows:
+                return rows[0][0]
+            assert time.time() < deadline and "restore" not in results, (
+                "the restore never reached the swap: %s" % getattr(results.get("restore"), "msg", None))
+            time.sleep(0.05)
+
+    def release(self):
+        if not self.conn.closed:
+            self.conn.rollback()
+            self.conn.close()
+
+
+def test_a_migrate_waiting_for_the_lease_does_not_block_the_restores_swap(target):
+    """A real migrate run waiting for the lease held by a restore: it holds no session on the target
+    meanwhile (it would block the swap until swap_timeout), and then works on the restored database."""
+    from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine as engine
+    from test_rollback_restore import MIGRATIONS
+    mset = engine.load_migration_set(str(MIGRATIONS))
+    for m in mset:  # the fixture's history as the engine records it (no drift for the migrate run)
+        q(target.url, "UPDATE migrations.history SET name = %s, checksum = %s WHERE version = %s",
+          (m.name, m.checksum, m.version))
+    target.take_backup()
+    revert_0011(target.url)  # the target at 0010: 0011 is pending for the migrate run below
+    results = {}
+
+    def restore():
+        try:
+            # (terminate_connections: the session holding the lease row below is connected when the restore
+            # looks; it is gone before the swap. A waiting run must be neither terminated nor in the way.)
+            results["restore"] = target.restore(run_id="run-restore", swap_timeout=3, terminate_connections=True)
+        except LedgerError as exc:  # pragma: no cover - reported by the assertions below
+            results["restore"] = exc
+
+    def migrate():
+        try:
+            results["migrate"] = engine.apply(target.url, mset,
+                                              run_id="run-waiting", lock_wait=120, lock_ttl=60)
+        except LedgerError as exc:  # pragma: no cover - reported by the assertions below
+            results["migrate"] = exc
+
+    first = threading.Thread(target=restore)
+    first.start()
+    parker = LeaseParker(target.url)
+    try:
+        waiting = threading.Thread(target=migrate)
+        waiting.start()
+        deadline = time.time() + 60
+        while not q(target.url, "SELECT 1 FROM migrations.events WHERE action = 'lock_wait' AND outcome = 'waiting'"
+                                " AND run_id = 'run-waiting'"):
+            assert time.time() < deadline and "migrate" not in results, getattr(results.get("migrate"), "msg", None)
+            time.sleep(0.05)
+        parked = parker.wait_for_park(results)
+        # Waiting, the migrate run keeps no session on the target (its polls come and go in milliseconds).
+        deadline = time.time() + 10
+        while q(target.url, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                            " AND application_name LIKE 'ledger-migrations%%' AND pid <> %s", (parked,))[0][0]:
+            assert time.time() < deadline, "the waiting run holds a session on the target"
+            time.sleep(0.01)
+    finally:
+        parker.release()
+    first.join(120)
+    waiting.join(120)
+    r, m = results["restore"], results["migrate"]
+    assert not isinstance(r, Exception), r
+    assert r["changed"] is True and r["terminated"] == []
+    assert not isinstance(m, Exception), m
+    # The waiter took the lease on the restored database (at 0011): nothing left to apply there.
+    assert m["version_before"] == "0011" and m["applied"] == [] and m["lock"]["waited_s"] > 0
+    assert history(target.url) == ["0008", "0009", "0010", "0011"]
+    assert history(target.cluster.url(r["previous_database"])) == ["0008", "0009", "0010"]
+    assert q(target.url, "SELECT count(*) FROM migrations.lock")[0][0] == 0
 
 
 # --------------------------------------------------------------------------- 2 + 6. killed at the swap
