@@ -456,15 +456,23 @@ class Lease(object):
         if not self.held:
             return
         self.held = False
+        conn = None
         try:
             conn = self.conn if not self.conn.closed else connect(self.url, autocommit=True)
             safe_rollback(conn)
-            conn.autocommit = True
+            conn.autocommit = False
             with conn.cursor() as cur:
+                # A session of this run whose client side was cut may still hold the row (ledger_lost):
+                # never wait for it, the lease expires by itself.
+                cur.execute("SET LOCAL lock_timeout = '2s'")
                 cur.execute("DELETE FROM migrations.lock WHERE id = 1 AND run_id = %s AND holder = %s",
                             (self.run_id, self.holder))
+            conn.commit()
         except Exception:  # noqa: BLE001 - it expires by itself
-            pass
+            safe_rollback(conn)
+        finally:
+            if conn is not None and not conn.closed:
+                conn.autocommit = True
 
 
 def create_records(conn):
