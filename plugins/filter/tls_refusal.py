@@ -12,10 +12,10 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 name: tls_refusal
 short_description: Why a database URL does not meet the sslmode an environment requires (empty when it does)
-version_added: "0.1.0"
+version_added: "1.1.0"
 description:
-  - Parses the URL once with libpq's parser (the collection's Target) and applies the rule of
-    C(ledger_require_sslmode): the URL itself must ask for that sslmode (PGSSLMODE does not count).
+  - "Parses the URL once with libpq's parser (the collection's Target) and applies the rule of
+    C(ledger_require_sslmode): the URL itself must ask for that sslmode (PGSSLMODE does not count)."
   - A URL that cannot be parsed is refused with the parser's advice, never with the URL.
 positional: required, who
 options:
