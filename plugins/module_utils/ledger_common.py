@@ -164,7 +164,7 @@ def lost_connection_text(message):
     """What a lost connection is said as, instead of a SQLSTATE it does not have."""
     # libpq's "This probably means the server terminated abnormally" is a guess, often wrong
     # (a terminated session, a network cut): ledger_lost says what the server tells instead.
-    message = " ".join(str(message or "").split()).split(" This probably means")[0].rstrip(". ")
+    message = " ".join(str(message or "").split()).split(" This probably means", maxsplit=1)[0].rstrip(". ")
     return "no SQLSTATE: the connection to the server was lost (%s)" % message
 
 

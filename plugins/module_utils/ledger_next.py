@@ -113,8 +113,8 @@ def playbook_command(playbook, limit=None, extra="", carry=True):
 
 def psql_command(host, port, user, dbname, statement):
     """`psql -h H -p P -U U -d D -c STATEMENT`, shell-quoted: names only, never a URL or a password."""
-    return " ".join(shlex.quote(str(t)) for t in ("psql", "-h", host, "-p", port, "-U", user, "-d", dbname,
-                                                 "-c", statement))
+    argv = ("psql", "-h", host, "-p", port, "-U", user, "-d", dbname, "-c", statement)
+    return " ".join(shlex.quote(str(t)) for t in argv)
 
 
 def _quote(token):
