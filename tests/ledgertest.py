@@ -46,6 +46,12 @@ def down_of(up: Path) -> Path:
 RUNBOOK_SET = _runbook_set()
 
 
+def shipped_versions():
+    """The versions of files/migrations, the roles' default set (the Molecule scenarios migrate it): the
+    runbook's 0008-0011 and any of the operator's own above them. Read with the engine's file-name rule."""
+    return [m.version for m in engine.load_migration_set(str(MIGRATIONS))]
+
+
 def write_set(directory, files):
     """Write {filename: sql} into directory (dedented) and return the directory."""
     directory.mkdir(parents=True, exist_ok=True)

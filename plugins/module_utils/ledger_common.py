@@ -158,6 +158,10 @@ def pg_error(exc):
     diag = getattr(exc, "diag", None)
     out = {
         "sqlstate": getattr(exc, "pgcode", None),
+        # No SQLSTATE and a connection error: the connection was lost (the server sent nothing, or libpq
+        # dropped what it sent: see ledger_lost), not an error of the statement.
+        "lost": getattr(exc, "pgcode", None) is None and HAS_PSYCOPG2
+        and isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)),
         "message": redact((getattr(diag, "message_primary", None) or str(exc)).strip()),
         "detail": redact(getattr(diag, "message_detail", None)),
         "hint": getattr(diag, "message_hint", None),
@@ -173,9 +177,26 @@ def pg_error(exc):
     return out
 
 
+def lost_connection_text(message):
+    """What a lost connection is said as, instead of a SQLSTATE it does not have."""
+    # libpq's "This probably means the server terminated abnormally" is a guess, often wrong
+    # (a terminated session, a network cut): ledger_lost says what the server tells instead.
+    message = " ".join(str(message or "").split()).split(" This probably means", maxsplit=1)[0].rstrip(". ")
+    return "no SQLSTATE: the connection to the server was lost (%s)" % message
+
+
+def error_head(err):
+    """`SQLSTATE 42P07: relation "x" already exists`, or what stands for a SQLSTATE the error has not."""
+    if err.get("sqlstate"):
+        return "SQLSTATE %s: %s" % (err["sqlstate"], err.get("message"))
+    if err.get("lost"):
+        return lost_connection_text(err.get("message"))
+    return "no SQLSTATE (an error of the client library, not of the server): %s" % err.get("message")
+
+
 def format_pg_error(err):
     """One line: `SQLSTATE 42P07: relation "x" already exists (hint: ...)`."""
-    text = "SQLSTATE %s: %s" % (err.get("sqlstate") or "?", err.get("message"))
+    text = error_head(err)
     if err.get("detail"):
         text += " (detail: %s)" % err["detail"]
     if err.get("hint"):

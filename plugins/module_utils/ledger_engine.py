@@ -229,8 +229,10 @@ def _next_after_failure(r, filename, line, err=None, lost=False):
     last_good = r.done[-1]["version"] if r.done else r.version_before
     code = (err or {}).get("sqlstate")
     if lost:
-        first = ("find out why the connection to the target dropped (server restart, pg_terminate_backend, network);"
-                 " the server rolled the migration back; then re-run `%s`" % rerun)
+        found = lost if isinstance(lost, dict) else {}
+        first = "find out why the connection to the target was lost (above), then re-run `%s`" % rerun
+        if found.get("cause") == "dropped" and not found.get("ended"):
+            first = "end the old session first (`SELECT pg_terminate_backend(%s)`), then %s" % (found["pid"], first)
     elif code in RETRIABLE:
         first = ("end or wait out the session(s) holding the lock (see 'likely blocker'), or raise"
                  " migrate_lock_timeout / migrate_lock_retries; then re-run `%s`" % rerun)
@@ -295,10 +297,9 @@ def _apply_tx(r, m):
     try:
         ms, attempts = r.with_retries("apply", m.version, m.filename, once)
     except StepFailed as exc:
-        if exc.lost:
-            r.reconnect()
+        r.recover(exc)
         nxt = _next_after_failure(r, m.filename, error_line(exc.stmt, exc.err) if exc.stmt else None, exc.err,
-                                  exc.lost)
+                                  exc.found or exc.lost)
         raise r.fail(m.version, m.filename, m.path, exc, "migration",
                      advice="the migration was rolled back (one transaction: nothing of %s is applied)" % m.filename,
                      next_command=nxt)
@@ -371,6 +372,7 @@ def _apply_nontx(r, m):
     try:
         with nconn.cursor() as cur:
             set_timeouts(cur, r.s, local=False)
+        pid = nconn.get_backend_pid()
         t1 = time.monotonic()
         for stmt in m.statements:
             def once(stmt=stmt):
@@ -378,17 +380,17 @@ def _apply_nontx(r, m):
                     with nconn.cursor() as cur:
                         cur.execute(stmt.text)
                 except psycopg2.Error as exc:
-                    lost = exc.pgcode is None or bool(nconn.closed)
+                    if exc.pgcode is None or nconn.closed:
+                        raise StepFailed(one_line(pg_error(exc)), stmt, lost=True, backend_pid=pid)
                     # A CONCURRENTLY build that timed out late leaves an INVALID index: never retry over it.
-                    left = not lost and any((i["schema"], i["index"]) not in before
-                                            for i in invalid_indexes(r.conn))
-                    raise StepFailed(one_line(pg_error(exc)), stmt, lost=lost, no_retry=left)
+                    left = any((i["schema"], i["index"]) not in before for i in invalid_indexes(r.conn))
+                    raise StepFailed(one_line(pg_error(exc)), stmt, no_retry=left)
             try:
                 _unused, attempts = r.with_retries("apply", m.version, m.filename, once)
             except StepFailed as exc:
-                if exc.lost:
-                    r.reconnect()
-                new = [i for i in invalid_indexes(r.conn) if (i["schema"], i["index"]) not in before]
+                r.recover(exc)
+                new = [i for i in invalid_indexes(r.conn) if (i["schema"], i["index"]) not in before] \
+                    if not r.conn.closed else []
                 cleanup = "\n".join(i["cleanup"] for i in new)
                 advice = ("%s runs outside a transaction (-- ledger:no-transaction): the statement(s) before"
                           " it (line(s) %s) were applied and stay" % (
@@ -399,7 +401,7 @@ def _apply_nontx(r, m):
                         "\n    ".join(i["cleanup"] for i in new)))
                 advice += ("\n  no history row was recorded: a re-run runs the whole file again (keep it re-runnable:"
                            " CREATE INDEX CONCURRENTLY IF NOT EXISTS ...)")
-                nxt = _next_after_failure(r, m.filename, error_line(exc.stmt, exc.err), exc.err, exc.lost)
+                nxt = _next_after_failure(r, m.filename, error_line(exc.stmt, exc.err), exc.err, exc.found or exc.lost)
                 if new:
                     nxt = "run the cleanup SQL (%s), then %s" % (" ".join(i["cleanup"] for i in new), nxt)
                 raise r.fail(m.version, m.filename, m.path, exc, "non-transactional migration",

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import datetime
 import re
-import shlex
 import time
 import uuid
 
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import playbook_command, psql_command
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 
 try:
@@ -91,9 +91,8 @@ def drop_how(admin_url):
 
 def drop_command(how, name):
     """psql command dropping a database (host, port, user and database names only: no URL, no password)."""
-    return "psql -h %s -p %s -U %s -d %s -c %s" % (
-        shlex.quote(str(how["host"])), how["port"], shlex.quote(str(how["user"])), shlex.quote(str(how["dbname"])),
-        shlex.quote('DROP DATABASE "%s" WITH (FORCE)' % name.replace('"', '""')))
+    return psql_command(how["host"], how["port"], how["user"], how["dbname"],
+                        'DROP DATABASE "%s" WITH (FORCE)' % name.replace('"', '""'))
 
 
 def drop_database(cur, name):
@@ -132,8 +131,8 @@ def leftovers_check(cur, dbname, host_label=None):
             "message": "%d database(s) of %s left by earlier restores: %s%s" % (
                 len(found), dbname, describe(found),
                 "; the scratch copies are of restores that were interrupted (nothing uses them)" if scratch else ""),
-            "next": "drop them when nothing in them is wanted: ansible-playbook playbooks/rollback.yml -l %s "
-                    "-e rollback_drop_leftovers=true" % (host_label or "<target>")}
+            "next": "drop them when nothing in them is wanted: %s" % playbook_command(
+                "rollback", host_label, "-e rollback_drop_leftovers=true")}
 
 
 def lease_check(cur, dbname):
@@ -194,9 +193,9 @@ def diagnose_refused(url, maintenance_db, connect_timeout, host_label=None):
             if not allow:
                 return ("the database %s refuses every connection: its datallowconn is false (left by an interrupted "
                         "restore of an older version of this project, or set by hand)" % dbname,
-                        "allow connections again: ansible-playbook playbooks/rollback.yml -l %s "
-                        "-e rollback_allow_connections=true (or: ALTER DATABASE \"%s\" ALLOW_CONNECTIONS true)" % (
-                            host_label or "<target>", dbname.replace('"', '""')))
+                        "allow connections again: %s (or: ALTER DATABASE \"%s\" ALLOW_CONNECTIONS true)" % (
+                            playbook_command("rollback", host_label, "-e rollback_allow_connections=true"),
+                            dbname.replace('"', '""')))
             if limit == 0:
                 return ("the database %s refuses every connection: its CONNECTION LIMIT is 0" % dbname,
                         "ALTER DATABASE \"%s\" CONNECTION LIMIT -1, then re-run" % dbname.replace('"', '""'))

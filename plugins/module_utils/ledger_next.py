@@ -20,8 +20,8 @@ import shlex
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import redact
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import Advice
 
-# `<limit>`, `rollback_to=VERSION|base`: written as they are, for the operator to replace.
-PLACEHOLDER = re.compile(r"<[a-z_]+>|[a-z_]+=VERSION\|base")
+# `<limit>`, `<this host>`, `rollback_to=VERSION|base`: written as they are, for the operator to replace.
+PLACEHOLDER = re.compile(r"<[a-z_ ]+>|[a-z_]+=VERSION\|base")
 
 # The options of the current module call (set by use_run_options; one module call per process).
 _RUN = {"options": None}
@@ -89,20 +89,32 @@ def _without(options, keys, drop_check=True):
     return out
 
 
-def playbook_command(playbook, limit=None, extra=""):
+def extra_var(name, value):
+    """`-e name=value` for a playbook command's extra, the value quoted once (a path with a space stays one)."""
+    return "-e " + shlex.quote("%s=%s" % (name, value))
+
+
+def playbook_command(playbook, limit=None, extra="", carry=True):
     """`ansible-playbook playbooks/<playbook>.yml <the run's options> <extra>`, shell-quoted.
 
-    extra is written as on a command line (`-e rollback_to=0009`); it wins over the run's -e of
-    the same variable.
+    extra is written as on a command line (`-e rollback_to=0009`, extra_var for a value that needs
+    quoting); it wins over the run's -e of the same variable. carry=False words a command for
+    another environment than this run's (`-l staging` from a production run): only `-l limit`.
     """
     extra_tokens = shlex.split(extra) if extra else []
-    options = _RUN["options"]
+    options = _RUN["options"] if carry else None
     if options is None:
         options = ["-l", limit or "<limit>"]
     elif "-l" not in options and limit:
         options = ["-l", limit] + list(options)
     options = _without(options, _extra_keys(extra_tokens))
     return " ".join(_quote(t) for t in ["ansible-playbook", "playbooks/%s.yml" % playbook] + options + extra_tokens)
+
+
+def psql_command(host, port, user, dbname, statement):
+    """`psql -h H -p P -U U -d D -c STATEMENT`, shell-quoted: names only, never a URL or a password."""
+    argv = ("psql", "-h", host, "-p", port, "-U", user, "-d", dbname, "-c", statement)
+    return " ".join(shlex.quote(str(t)) for t in argv)
 
 
 def _quote(token):

@@ -46,6 +46,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
     redact,
     redact_obj,
 )
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import extra_var, playbook_command
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest import MANIFEST_KIND, MANIFEST_SUFFIX, tail
 
 COUNTS_SQL = ("SELECT coalesce(json_object_agg(n || '.' || r, (xpath('/row/c/text()', query_to_xml("
@@ -316,7 +317,6 @@ def run_restore(p, repo, target, check_mode, progress):
     finally:
         conn.close()
     rp = manifest["restore_point"]
-    label = p.get("host_label") or "<host>"
     summary = ("point-in-time recovery of %s to %s (LSN %s, %s) rewinds the whole cluster (databases: %s) and "
                "restarts it; it discards %s of WAL written since, up to %d transactions, %d event(s) of this "
                "database (%s)%s"
@@ -335,9 +335,9 @@ def run_restore(p, repo, target, check_mode, progress):
         if check_mode:
             return dict(fields, changed=True, msg="would refuse without rollback_allow_data_loss=true: " + summary)
         raise LedgerError(
-            "refused: %s. Nothing was changed. To recover anyway, accepting that loss: ansible-playbook "
-            "playbooks/rollback.yml -l %s -e rollback_mode=restore -e backup_method=pgbackrest -e backup_file=%s "
-            "-e rollback_allow_data_loss=true" % (summary, label, manifest["manifest_path"]), **fields)
+            "refused: %s. Nothing was changed. To recover anyway, accepting that loss: %s" % (summary, playbook_command(
+                "rollback", p.get("host_label"), "-e rollback_mode=restore -e backup_method=pgbackrest %s "
+                "-e rollback_allow_data_loss=true" % extra_var("backup_file", manifest["manifest_path"]))), **fields)
     stamp = utc_stamp()
     data_dir = server["data_directory"].rstrip("/")
     new_dir, pre_dir = "%s.pitr_%s" % (data_dir, stamp), "%s.pre_pitr_%s" % (data_dir, stamp)

@@ -514,15 +514,23 @@ class Lease(object):
         try:
             conn = self.conn if attached else connect(self.url, autocommit=True, connect_timeout=self.connect_timeout)
             safe_rollback(conn)
-            conn.autocommit = True
+            conn.autocommit = False
             with conn.cursor() as cur:
+                # A session of this run whose client side was cut may still hold the row (ledger_lost):
+                # never wait for it, the lease expires by itself.
+                cur.execute("SET LOCAL lock_timeout = '2s'")
                 cur.execute("DELETE FROM migrations.lock WHERE id = 1 AND run_id = %s AND holder = %s",
                             (self.run_id, self.holder))
+            conn.commit()
         except Exception:  # noqa: BLE001 - it expires by itself
-            pass
+            if conn is not None:
+                safe_rollback(conn)
         finally:
-            if conn is not None and not attached:
-                conn.close()
+            if conn is not None and not conn.closed:
+                if attached:
+                    conn.autocommit = True
+                else:
+                    conn.close()
 
 
 def create_records(conn):

@@ -226,8 +226,7 @@ def _revert_one(r, version, row, down):
             ms, attempts = r.with_retries("revert", version, filename,
                                           lambda: run_in_tx(r.conn, r.lease, r.s, statements, finish))
         except StepFailed as exc:
-            if exc.lost:
-                r.reconnect()
+            r.recover(exc)
             raise r.fail(version, filename, path, exc, "revert",
                          advice="this revert was rolled back: %s is still applied" % version, next_command=nxt)
         except CommitUnknown as exc:
@@ -256,10 +255,10 @@ def _revert_one(r, version, row, down):
                     r.with_retries("revert", version, filename,
                                    lambda stmt=stmt: run_statements(nconn.cursor(), [stmt]))
                 except StepFailed as exc:
-                    if exc.lost:
-                        r.reconnect()
+                    r.recover(exc)
                     raise r.fail(version, filename, path, exc, "non-transactional revert",
-                                 extra={"invalid_indexes": invalid_indexes(r.conn)}, next_command=nxt)
+                                 extra={"invalid_indexes": invalid_indexes(r.conn) if not r.conn.closed else [],
+                                        "transactional": False}, next_command=nxt)
         finally:
             reset_session(nconn)
             if not nconn.closed:

@@ -8,7 +8,7 @@ import random
 import re
 import time
 
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import RUN_OPTIONS_SPEC, playbook_command
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import RUN_OPTIONS_SPEC, extra_var, playbook_command
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import with_defaults
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
     LedgerError, connect, describe_target, format_pg_error, pg_error,
@@ -308,12 +308,16 @@ def _plan(params, check_mode=False, _migrations=None):
             "not_applied": not_applied, "missing_down": missing, "data_at_risk": [], "backup_needed": False,
             "rehearsal": [], "check_mode": check_mode}
     if missing:
-        nxt = _cmd(host, "-e rollback_mode=restore")
+        # backup_file: the backup to restore instead (on_failure=rollback: the one this run took).
+        nxt = _cmd(host, "-e rollback_mode=restore", extra_var("backup_file", p["backup_file"]) if p.get("backup_file")
+                   else "")
         raise LedgerError(
             "cannot revert %s to %s: no down script for %s in %s (expected %s; a revert runs every down script or "
-            "none). Nothing was changed. Restore the newest verified backup instead: %s (or add -e backup_file=PATH)"
+            "none). Nothing was changed. Restore %s instead: %s"
             % (target, end, ", ".join(missing), p["migrations_dir"],
-               ", ".join("%s_<name>.down.sql" % v for v in missing), nxt),
+               ", ".join("%s_<name>.down.sql" % v for v in missing),
+               "that backup" if p.get("backup_file") else "the newest verified backup", nxt
+               + ("" if p.get("backup_file") else " (or add -e backup_file=PATH)")),
             **dict(base, next_command=nxt, refused="missing_down"))
     if not plan_items:
         if p.get("versions") is not None:

@@ -15,6 +15,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
     LedgerError,
     connect,
     describe_target,
+    error_head,
     log_event,
     log_event_autonomous,
     new_run_id,
@@ -28,6 +29,7 @@ try:
 except ImportError:  # pragma: no cover - connect() reports it
     psycopg2 = quote_ident = None
 
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_lost
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import (
     Advice,
@@ -230,21 +232,25 @@ def named_in(migration_statements, name):
 class StepFailed(Exception):
     """A statement of a migration failed: carries what the failure report needs."""
 
-    def __init__(self, err, stmt, lost=False, no_retry=False):
+    def __init__(self, err, stmt, lost=False, no_retry=False, backend_pid=None):
         super(StepFailed, self).__init__(err.get("message"))
         self.err = err
         self.stmt = stmt
         self.lost = lost
         self.no_retry = no_retry
+        self.backend_pid = backend_pid  # the session that ran it: after a lost connection, is it still there?
+        self.found = None  # after a lost connection: what Runner.recover found (ledger_lost.find_out)
 
 
 def run_statements(cur, statements):
     stmt = None
+    pid = cur.connection.get_backend_pid()
     try:
         for stmt in statements:
             cur.execute(stmt.text)
     except psycopg2.Error as exc:
-        raise StepFailed(one_line(pg_error(exc)), stmt, lost=exc.pgcode is None or bool(cur.connection.closed))
+        raise StepFailed(one_line(pg_error(exc)), stmt, lost=exc.pgcode is None or bool(cur.connection.closed),
+                         backend_pid=pid)
 
 
 def one_line(err):
@@ -261,6 +267,7 @@ def run_in_tx(conn, lease, s, statements, finish):
     CommitUnknown, psycopg2.Error (bookkeeping error) or LedgerError (lease lost).
     """
     conn.autocommit = False
+    pid = conn.get_backend_pid()
     try:
         with conn.cursor() as cur:
             try:
@@ -268,7 +275,7 @@ def run_in_tx(conn, lease, s, statements, finish):
                 if lease is not None:
                     lease.check_in_tx(cur)
             except psycopg2.Error as exc:
-                raise StepFailed(one_line(pg_error(exc)), None, lost=exc.pgcode is None)
+                raise StepFailed(one_line(pg_error(exc)), None, lost=exc.pgcode is None, backend_pid=pid)
             t1 = time.monotonic()
             run_statements(cur, statements)
             ms = elapsed_ms(t1)
@@ -278,12 +285,11 @@ def run_in_tx(conn, lease, s, statements, finish):
                 if lease is not None:
                     lease.renew_in_tx(cur)
             except psycopg2.Error as exc:
-                raise StepFailed(one_line(pg_error(exc)), None, lost=exc.pgcode is None)
-        backend_pid = conn.get_backend_pid()
+                raise StepFailed(one_line(pg_error(exc)), None, lost=exc.pgcode is None, backend_pid=pid)
         try:
             conn.commit()
         except psycopg2.Error as exc:
-            raise CommitUnknown(pg_error(exc), backend_pid)
+            raise CommitUnknown(pg_error(exc), pid)
         return ms
     except BaseException:
         safe_rollback(conn)
@@ -344,6 +350,7 @@ class Runner(object):
         self.advice = advice or Advice()
         self.action = action
         self.conn = connect(url, autocommit=True)
+        self.server_started = ledger_lost.server_start(self.conn)  # a restart is told apart by it (ledger_lost)
         self.lease = None
         self.done = []
         self.version_before = None
@@ -446,6 +453,15 @@ class Runner(object):
         self.conn = connect(self.url, autocommit=True)
         if self.lease is not None:
             self.lease.conn = self.conn
+        return self.conn
+
+    def recover(self, exc):
+        """After a lost connection (StepFailed.lost): a new connection, and what is true (exc.found), once."""
+        if not exc.lost or exc.found is not None:
+            return exc.found
+        exc.found = ledger_lost.find_out(self.reconnect, exc.backend_pid, self.server_started,
+                                         self.s.get("commit_settle_s", COMMIT_SETTLE_SECONDS), wait_backend_gone)
+        return exc.found
 
     def event(self, action, outcome, version=None, duration_ms=None, detail=None):
         """Append an event on the run's connection (autocommit), or on a new one if it is gone."""
@@ -488,6 +504,7 @@ class Runner(object):
         stmt = exc.stmt
         line = error_line(stmt, err) if stmt is not None else None
         attempts = getattr(exc, "attempts", 1)
+        found = self.recover(exc) if isinstance(exc, StepFailed) else None
         fields = {
             "target": self.target, "version": m_version, "file": filename, "file_path": path, "line": line,
             "sqlstate": err.get("sqlstate"), "message": err.get("message"), "detail": err.get("detail"),
@@ -495,6 +512,8 @@ class Runner(object):
             "attempts": attempts, "run_id": self.run_id, "applied" if self.action == "apply" else "reverted":
                 [d["version"] for d in self.done], "version_before": self.version_before,
         }
+        if found is not None:
+            fields["connection_lost"] = found
         if err.get("sqlstate") in RETRIABLE:
             fields["blockers"] = _blockers(self.conn, self.s) if not self.conn.closed else []
             if not fields["blockers"] and not self.conn.closed:
@@ -505,8 +524,11 @@ class Runner(object):
         if extra:
             fields.update(extra)
         where = "%s line %s" % (filename, line) if line else filename
-        msg = "%s of %s failed on %s at %s: SQLSTATE %s: %s" % (
-            stage, m_version, self.target, where, err.get("sqlstate") or "?", err.get("message"))
+        msg = "%s of %s failed on %s at %s: %s" % (
+            stage, m_version, self.target, where, ledger_lost.header(err.get("message")) if found is not None
+            else error_head(err))
+        if found is not None:
+            msg += "\n  " + ledger_lost.cause(found)
         if err.get("detail"):
             msg += "\n  detail: %s" % err["detail"]
         if err.get("hint"):
@@ -526,6 +548,8 @@ class Runner(object):
                         % (role, fields["blockers_grant"]))
         elif err.get("sqlstate") == "57014":
             msg += "\n  the statement ran longer than statement_timeout=%s" % self.s["statement_timeout_sql"]
+        if found is not None:
+            advice = ledger_lost.state(found, advice, (extra or {}).get("transactional", True), filename, line)
         if advice:
             msg += "\n  " + advice
         fields["next_command"] = next_command

@@ -15,7 +15,9 @@ redact a target through Target:
 * ``name``: ``user@host:port/dbname``, how a target appears in every message.
 * ``params``: libpq's connection keywords (host, port, user, password, dbname,
   sslmode, ...), for psycopg2 and for pg_dump/pg_restore/psql.
-* ``tls``: whether libpq will use TLS and check the server (the ``sslmode``).
+* ``tls``: whether libpq will use TLS and check the server (the ``sslmode``); the TLS rule of an
+  environment (``meets_sslmode``, ``sslmode_refusal``), which the playbooks apply through the
+  filter ``arrakis.ledger.tls_refusal``.
 * ``secrets()``: the password as it can appear in text (raw and percent-encoded),
   for the verbatim scrub of reports.
 """
@@ -104,6 +106,14 @@ class Target(object):
     def meets_sslmode(self, required):
         """Whether the URL asks libpq for the sslmode an environment requires (None/'' requires nothing)."""
         return not required or self.sslmode == required
+
+    def sslmode_refusal(self, required, who):
+        """The refusal of a URL without the sslmode an environment requires, or None (who: host and environment)."""
+        if self.meets_sslmode(required):
+            return None
+        return ("%s requires sslmode=%s, but its database_url has sslmode=%s. Add '?sslmode=%s&sslrootcert="
+                "/path/to/ca.pem' to the URL (vault_database_url or DATABASE_URL); PGSSLMODE in the environment "
+                "does not count: the URL must say it." % (who, required, self.sslmode or "unset", required))
 
     def with_database(self, dbname):
         """The same server and credentials, another database (scratch and restore databases)."""

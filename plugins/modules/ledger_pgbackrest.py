@@ -48,6 +48,7 @@ options:
   run_id: {description: The run id of the events., type: str, default: adhoc}
   host_label: {description: The target's inventory name in messages., type: str, default: ""}
   rerun_command: {description: What the operator runs after a fix., type: str, default: the same ansible-playbook command}
+  run_options: {description: The ansible-playbook options (-i -l -e vault) every next command carries; set by the action plugin., type: list, elements: str}
 author: Arrakis platform team (@arrakis-platform)
 """
 
@@ -78,6 +79,7 @@ import time
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_dir import ensure_backup_dir
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import RUN_OPTIONS_SPEC
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import (
     backup_basename,
     count_rows,
@@ -135,6 +137,7 @@ ARGUMENT_SPEC = dict(
     run_id=dict(type="str", default="adhoc"),
     host_label=dict(type="str", default=""),
     rerun_command=dict(type="str", default="the same ansible-playbook command"),
+    run_options=RUN_OPTIONS_SPEC,
 )
 SPEC_OPTIONS = {}
 

@@ -66,6 +66,10 @@ options:
     description: The run id (ledger_run_id).
     type: str
     required: true
+  run_options:
+    description: The ansible-playbook options (-i -l -e vault) every next command carries; set by the action plugin.
+    type: list
+    elements: str
   staging_url:
     description: libpq URI of a staging database whose events are also searched for a stamp (check).
     type: str
@@ -126,6 +130,7 @@ import tempfile
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_migration_set import up_files
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import RUN_OPTIONS_SPEC, playbook_command
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
     LedgerError, actor, connect, describe_target, ensure_records, log_event, pg_error, format_pg_error,
     records_exist)
@@ -198,7 +203,7 @@ class Promotion(object):
         history = applied_history(self.url)
         if not history:
             self.fail("promotion: %s has no applied migrations (no migrations.history): nothing to stamp. "
-                      "Run 'ansible-playbook playbooks/migrate.yml -l <staging hosts>' first." % self.target)
+                      "Run `%s` first." % (self.target, playbook_command("migrate", "<staging hosts>", carry=False)))
         version = max(history)
         files = migration_set(self.p["migrations_dir"], version)
         local = dict((v, s) for v, _n, s in files)
@@ -206,11 +211,12 @@ class Promotion(object):
                   for v in sorted(set(history) | set(local)) if history.get(v) != local.get(v)]
         if differ:
             self.fail("promotion: refusing to stamp the set on %s: its applied migrations differ from the files "
-                      "in %s: %s. Run 'ansible-playbook playbooks/status.yml -l <this host>' to see the drift."
-                      % (self.target, self.p["migrations_dir"], "; ".join(differ)), version=version)
+                      "in %s: %s. Run `%s` to see the drift."
+                      % (self.target, self.p["migrations_dir"], "; ".join(differ),
+                         playbook_command("status", self.p["host"] or "<this host>")), version=version)
         checksum = set_checksum(files)
         verify_event = self.verify_event()
-        rerun = ("'ansible-playbook playbooks/migrate.yml -l %s'" % (self.p["host"] or "<this host>"))
+        rerun = "`%s`" % playbook_command("migrate", self.p["host"] or "<this host>")
         if verify_event is None and not self.check_mode:
             # A stamp says "verify passed on staging": without a verify event of this run on this
             # target (verify skipped with --skip-tags/--tags, verify_record_event=false, or verify
@@ -362,11 +368,12 @@ class Promotion(object):
                     conn.close()
             return dict(changed=not self.check_mode, source="override", msg=warning, warnings=[warning], **result)
         self.fail("promotion: refusing to migrate %s: the migration set %s (%s, up to %s) has not passed verify on "
-                  "%s (%s). Run it on staging first: 'ansible-playbook playbooks/migrate.yml -l staging%s', then "
+                  "%s (%s). Run it on staging first: `%s`, then "
                   "commit promotions/%s.json; or, deliberately, add '-e promotion_override=true' (logged)."
                   % (self.target, checksum, ", ".join(n for _v, n, _s in files), version,
                      "/".join(self.p["accept_from"]), problem,
-                     (" -e migrate_target=%s" % self.p["target"]) if self.p["target"] else "", checksum),
+                     playbook_command("migrate", "staging", ("-e migrate_target=%s" % self.p["target"])
+                                      if self.p["target"] else "", carry=False), checksum),
                   set_checksum=checksum, version=version, stamp_file=path)
 
     def valid_stamp(self, stamp, checksum):
@@ -413,6 +420,7 @@ ARGUMENT_SPEC = dict(
     accept_from=dict(type="list", elements="str", default=["staging"]),
     host=dict(type="str", default=""),
     run_id=dict(type="str", required=True),
+    run_options=RUN_OPTIONS_SPEC,
     staging_url=dict(type="str", default="", no_log=True),
     override=dict(type="bool", default=False),
     impact_profile=dict(type="list", elements="dict", default=[]),

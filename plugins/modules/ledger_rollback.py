@@ -53,7 +53,8 @@ options:
   allow_data_loss: {description: Revert even when the dropped tables or columns hold rows (a verified backup is required first)., type: bool, default: false}
   data_loss_backup: {description: "The verified backup taken before a revert that loses rows (the backup role's backup_file).", type: path}
   backup_dir: {description: Where the backups and their manifests are (restore)., type: path}
-  backup_file: {description: Restore this backup instead of the newest verified one (its manifest must be beside it)., type: path}
+  backup_file: {description: "Restore this backup instead of the newest verified one (its manifest must be beside it); for a
+    revert plan refused for a missing down script, the backup its next command restores.", type: path}
   backup_other_target: {description: "Restore O(backup_file) even when its manifest is of another target (another server's
     system_identifier or another database name).", type: bool, default: false}
   terminate_connections:

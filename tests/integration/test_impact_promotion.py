@@ -19,12 +19,13 @@ from pathlib import Path
 
 import psycopg2
 import yaml
+from ledgertest import RUNBOOK_SET
 
 from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine as engine
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice
 
 ROOT = Path(__file__).resolve().parents[2]
-MIGRATIONS = ROOT / "files" / "migrations"
+MIGRATIONS = RUNBOOK_SET  # the runbook's 0008-0011, whatever else files/migrations holds
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).parent / "ansible-playbook")
 HEAVY = "-- an index on the application's big table\nCREATE INDEX big_a ON public.big (a);\n"
 

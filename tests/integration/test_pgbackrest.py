@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import apply_sql_files
+from ledgertest import RUNBOOK_SET
 from pghelpers import history, load_module, q
 
 import pgcluster
@@ -258,7 +259,7 @@ def test_on_failure_rollback_recovers_the_run_restore_point_with_consent(archive
     q(base + "/postgres", "CREATE DATABASE onfail")
     url = base + "/onfail"
     migrations = tmp_path / "migrations"
-    shutil.copytree(ROOT / "files" / "migrations", migrations)
+    shutil.copytree(RUNBOOK_SET, migrations)  # the runbook's 0008-0011, whatever else files/migrations holds
     for down in migrations.glob("0011_*.down.sql"):
         down.unlink()
     (migrations / "0012_fails_on_purpose.sql").write_text("-- fails at apply time, on purpose\nSELECT 1 / 0;\n")

@@ -8,6 +8,7 @@ zero on its line 3); precheck_rehearse=false lets it reach the apply stage.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,17 +37,31 @@ class Runner:
         self.inventory.write_text("all:\n  hosts:\n    rbdb:\n      database_url: %s\n      backup_dir: %s\n"
                                   % (url, tmp_path / "backups"))
 
-    def run(self, playbook, *args):
-        # -v (the default callback's full results): these tests read the modules' messages and results;
-        # tests/integration/test_screen.py covers the operator's screen at default verbosity.
-        env = dict(os.environ, ANSIBLE_VERBOSITY="1",
+    def options(self):
+        """The options every run of these tests is given (a next command carries them)."""
+        return ["-i", str(self.inventory), "-l", "rbdb",
+                "-e", "migrations_dir=%s" % self.migrations, "-e", "report_dir=%s" % (self.tmp / "reports")]
+
+    def env(self, verbosity):
+        env = dict(os.environ, ANSIBLE_VERBOSITY=str(verbosity),
                    ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_HOME=str(self.tmp / ".ansible"),
                    ANSIBLE_NOCOLOR="1", PATH=str(PLAYBOOK.parent) + os.pathsep + os.environ.get("PATH", ""))
         env.pop("DATABASE_URL", None)
-        cmd = [str(PLAYBOOK), "-i", str(self.inventory), "-l", "rbdb", "playbooks/%s" % playbook,
-               "-e", "migrations_dir=%s" % self.migrations, "-e", "report_dir=%s" % (self.tmp / "reports"), *args]
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+        return env
+
+    def run(self, playbook, *args, verbosity=1):
+        # -v (the default callback's full results): these tests read the modules' messages and results;
+        # tests/integration/test_screen.py covers the operator's screen at default verbosity.
+        cmd = [str(PLAYBOOK), "playbooks/%s" % playbook, *self.options(), *args]
+        res = subprocess.run(cmd, cwd=ROOT, env=self.env(verbosity), capture_output=True, text=True, timeout=300,
+                             check=False)
         # Messages are wrapped by the YAML callback: compare them with whitespace folded.
+        return res.returncode, " ".join((res.stdout + res.stderr).split())
+
+    def paste(self, command):
+        """Run a printed command as an operator pastes it into a shell."""
+        res = subprocess.run(["bash", "-c", command], cwd=ROOT, env=self.env(1), capture_output=True, text=True,
+                             timeout=300, check=False)
         return res.returncode, " ".join((res.stdout + res.stderr).split())
 
 
@@ -92,7 +107,8 @@ def test_on_failure_rollback_never_restores_silently_when_a_down_script_is_missi
     """A restore would discard every write since the backup: without rollback_allow_data_loss the target stays
     as the failure left it, the failure is still reported, and the exact restore command is printed (and works)."""
     next(runner.migrations.glob("0010_*.down.sql")).unlink()
-    rc, out = runner.run("migrate.yml", "-e", "on_failure=rollback", "-e", "precheck_rehearse=false")
+    # The operator's screen (default verbosity): the restore command is said once.
+    rc, out = runner.run("migrate.yml", "-e", "on_failure=rollback", "-e", "precheck_rehearse=false", verbosity=0)
     assert rc != 0, out
     assert "0012_fails_on_purpose.sql line 3: SQLSTATE 22012" in out
     assert "on_failure=rollback did NOT roll back rbdb: the revert is impossible, there is no down script for 0010" \
@@ -100,18 +116,21 @@ def test_on_failure_rollback_never_restores_silently_when_a_down_script_is_missi
     assert "expected 0010_<name>.down.sql" in out and "not done without rollback_allow_data_loss=true" in out
     assert "left as the failure left it, at version 0011" in out
     backup_file = next((runner.tmp / "backups").glob("*.dump"))
-    command = ("ansible-playbook playbooks/rollback.yml -l rbdb -e rollback_mode=restore -e backup_file=%s"
-               % backup_file)
-    assert command in out
+    # It carries this run's -i, -l and each -e (ledger_next, the one home of next commands), quoted for a shell.
+    argv = ["ansible-playbook", "playbooks/rollback.yml", *runner.options(), "-e", "on_failure=rollback",
+            "-e", "precheck_rehearse=false", "-e", "rollback_mode=restore", "-e", "backup_file=%s" % backup_file]
+    command = shlex.join(argv)
+    assert out.count(command) == 1 and out.count("rollback_mode=restore") == 1, out
     assert history(runner.url) == ["0008", "0009", "0010", "0011"]
     assert q(runner.url, "SELECT count(*) FROM migrations.events WHERE action = 'restore'") == [(0,)]
     name = runner.url.rsplit("/", 1)[1]
     assert q(pg_cluster.url(), "SELECT count(*) FROM pg_database WHERE datname LIKE %s",
              (name + "\\_%restore\\_%",)) == [(0,)]
 
-    # The printed command does what it says.
-    rc, out = runner.run("rollback.yml", *command.split(" -l rbdb ")[1].split())
+    # The printed command, pasted into a shell, does what it says.
+    rc, out = runner.paste(command)
     assert rc == 0, out
+    assert "restored %s" % backup_file in out
     assert history(runner.url) == []
 
 

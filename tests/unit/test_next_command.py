@@ -47,3 +47,20 @@ def test_without_run_options_a_command_names_the_limit_and_keeps_placeholders_re
     assert playbook_command("backup") == "ansible-playbook playbooks/backup.yml -l <limit>"
     assert PlaybookAdvice("a b").rollback("-e rollback_to=VERSION|base") == \
         "ansible-playbook playbooks/rollback.yml -l 'a b' -e rollback_to=VERSION|base"
+
+
+def test_a_value_with_a_space_stays_one_argument_and_a_psql_command_quotes_each_name():
+    use_run_options(run_options_from_cli(CLI))
+    try:
+        cmd = playbook_command("rollback", None, "-e rollback_mode=restore %s"
+                               % ledger_next.extra_var("backup_file", "/b k/x.dump"))
+        assert shlex.split(cmd)[-4:] == ["-e", "rollback_mode=restore", "-e", "backup_file=/b k/x.dump"]
+        # A command for another environment (staging, from a production run) carries none of this run's options.
+        assert playbook_command("migrate", "staging", "-e migrate_target=0010", carry=False) == \
+            "ansible-playbook playbooks/migrate.yml -l staging -e migrate_target=0010"
+    finally:
+        use_run_options(None)
+    assert playbook_command("status", "<this host>") == "ansible-playbook playbooks/status.yml -l <this host>"
+    psql = ledger_next.psql_command("db 1", 5432, "mig", "postgres", 'DROP DATABASE "l""x" WITH (FORCE)')
+    assert shlex.split(psql) == ["psql", "-h", "db 1", "-p", "5432", "-U", "mig", "-d", "postgres",
+                                 "-c", 'DROP DATABASE "l""x" WITH (FORCE)']

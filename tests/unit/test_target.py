@@ -77,3 +77,21 @@ def test_secrets_of_hides_even_what_target_refuses():
     assert "Sec@ret9" in secrets_of("postgresql://m:Sec@ret9@h/db")
     assert secrets_of("postgresql://m@h/db") == set() and secrets_of("https://u:p@h/") == set()
     assert secrets_of(None) == set()
+
+
+def test_the_tls_rule_is_one_rule_for_the_modules_and_the_playbooks():
+    from ansible_collections.arrakis.ledger.plugins.filter.tls_refusal import tls_refusal
+    who = "db1 (production)"
+    assert Target("postgresql://u@h/db?sslmode=verify-full").sslmode_refusal("verify-full", who) is None
+    assert tls_refusal("postgresql://u@h/db?sslmode=verify-full", "verify-full", who) == ""
+    assert tls_refusal("postgresql://u@h/db", "", who) == ""  # nothing required
+    said = tls_refusal("postgresql://u:pw@h/db?sslmode=require", "verify-full", who)
+    assert said == Target("postgresql://u:pw@h/db?sslmode=require").sslmode_refusal("verify-full", who)
+    assert said.startswith("db1 (production) requires sslmode=verify-full, but its database_url has sslmode=require.")
+    assert "sslmode=unset" in tls_refusal("postgresql://u@h/db", "verify-full", who)
+    # libpq's reading, not a regex: a sslmode in the password or the fragment is no sslmode.
+    assert "sslmode=unset" in tls_refusal("postgresql://u:sslmode%3Dverify-full@h/db", "verify-full", who)
+    # A URL Target refuses is refused without showing any of it.
+    raw = tls_refusal("postgresql://u:Zq7@Wx9k@h/db?sslmode=verify-full", "verify-full", who)
+    assert raw.startswith("db1 (production) requires sslmode=verify-full, but database_url is malformed")
+    assert "Zq7" not in raw and "Wx9k" not in raw

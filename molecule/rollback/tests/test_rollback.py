@@ -1,7 +1,12 @@
-"""After converge: the restore brought back 0011 with the ledger row the revert had dropped."""
+"""After converge: the restore brought back the newest version with the ledger row the revert had dropped.
+
+The set is files/migrations: the runbook's 0008-0011, and any of the operator's own above them.
+"""
 
 import os
 import json
+
+from ledgertest import shipped_versions
 
 PORT_BASE = int(os.environ.get("LEDGER_MOLECULE_PORT_BASE", "55600"))
 URL = f"postgresql://postgres@127.0.0.1:{PORT_BASE + 31}"
@@ -15,7 +20,7 @@ def sql(host, query, db="ledger"):
 
 def test_the_restore_brought_back_every_migration(host):
     assert sql(host, "SELECT string_agg(version, ',' ORDER BY version) FROM migrations.history") == \
-        "0008,0009,0010,0011"
+        ",".join(shipped_versions())
 
 
 def test_the_row_the_revert_dropped_is_back(host):
@@ -37,17 +42,19 @@ def test_the_database_before_the_restore_is_kept_at_0008(host):
 
 
 def test_every_revert_is_recorded_newest_first(host):
-    # 0009: 0011, 0010; base: 0009, 0008 (as of the backup restored last, taken before the third revert).
+    # 0009: the newest down to 0010; base: 0009, 0008 (as of the backup restored last, taken before the third
+    # revert).
     reverts = sql(host, "SELECT string_agg(version, ',' ORDER BY id) FROM migrations.events"
                         " WHERE action = 'revert' AND outcome = 'ok'")
-    assert reverts == "0011,0010,0009,0008"
+    assert reverts == ",".join([v for v in reversed(shipped_versions()) if v > "0009"] + ["0009", "0008"])
 
 
-def test_the_backup_restored_is_the_one_the_override_took_at_0011(host):
-    # Taken by the revert with rollback_allow_data_loss (at 0011, holding the row), verified, with its manifest.
+def test_the_backup_restored_is_the_one_the_override_took_at_the_newest_version(host):
+    # Taken by the revert with rollback_allow_data_loss (at the newest version, holding the row), verified, with
+    # its manifest.
     path = sql(host, "SELECT detail->>'backup_file' FROM migrations.events WHERE action = 'restore'"
                      " ORDER BY id DESC LIMIT 1")
-    assert "_0011_" in path
+    assert "_%s_" % shipped_versions()[-1] in path
     manifest = host.file(path + ".json")
     assert manifest.exists and manifest.mode == 0o600
     assert '"verified": true' in manifest.content_string

@@ -1,0 +1,109 @@
+# -*- coding: utf-8 -*-
+"""What is true after the connection to the target was lost in the middle of a migration.
+
+A lost connection has no SQLSTATE: libpq reports "server closed the connection unexpectedly".
+For a session ended with pg_terminate_backend, PostgreSQL does send FATAL 57P01 before closing,
+but libpq's PQexec (what psycopg2 2.9 runs a statement with) keeps only its last result, the
+lost connection, so 57P01 never reaches the engine. The truth is found afterwards instead, on a
+new connection: whether the server restarted (pg_postmaster_start_time), whether the session
+that ran the migration is still there (pg_stat_activity lists every pid to every role), and
+then, once that session has ended, what the history says. A session still running means the
+client side alone was cut (network, proxy, firewall): it holds the migration's locks until it
+notices, and a transaction it ran is rolled back then, never committed (no COMMIT was sent).
+"""
+
+from __future__ import annotations
+
+import time
+
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, lost_connection_text
+
+try:
+    import psycopg2
+except ImportError:  # pragma: no cover - reported by connect()
+    psycopg2 = None
+
+
+def server_start(conn):
+    """pg_postmaster_start_time() as text: read when the run connects, compared after a lost connection."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_postmaster_start_time()::text")
+        return cur.fetchone()[0]
+
+
+def find_out(reconnect, pid, started_before, settle_s, wait_gone):
+    """The facts after a lost connection, read on a new one.
+
+    reconnect() opens the new connection (and returns it) or raises LedgerError; pid is the lost
+    session's backend pid; started_before the server's start time read when the run connected
+    (server_start: another one now means a restart ended every session); wait_gone(conn, pid,
+    timeout) waits for that session to end.
+    Returns {"cause": restart|terminated|dropped|unreachable, "pid", "ended", "waited_s", "error"}.
+    """
+    facts = {"cause": None, "pid": pid, "ended": None, "waited_s": 0.0, "error": None, "restarted_at": None}
+    try:
+        conn = reconnect()
+    except LedgerError as exc:
+        facts.update(cause="unreachable", error=exc.msg)
+        return facts
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_postmaster_start_time()::text <> %s,"
+                        " to_char(pg_postmaster_start_time() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS UTC'),"
+                        " EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity WHERE pid = %s)",
+                        (started_before, pid or 0))
+            restarted, started_at, alive = cur.fetchone()
+        if restarted and started_before is not None:
+            facts.update(cause="restart", ended=True, restarted_at=started_at)
+        elif not alive:
+            facts.update(cause="terminated", ended=True)
+        else:
+            t0 = time.monotonic()
+            facts.update(cause="dropped", ended=wait_gone(conn, pid, settle_s))
+            facts["waited_s"] = round(time.monotonic() - t0, 1)
+    except psycopg2.Error as exc:
+        facts.update(cause="unreachable", error=" ".join(str(exc).split()))
+    return facts
+
+
+def header(message):
+    """The failure's first line instead of `SQLSTATE ?: ...`."""
+    return lost_connection_text(message)
+
+
+def cause(facts):
+    """One line: why the connection was lost, as far as the server tells."""
+    pid = facts.get("pid")
+    if facts["cause"] == "restart":
+        return "the server restarted at %s (a crash or a restart ends every session)" % facts["restarted_at"]
+    if facts["cause"] == "terminated":
+        return ("its server session (pid %s) had already ended when the engine reconnected and the server did not "
+                "restart: the session was terminated (pg_terminate_backend or an administrator's command; "
+                "PostgreSQL sends SQLSTATE 57P01 then, but libpq does not pass it on through the closed connection)"
+                % pid)
+    if facts["cause"] == "dropped":
+        state = ("it ended %ss later" % facts["waited_s"] if facts["ended"] else
+                 "it is still running after %ss" % facts["waited_s"])
+        return ("its server session (pid %s) was still running when the engine reconnected: the connection was cut "
+                "between the engine and the server (network, proxy, firewall); %s" % (pid, state))
+    return "the target could not be reached again to find out why: %s" % facts.get("error")
+
+
+def state(facts, advice, transactional, filename, line=None):
+    """The state the database is left in, as found after reconnecting (advice: what the caller says of it)."""
+    pid = facts.get("pid")
+    if transactional:
+        if facts["ended"]:
+            return "%s; found after reconnecting: the session that ran it has ended" % advice
+        if facts["cause"] == "unreachable":
+            return ("no COMMIT was sent, so the server rolls it back (%s), but the target could not be read again to "
+                    "confirm it" % advice)
+        return ("no COMMIT was sent: nothing of it is committed and it never will be (%s), but its session (pid %s) "
+                "still holds its locks until it ends: `SELECT pg_terminate_backend(%s)`" % (advice, pid, pid))
+    where = "line %s of %s" % (line, filename) if line else filename
+    if facts["ended"]:
+        said = "it may have completed on the server before its session ended; check its effect before re-running"
+    else:
+        said = ("its session (pid %s) %s: it may still complete; check its effect once it has ended"
+                % (pid, "may still be running" if facts["cause"] == "unreachable" else "is still running"))
+    return "%s\n  the statement at %s ran outside a transaction: %s" % (advice, where, said)
