@@ -66,7 +66,8 @@ def params(env, action, **kw):
              max_age="7d", check_timeout=120, backup_type="none", backup_dir=env["backups"], backup_file=None,
              row_counts=True, lock_timeout="10s", archive_timeout=60, allow_data_loss=False, recovery_timeout=300,
              space_margin=1.2, pg_bindir=None, progress_file=None, progress_interval=10, run_id="pytest",
-             host_label="pitrdb", rerun_command="re-run")
+             host_label="pitrdb", rerun_command="re-run", binary="pgbackrest", block_incremental="auto",
+             lock_wait=90.0, lock_ttl=60.0, connect_timeout=10)
     p.update(kw)
     return p
 
