@@ -21,8 +21,9 @@ description:
     for milliseconds, bounded by O(lock_timeout)), switches the WAL, waits until the restore point's
     segment is archived and in the repository, writes a manifest C(<slug>_<version>_<stamp>.pitr.json)
     in O(backup_dir) and a C(backup) event."
-  - "O(action=restore): point-in-time recovery of the cluster to a manifest's restore point: counts
-    what would be lost, refuses without O(allow_data_loss), restores into a new data directory, starts
+  - "O(action=restore): point-in-time recovery of the cluster to a manifest's restore point: takes the
+    cluster's PITR lock and the target's run lease (as migrate and the dump restore do; see
+    module_utils/ledger_pgbackrest_lease.py), counts what would be lost, refuses without O(allow_data_loss), restores into a new data directory, starts
     it on a spare port, checks history and row counts against the manifest, then stops the target,
     swaps the directories and starts it; any failure leaves (or puts back) the target as it was."
 options:
@@ -50,6 +51,9 @@ options:
   allow_data_loss: {description: "restore: consent to lose everything committed after the restore point.", type: bool, default: false}
   recovery_timeout: {description: "restore: seconds for the recovery to reach the restore point.", type: int, default: 3600}
   space_margin: {description: "restore: free space needed beside the data directory, times the cluster's size.", type: float, default: 1.2}
+  lock_wait: {description: "restore: seconds to wait for another run's lease (or another PITR of the cluster) before refusing.", type: float, default: 90}
+  lock_ttl: {description: "restore: seconds the run lease lives without renewal (a killed run's lease expires after it).", type: float, default: 60}
+  connect_timeout: {description: "restore: seconds to wait for a connection.", type: int, default: 10}
   pg_bindir: {description: Directory of pg_ctl and psql (default the server's major version's)., type: path}
   progress_file: {description: Internal (the action plugin's progress lines)., type: path}
   progress_interval: {description: Seconds between progress lines of a long backup or recovery., type: int, default: 10}
@@ -139,6 +143,9 @@ ARGUMENT_SPEC = dict(
     allow_data_loss=dict(type="bool", default=False),
     recovery_timeout=dict(type="int", default=3600),
     space_margin=dict(type="float", default=1.2),
+    lock_wait=dict(type="float", default=90.0),
+    lock_ttl=dict(type="float", default=60.0),
+    connect_timeout=dict(type="int", default=10),
     pg_bindir=dict(type="path"),
     progress_file=dict(type="path"),
     progress_interval=dict(type="int", default=10),
