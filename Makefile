@@ -76,6 +76,7 @@ lint: setup collection
 pytest: setup
 	@$(PYTHON) scripts/pgbouncer_ctl.py install || echo "note: without pgbouncer, the PgBouncer tests are skipped (CI fails them)"
 	@$(PYTHON) scripts/pgcluster.py install-pgbackrest --dir $(SANDBOX_DIR) || echo "note: without pgbackrest, the pgBackRest tests are skipped (CI fails them)"
+	@$(PYTHON) scripts/sshd_ctl.py install || echo "note: without openssh-server and python3-psycopg2, the pgBackRest remote-host test is skipped (CI fails it)"
 	$(BIN)/pytest
 
 # Each run takes its own block of free ports (scenario ports are base + offset):
