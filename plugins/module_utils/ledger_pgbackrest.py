@@ -169,10 +169,10 @@ class PgBackRest(object):
             return []
         supported = self.version() >= BLOCK_INCREMENTAL_SINCE
         if mode in ("true", "yes", "on", "1") and not supported:
+            found = BLOCK_INCREMENTAL_SINCE + (self.binary,) + self.version()
             raise LedgerError(
                 "pgbackrest_block_incremental=true needs pgBackRest >= %d.%d, %s is %d.%d: install a newer one (the "
-                "PGDG package) or set pgbackrest_block_incremental=auto" % (BLOCK_INCREMENTAL_SINCE + (self.binary,)
-                                                                             + self.version()))
+                "PGDG package) or set pgbackrest_block_incremental=auto" % found)
         return ["--repo1-bundle", "--repo1-block"] if supported else []
 
     def base(self):

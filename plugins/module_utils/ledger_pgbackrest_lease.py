@@ -108,8 +108,8 @@ class ClusterLock(object):
 def describe_holder(holder):
     if not holder:
         return "a run whose lock file names nobody yet"
-    return "run %s by %s (pid %s) on %s since %s" % (holder.get("run_id"), holder.get("holder"), holder.get("pid"),
-                                                      holder.get("target"), holder.get("since"))
+    keys = ("run_id", "holder", "pid", "target", "since")
+    return "run %s by %s (pid %s) on %s since %s" % tuple(holder.get(k) for k in keys)
 
 
 def copy_lease_sql(lease, hold):
