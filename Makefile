@@ -20,7 +20,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # Keep ansible-lint/molecule caches inside the project, not in $HOME.
 export ANSIBLE_HOME := $(CURDIR)/.ansible
 
-.PHONY: help setup collection-link collection sandbox sandbox-stop migrate lint test pytest molecule bench clean
+.PHONY: help setup collection-link collection sandbox sandbox-stop migrate lint test pytest molecule bench pgbackrest-newer clean
 
 help:
 	@echo "make migrate       set up, start the PostgreSQL 15 sandbox, run playbooks/migrate.yml -l local"
@@ -29,6 +29,7 @@ help:
 	@echo "make sandbox       start the sandbox (SANDBOX_PORT=$(SANDBOX_PORT); SANDBOX_ARCHIVE=pgbackrest archives its WAL); make sandbox-stop stops it"
 	@echo "make lint          ansible-lint (production), yamllint, squawk, ansible-test sanity"
 	@echo "make bench         benchmarks (BENCH_ARGS='--sizes 0,1.5')"
+	@echo "make pgbackrest-newer  a pgBackRest with block incremental (2.55.1) in ~/.cache/arrakis-ledger; prints its path"
 
 setup: $(VENV)/.installed .collections/.installed collection-link
 
@@ -75,6 +76,7 @@ lint: setup collection
 pytest: setup
 	@$(PYTHON) scripts/pgbouncer_ctl.py install || echo "note: without pgbouncer, the PgBouncer tests are skipped (CI fails them)"
 	@$(PYTHON) scripts/pgcluster.py install-pgbackrest --dir $(SANDBOX_DIR) || echo "note: without pgbackrest, the pgBackRest tests are skipped (CI fails them)"
+	@$(PYTHON) scripts/sshd_ctl.py install || echo "note: without openssh-server and python3-psycopg2, the pgBackRest remote-host test is skipped (CI fails it)"
 	$(BIN)/pytest
 
 # Each run takes its own block of free ports (scenario ports are base + offset):
@@ -87,6 +89,11 @@ test: lint pytest molecule
 
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# pgBackRest 2.55.1 (Debian trixie's package, unpacked, not installed) for block incremental:
+# LEDGER_PGBACKREST_BIN=$$(python3 scripts/pgbackrest_newer.py) make bench BENCH_ARGS='--only pitr'
+pgbackrest-newer:
+	@$(PYTHON) scripts/pgbackrest_newer.py
 
 clean: sandbox-stop
 	rm -rf $(SANDBOX_DIR) .collections .ansible reports

@@ -297,8 +297,9 @@ class PlaybookRun:
     cpu_seconds: float | None = None           # user+sys of ansible-playbook, its workers and their commands
 
     def role_seconds(self, role: str, host: str | None = None) -> float:
+        # The callback sees the role by its FQCN (arrakis.ledger.backup): compare the short name.
         return sum(t["seconds"] for t in self.tasks
-                   if t.get("role") == role and (host is None or t["host"] == host))
+                   if (t.get("role") or "").rsplit(".", 1)[-1] == role and (host is None or t["host"] == host))
 
     def task_at(self, epoch: float) -> str | None:
         """The task (and host) running at an absolute time, e.g. when a lock wait was seen."""

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import socket
@@ -197,7 +198,15 @@ PGBACKREST = "pgbackrest"
 
 
 def find_pgbackrest() -> str:
-    """The pgbackrest binary; installed with apt-get as root where missing (as postgresql-15 is)."""
+    """The pgbackrest binary; installed with apt-get as root where missing (as postgresql-15 is).
+
+    LEDGER_PGBACKREST_BIN names another one (scripts/pgbackrest_newer.py's, for block incremental).
+    """
+    chosen = os.environ.get("LEDGER_PGBACKREST_BIN")
+    if chosen:
+        if not os.access(chosen, os.X_OK):
+            raise ClusterError(f"LEDGER_PGBACKREST_BIN={chosen} is not an executable file")
+        return chosen
     found = shutil.which(PGBACKREST)
     if found:
         return found
@@ -213,6 +222,13 @@ def find_pgbackrest() -> str:
             return found
     raise ClusterError("pgbackrest not found: install it as root ('apt-get install pgbackrest') "
                        "or start the sandbox without SANDBOX_ARCHIVE=pgbackrest")
+
+
+def block_incremental(binary: str) -> bool:
+    """Whether `binary` has block incremental (repo-block, generally available from pgBackRest 2.46)."""
+    out = subprocess.run([binary, "version"], capture_output=True, text=True, check=False).stdout
+    match = re.search(r"pgBackRest (\d+)\.(\d+)", out)
+    return bool(match) and (int(match.group(1)), int(match.group(2))) >= (2, 46)
 
 
 def pgbackrest_paths(home: Path) -> dict:
@@ -232,9 +248,11 @@ def _setup_pgbackrest(home: Path, data: Path, port: int, stanza: str) -> dict:
         if owner is not None:
             os.chown(paths[key], owner.pw_uid, owner.pw_gid)
     # A throwaway repository: lz4 and 2 processes favour speed over size; two fulls are kept.
+    # Block incremental from the full on, where the binary has it (most efficient so).
+    block = "repo1-bundle=y\nrepo1-block=y\n" if block_incremental(binary) else ""
     paths["config"].write_text(
         "[global]\n"
-        f"repo1-path={paths['repo']}\nrepo1-retention-full=2\n"
+        f"repo1-path={paths['repo']}\nrepo1-retention-full=2\n{block}"
         f"log-path={paths['log']}\nlock-path={paths['lock']}\nspool-path={paths['spool']}\n"
         "log-level-file=info\nlog-level-console=warn\nstart-fast=y\ncompress-type=lz4\nprocess-max=2\n"
         f"\n[{stanza}]\npg1-path={data}\npg1-port={port}\npg1-socket-path={home}\n")
@@ -333,7 +351,8 @@ def start(base: Path, port: int, db: str, archive: str | None = None, stanza: st
             pgbackrest(archive_info, "stanza-create")
             pgbackrest(archive_info, "check")
             pgbackrest(archive_info, "--type=full", "backup")
-        state["pgbackrest"] = {"stanza": archive_info["stanza"], "config": archive_info["config"]}
+        state["pgbackrest"] = {"stanza": archive_info["stanza"], "config": archive_info["config"],
+                               "binary": archive_info["binary"]}
     _state_file(base).write_text(json.dumps(state, indent=2) + "\n")
     return state
 

@@ -28,6 +28,11 @@ RESTORE_POINT_PREFIX = "ledger-"
 _SEGMENT = re.compile(r"^[0-9A-F]{24}$")
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)?\s*$", re.IGNORECASE)
 _AGE_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+_VERSION = re.compile(r"pgBackRest (\d+)\.(\d+)")
+# Block incremental (repo-block, with repo-bundle) is generally available from pgBackRest 2.46
+# (2.45, Debian 12's, has it as a beta only): an incr then stores the changed blocks of a
+# changed file, not the whole 1 GB segment.
+BLOCK_INCREMENTAL_SINCE = (2, 46)
 
 
 def parse_age(text):
@@ -131,13 +136,44 @@ class PgBackRest(object):
 
     _PERCENT = re.compile(r"\((\d+(?:\.\d+)?)%\)")
 
-    def __init__(self, stanza, config=None, os_user="postgres", binary="pgbackrest"):
+    def __init__(self, stanza, config=None, os_user="postgres", binary="pgbackrest", block_incremental="auto"):
         if not stanza:
             raise LedgerError("backup_method=pgbackrest needs pgbackrest_stanza (the stanza of the target's cluster)")
         self.stanza = stanza
         self.config = config or None
         self.user = OsUser(os_user)
-        self.binary = binary
+        self.binary = binary or "pgbackrest"
+        self.block_incremental = str(block_incremental or "auto").lower()
+        if self.block_incremental not in ("auto", "true", "yes", "on", "1", "false", "no", "off", "0"):
+            raise LedgerError("pgbackrest_block_incremental=%r: use auto, true or false" % block_incremental)
+        self._version = None
+
+    def version(self):
+        """(major, minor) of the pgbackrest binary, e.g. (2, 45)."""
+        if self._version is None:
+            _code, out, _err = self.user.run([self.binary, "version"], timeout=30)
+            match = _VERSION.search(out)
+            if not match:
+                raise LedgerError("%s version printed %r, not a pgBackRest version" % (self.binary, tail(out, 1)))
+            self._version = (int(match.group(1)), int(match.group(2)))
+        return self._version
+
+    def block_options(self):
+        """The backup's block incremental options for repo1 (where backups go by default), or [].
+
+        auto: on when the binary supports it (>= 2.46); true: required (refused below 2.46);
+        false: not on the command line (pgbackrest.conf's repo-block decides).
+        """
+        mode = self.block_incremental
+        if mode in ("false", "no", "off", "0"):
+            return []
+        supported = self.version() >= BLOCK_INCREMENTAL_SINCE
+        if mode in ("true", "yes", "on", "1") and not supported:
+            found = BLOCK_INCREMENTAL_SINCE + (self.binary,) + self.version()
+            raise LedgerError(
+                "pgbackrest_block_incremental=true needs pgBackRest >= %d.%d, %s is %d.%d: install a newer one (the "
+                "PGDG package) or set pgbackrest_block_incremental=auto" % found)
+        return ["--repo1-bundle", "--repo1-block"] if supported else []
 
     def base(self):
         argv = [self.binary]
@@ -175,8 +211,8 @@ class PgBackRest(object):
             match = self._PERCENT.search(line)
             if match and progress:
                 progress(float(match.group(1)))
-        code, out, err = self.run("--type=%s" % backup_type, "--log-level-console=detail", "backup",
-                                  timeout=timeout, check=False, on_line=on_line)
+        code, out, err = self.run("--type=%s" % backup_type, "--log-level-console=detail", *(self.block_options()
+                                  + ["backup"]), timeout=timeout, check=False, on_line=on_line)
         if code != 0:
             raise LedgerError("pgbackrest backup --type=%s of stanza %s failed (exit %d): %s"
                               % (backup_type, self.stanza, code, tail(err or out)))

@@ -2,7 +2,10 @@
 """rollback_mode=restore with a pgBackRest manifest: point-in-time recovery to the run's restore point.
 
 The target is never touched until the recovered copy has proven itself:
-  1. what would be lost is counted (WAL bytes and transaction ids since the restore point, the
+  0. the cluster's PITR lock and the target's run lease are taken (ledger_pgbackrest_lease.py:
+     a second PITR, migrate, revert or dump restore waits within its lock wait, then refuses
+     naming this run);
+  1. what would be lost is counted (under the lease) (WAL bytes and transaction ids since the restore point, the
      target's events after it, the versions applied since) and, without allow_data_loss, refused;
   2. pgbackrest restores the manifest's backup into a NEW data directory beside the target's,
      with recovery to the named restore point (then promote) on the manifest's timeline;
@@ -10,7 +13,8 @@ The target is never touched until the recovered copy has proven itself:
      (archive_command '' keeps its WAL for later; nothing of a failed attempt reaches the
      repository), recovers, and must have stopped at the restore point, with the manifest's
      history and exact row counts;
-  4. only then: the copy is stopped, the target stopped, the directories swapped (the old one kept
+  4. only then: this run's lease row is written into the copy (so the target comes back leased
+     to this run), the copy is stopped, the target stopped, the directories swapped (the old one kept
      as `<data>.pre_pitr_<stamp>`) and the target started; if that start fails, the swap is undone
      and the target started as it was.
 PITR rewinds the whole cluster (every database in it), and restarts it: the refusal says so.
@@ -38,6 +42,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils
     utc_stamp,
 )
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
+    RECORDS_DDL,
     LedgerError,
     connect,
     ensure_records,
@@ -48,6 +53,11 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
 )
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import extra_var, playbook_command
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest import MANIFEST_KIND, MANIFEST_SUFFIX, tail
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_lease import ClusterLock, copy_lease_sql
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_rollback_restore import RestoreLease
+
+# Seconds the lease outlives the swap (stop, rename, start: pg_ctl waits at most 120 s each way).
+SWAP_HOLD = 300
 
 COUNTS_SQL = ("SELECT coalesce(json_object_agg(n || '.' || r, (xpath('/row/c/text()', query_to_xml("
               "format('SELECT count(*) AS c FROM %%I.%%I', n, r), false, true, '')))[1]::text::bigint), '{}')"
@@ -172,7 +182,7 @@ def _psql(inst, sock, port, db, query, timeout=None):
     return out.strip()
 
 
-def _recover(p, repo, manifest, server, new_dir, sock, port, progress):
+def _recover(p, repo, manifest, server, new_dir, sock, port, progress, lease):
     """pgbackrest restore into new_dir, start it, let it pause at the restore point, check it, promote it.
 
     The copy pauses there (target-action=pause) so that it is checked exactly at the restore
@@ -256,12 +266,17 @@ def _recover(p, repo, manifest, server, new_dir, sock, port, progress):
     progress("promoting the recovered copy")
     if _psql(inst, sock, port, "postgres", "SELECT pg_promote(true, 120)::text", timeout=150) != "true":
         raise LedgerError("the recovered copy did not promote within 120 s: %s" % inst.log_tail())
+    # The target must come back leased to this run: nobody slips in between its start and our event.
+    if _psql(inst, sock, port, db, "SELECT to_regclass('migrations.lock') IS NULL") == "t":
+        _psql(inst, sock, port, db, RECORDS_DDL)
+    _psql(inst, sock, port, db, copy_lease_sql(lease, SWAP_HOLD))
     inst.stop()
     return check
 
 
-def _swap_and_start(repo, server, new_dir, pre_dir, log, bindir):
+def _swap_and_start(repo, server, new_dir, pre_dir, log, bindir, lease):
     """Stop the target, swap the data directories and start it; on failure put the old one back."""
+    lease.park(SWAP_HOLD)  # no heartbeat while the server is down; the old one's row outlives the swap
     data_dir = server["data_directory"]
     options = postmaster_options(data_dir)
     target = Instance(repo.user, bindir, data_dir, log)
@@ -300,6 +315,27 @@ def _swap_and_start(repo, server, new_dir, pre_dir, log, bindir):
                          "it did NOT start either: start it by hand (%s)" % target.log_tail(3)))
 
 
+def _take_lease(p, url, run_id, label):
+    """The target's run lease (migrate's, revert's and the dump restore's), or a refusal naming its holder."""
+    conn = connect(url, connect_timeout=p["connect_timeout"])
+    try:
+        with conn.cursor() as cur:
+            ensure_records(cur)  # the lease lives in migrations.lock
+    finally:
+        conn.close()
+    return RestoreLease(url, run_id, p["lock_ttl"], p["lock_wait"], p["connect_timeout"],
+                        advice=_PitrAdvice(label)).acquire()
+
+
+class _PitrAdvice(object):
+    def __init__(self, host):
+        self.host = host
+
+    def migrate(self):
+        return ("ansible-playbook playbooks/rollback.yml -l %s -e rollback_mode=restore -e backup_method=pgbackrest"
+                % self.host)
+
+
 def run_restore(p, repo, target, check_mode, progress):
     started = time.time()
     url, run_id = p["database_url"], p["run_id"]
@@ -313,9 +349,33 @@ def run_restore(p, repo, target, check_mode, progress):
                                   "nothing was changed" % (manifest["manifest_path"], manifest.get("system_identifier"),
                                                            identity["system_identifier"]))
             server = _server(cur)
-            risk = data_at_risk(cur, manifest)
+            risk = data_at_risk(cur, manifest) if check_mode else None
     finally:
         conn.close()
+    if check_mode:
+        return _restore(p, repo, target, True, progress, started, manifest, server, risk, None)
+    label = p.get("host_label") or "<host>"
+    # One PITR per cluster, and the target's run lease: see ledger_pgbackrest_lease.py.
+    cluster_lock = ClusterLock(server["data_directory"], run_id, target, p["lock_wait"], repo.user.pw, url).acquire()
+    lease = None
+    try:
+        lease = _take_lease(p, url, run_id, label)
+        conn = connect(url)
+        try:
+            with conn.cursor() as cur:
+                # Counted under the lease: no other run changes the target from here on.
+                risk = data_at_risk(cur, manifest)
+        finally:
+            conn.close()
+        return _restore(p, repo, target, False, progress, started, manifest, server, risk, lease)
+    finally:
+        if lease is not None and lease.held:
+            lease.release()
+        cluster_lock.release()
+
+
+def _restore(p, repo, target, check_mode, progress, started, manifest, server, risk, lease):
+    url, run_id = p["database_url"], p["run_id"]
     rp = manifest["restore_point"]
     summary = ("point-in-time recovery of %s to %s (LSN %s, %s) rewinds the whole cluster (databases: %s) and "
                "restarts it; it discards %s of WAL written since, up to %d transactions, %d event(s) of this "
@@ -327,6 +387,8 @@ def run_restore(p, repo, target, check_mode, progress):
                   if risk["versions_applied_since"] else ""))
     fields = {"method": "pgbackrest", "restore_point": rp, "manifest": manifest["manifest_path"],
               "data_at_risk": risk, "backup_label": manifest["backup_label"]}
+    if lease is not None:
+        fields["lease_waited_s"] = lease.waited_s
     if server["tablespaces"]:
         raise LedgerError("%s has tablespaces (%s): a recovery into a new data directory would restore them over the "
                           "live ones; recover by hand (pgbackrest restore --tablespace-map). Nothing was changed."
@@ -363,9 +425,9 @@ def run_restore(p, repo, target, check_mode, progress):
     swapped = False
     try:
         try:
-            check = _recover(p, repo, manifest, server, new_dir, sock, spare_port(), progress)
+            check = _recover(p, repo, manifest, server, new_dir, sock, spare_port(), progress, lease)
             progress("swapping %s in and starting the target" % new_dir)
-            _swap_and_start(repo, server, new_dir, pre_dir, start_log, bindir)
+            _swap_and_start(repo, server, new_dir, pre_dir, start_log, bindir, lease)
             swapped = True
         finally:
             inst = Instance(repo.user, bindir, new_dir, os.path.join(sock, "recovery.log"))
@@ -391,16 +453,21 @@ def run_restore(p, repo, target, check_mode, progress):
                 raise
             time.sleep(0.5)
     try:
+        conn.autocommit = False
         with conn.cursor() as cur:
             ensure_records(cur)
-            # A run lease recovered with the data belongs to a run of before the restore point.
-            cur.execute("DELETE FROM migrations.lock WHERE run_id <> %s", (run_id,))
+            # The lease came back with the data (written into the copy): the event and its release go together.
+            cur.execute("DELETE FROM migrations.lock WHERE id = 1 AND run_id = %s AND holder = %s RETURNING 1",
+                        (lease.run_id, lease.holder))
+            fields["lease_kept_through_swap"] = cur.fetchone() is not None
             cur.execute("SELECT version FROM migrations.history ORDER BY version")
             history = [r[0] for r in cur.fetchall()]
             duration = time.time() - started
             log_event(cur, run_id, "restore", "ok" if history == list(manifest.get("applied") or []) else "mismatch",
                       version=history[-1] if history else None, duration_ms=int(duration * 1000),
                       detail=dict(fields, previous_data_directory=pre_dir, check=check, history=history))
+        conn.commit()
+        lease.held = False
     finally:
         conn.close()
     if history != list(manifest.get("applied") or []):

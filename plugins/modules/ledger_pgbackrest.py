@@ -21,8 +21,9 @@ description:
     for milliseconds, bounded by O(lock_timeout)), switches the WAL, waits until the restore point's
     segment is archived and in the repository, writes a manifest C(<slug>_<version>_<stamp>.pitr.json)
     in O(backup_dir) and a C(backup) event."
-  - "O(action=restore): point-in-time recovery of the cluster to a manifest's restore point: counts
-    what would be lost, refuses without O(allow_data_loss), restores into a new data directory, starts
+  - "O(action=restore): point-in-time recovery of the cluster to a manifest's restore point: takes the
+    cluster's PITR lock and the target's run lease (as migrate and the dump restore do; see
+    module_utils/ledger_pgbackrest_lease.py), counts what would be lost, refuses without O(allow_data_loss), restores into a new data directory, starts
     it on a spare port, checks history and row counts against the manifest, then stops the target,
     swaps the directories and starts it; any failure leaves (or puts back) the target as it was."
 options:
@@ -31,6 +32,14 @@ options:
   stanza: {description: The pgBackRest stanza of the target's cluster., type: str, required: true}
   config: {description: pgbackrest.conf on this host (empty for pgBackRest's default)., type: path}
   os_user: {description: The cluster's OS user (owner of the data directory)., type: str, default: postgres}
+  binary: {description: The pgbackrest binary on this host (a name on PATH or a path)., type: str, default: pgbackrest}
+  block_incremental:
+    description:
+      - "backup: block incremental (C(--repo1-bundle --repo1-block): an incr stores only the changed blocks of a
+        changed file). C(auto): on when the binary is pgBackRest >= 2.46; C(true): required (refused below 2.46);
+        C(false): not on the command line (pgbackrest.conf decides)."
+    type: str
+    default: auto
   max_age: {description: "check: the newest full/diff backup may be at most this old (7d, 36h, 3600).", type: str, default: 7d}
   check_timeout: {description: Seconds for C(pgbackrest check)., type: int, default: 120}
   backup_type: {description: "backup: what to take before the restore point.", type: str, choices: [none, incr, diff, full], default: incr}
@@ -42,6 +51,9 @@ options:
   allow_data_loss: {description: "restore: consent to lose everything committed after the restore point.", type: bool, default: false}
   recovery_timeout: {description: "restore: seconds for the recovery to reach the restore point.", type: int, default: 3600}
   space_margin: {description: "restore: free space needed beside the data directory, times the cluster's size.", type: float, default: 1.2}
+  lock_wait: {description: "restore: seconds to wait for another run's lease (or another PITR of the cluster) before refusing.", type: float, default: 90}
+  lock_ttl: {description: "restore: seconds the run lease lives without renewal (a killed run's lease expires after it).", type: float, default: 60}
+  connect_timeout: {description: "restore: seconds to wait for a connection.", type: int, default: 10}
   pg_bindir: {description: Directory of pg_ctl and psql (default the server's major version's)., type: path}
   progress_file: {description: Internal (the action plugin's progress lines)., type: path}
   progress_interval: {description: Seconds between progress lines of a long backup or recovery., type: int, default: 10}
@@ -120,6 +132,8 @@ ARGUMENT_SPEC = dict(
     stanza=dict(type="str", required=True),
     config=dict(type="path"),
     os_user=dict(type="str", default="postgres"),
+    binary=dict(type="str", default="pgbackrest"),
+    block_incremental=dict(type="str", default="auto"),
     max_age=dict(type="str", default="7d"),
     check_timeout=dict(type="int", default=120),
     backup_type=dict(type="str", default="incr", choices=["none", "incr", "diff", "full"]),
@@ -131,6 +145,9 @@ ARGUMENT_SPEC = dict(
     allow_data_loss=dict(type="bool", default=False),
     recovery_timeout=dict(type="int", default=3600),
     space_margin=dict(type="float", default=1.2),
+    lock_wait=dict(type="float", default=90.0),
+    lock_ttl=dict(type="float", default=60.0),
+    connect_timeout=dict(type="int", default=10),
     pg_bindir=dict(type="path"),
     progress_file=dict(type="path"),
     progress_interval=dict(type="int", default=10),
@@ -218,15 +235,25 @@ def run_check(p, repo, target):
             "backup_age", False, {"error": info_error} if info_error else "no full or diff backup",
             "no full or diff backup in stanza %s%s" % (repo.stanza, (": " + info_error) if info_error else ""),
             "take one: %s" % repo.command_line("--type=full", "backup")))
+    try:
+        block = "on" if repo.block_options() else "off (pgbackrest.conf decides)" if repo.block_incremental in (
+            "false", "no", "off", "0") else "off (needs pgBackRest >= 2.46)"
+        version = "%d.%d" % repo.version()
+    except LedgerError as exc:
+        checks.append(_check("block_incremental", False, repo.block_incremental, exc.msg,
+                             "install pgBackRest >= 2.46 on the database host, or set pgbackrest_block_incremental=auto"))
+        block, version = "refused", "%d.%d" % repo.version() if repo._version else "(unknown)"
     failed = [c for c in checks if not c["ok"]]
-    lines = ["pgBackRest on %s (stanza %s): %d checks, %d failed" % (target, repo.stanza, len(checks), len(failed))]
+    lines = ["pgBackRest %s on %s (stanza %s, block incremental %s): %d checks, %d failed"
+             % (version, target, repo.stanza, block, len(checks), len(failed))]
     for c in checks:
         lines.append("  %s %s: %s" % ("ok    " if c["ok"] else "FAILED", c["name"], c["message"]))
         if c["next"]:
             lines.append("         next: %s" % c["next"])
     if failed:
         lines.append("nothing was changed; after the fix re-run: %s" % p["rerun_command"])
-    result = {"changed": False, "checks": checks, "failed_checks": [c["name"] for c in failed], "msg": "\n".join(lines)}
+    result = {"changed": False, "checks": checks, "failed_checks": [c["name"] for c in failed], "msg": "\n".join(lines),
+              "pgbackrest_version": version, "block_incremental": block}
     if failed:
         result["failed"] = True
     return result
@@ -324,6 +351,8 @@ def run_backup(p, repo, target, check_mode, progress):
     fields = {"method": "pgbackrest", "stanza": repo.stanza, "backup_type": p["backup_type"], "restore_point": name}
     try:
         backup_s = 0.0
+        block = bool(repo.block_options()) if p["backup_type"] != "none" else None
+        fields["block_incremental"] = block
         if p["backup_type"] != "none":
             progress("pgbackrest %s backup" % p["backup_type"], 0.0)
             t0 = time.time()
@@ -358,7 +387,8 @@ def run_backup(p, repo, target, check_mode, progress):
                         + ".pitr")
     manifest = {
         "kind": MANIFEST_KIND, "format": 1, "method": "pgbackrest", "stanza": repo.stanza, "config": repo.config,
-        "backup_type": p["backup_type"], "backup_label": base["label"], "backup_stop": iso(base["timestamp"]["stop"]),
+        "backup_type": p["backup_type"], "block_incremental": block, "pgbackrest_version": "%d.%d" % repo.version(),
+        "backup_label": base["label"], "backup_stop": iso(base["timestamp"]["stop"]),
         "archive_id": arch_id, "target": target, "target_slug": slug,
         "system_identifier": facts["identity"]["system_identifier"], "database": facts["database"],
         "server_version": facts["server_version"], "schema_version": applied[-1] if applied else None,
@@ -378,7 +408,8 @@ def run_backup(p, repo, target, check_mode, progress):
             log_event(cur, run_id, "backup", "ok", version=manifest["schema_version"],
                       duration_ms=int(manifest["duration_s"] * 1000),
                       detail={"method": "pgbackrest", "manifest": manifest_file, "stanza": repo.stanza,
-                              "backup_type": p["backup_type"], "backup_label": base["label"],
+                              "backup_type": p["backup_type"], "block_incremental": block,
+                              "backup_label": base["label"],
                               "restore_point": name, "lsn": point["restore_point_lsn"], "timeline": point["timeline"]})
     finally:
         conn.close()
@@ -386,6 +417,7 @@ def run_backup(p, repo, target, check_mode, progress):
         "changed": True, "backup_file": manifest_file, "manifest": manifest_file, "method": "pgbackrest",
         "restore_point": name, "lsn": point["restore_point_lsn"], "timeline": point["timeline"],
         "wal_file": point["wal_file"], "backup_label": base["label"], "backup_type": p["backup_type"],
+        "block_incremental": block,
         "verified": True, "verify_method": manifest["verify_method"], "row_counts": point["row_counts"],
         "schema_version": manifest["schema_version"], "duration_s": manifest["duration_s"],
         "backup_duration_s": manifest["backup_duration_s"], "sha256": None, "size_bytes": None, "removed": [],
@@ -400,7 +432,8 @@ def run_backup(p, repo, target, check_mode, progress):
 
 def _run(params, check_mode):
     target = describe_target(params["database_url"])
-    repo = PgBackRest(params["stanza"], params.get("config"), params["os_user"])
+    repo = PgBackRest(params["stanza"], params.get("config"), params["os_user"], params["binary"],
+                      params["block_incremental"])
     progress = progress_writer(params.get("progress_file"))
     if params["action"] == "check":
         return run_check(params, repo, target)

@@ -23,6 +23,7 @@ import pytest
 from conftest import apply_sql_files
 from ledgertest import RUNBOOK_SET
 from pghelpers import history, load_module, q
+from test_engine_locks import Bg, wait_for
 
 import pgcluster
 
@@ -67,7 +68,8 @@ def params(env, action, **kw):
              max_age="7d", check_timeout=120, backup_type="none", backup_dir=env["backups"], backup_file=None,
              row_counts=True, lock_timeout="10s", archive_timeout=60, allow_data_loss=False, recovery_timeout=300,
              space_margin=1.2, pg_bindir=None, progress_file=None, progress_interval=10, run_id="pytest",
-             host_label="pitrdb", rerun_command="re-run")
+             host_label="pitrdb", rerun_command="re-run", binary="pgbackrest", block_incremental="auto",
+             lock_wait=90.0, lock_ttl=60.0, connect_timeout=10)
     p.update(kw)
     return p
 
@@ -281,3 +283,115 @@ def test_on_failure_rollback_recovers_the_run_restore_point_with_consent(archive
     assert history(url) == []
     assert q(url, "SELECT action, outcome FROM migrations.events WHERE action = 'restore'") == [("restore", "ok")]
 
+
+
+# --------------------------------------------------------------------------- leases (issue 15)
+# A PITR takes the cluster's PITR lock and the target's run lease (ledger_pgbackrest_lease.py).
+# The races are held deterministically by a lock on the object the held run touches next.
+
+@pytest.fixture(scope="module")
+def leasedb(archived):
+    """A second database of the archiving cluster, with a restore point (manifest) of its own."""
+    base = archived["url"].rsplit("/", 1)[0]
+    q(base + "/postgres", "CREATE DATABASE leasedb")
+    url = base + "/leasedb"
+    q(url, "CREATE TABLE public.gate (i int)")
+    res = archived["mod"].result_of(params(archived, "backup", database_url=url, run_id="lease-rp"))
+    assert not res.get("failed"), res["msg"]
+    return {"url": url, "manifest": res["backup_file"]}
+
+
+def lease_row(url):
+    return q(url, "SELECT run_id, holder FROM migrations.lock")
+
+
+def waiting_on_lock(url, table):
+    return q(url, "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                  " WHERE NOT l.granted AND c.relname = %s", (table,))[0][0] > 0
+
+
+def test_a_pitr_waits_for_a_running_migrate_or_refuses_naming_it(archived, leasedb, tmp_path):
+    """A real migrate holds the target's lease (held mid-migration by a lock on `gate`): a PITR with a
+    short lock wait refuses naming it and changes nothing; one with a longer wait waits, then recovers."""
+    from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine as engine
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice
+    import psycopg2
+    url, data_dir = leasedb["url"], q(archived["url"], "SHOW data_directory")[0][0]
+    mset = tmp_path / "m"
+    mset.mkdir()
+    (mset / "0001_hold.sql").write_text("CREATE TABLE public.hold_probe (i int);\nSELECT count(*) FROM public.gate;\n")
+    gate = psycopg2.connect(url)
+    with gate.cursor() as cur:
+        cur.execute("LOCK TABLE public.gate IN ACCESS EXCLUSIVE MODE")
+    migrate = Bg(engine.apply, url, engine.load_migration_set(str(mset)), run_id="migrate-b", lock_wait=30,
+                 lock_timeout="120s", advice=PlaybookAdvice("pitrdb"))
+    migrate.start()
+    try:
+        wait_for(lambda: lease_row(url) and lease_row(url)[0][0] == "migrate-b" and waiting_on_lock(url, "gate"),
+                 timeout=60)
+        res = archived["mod"].result_of(params(archived, "restore", database_url=url, backup_file=leasedb["manifest"],
+                                               allow_data_loss=True, run_id="pitr-refused", lock_wait=1.0))
+        assert res["failed"] and "another migration run holds" in res["msg"] and "run migrate-b" in res["msg"], res
+        assert not glob.glob(data_dir + ".pitr_*")
+        assert lease_row(url)[0][0] == "migrate-b"
+        waiting = Bg(archived["mod"].result_of, params(archived, "restore", database_url=url,
+                                                       backup_file=leasedb["manifest"], allow_data_loss=True,
+                                                       run_id="pitr-waits", lock_wait=120.0))
+        waiting.start()
+        wait_for(lambda: q(url, "SELECT 1 FROM migrations.events WHERE run_id = 'pitr-waits' AND action = 'lock_wait'"
+                                " AND outcome = 'waiting'"), timeout=60)
+    finally:
+        gate.rollback()  # the migration goes on, commits and frees the lease
+        gate.close()
+    migrate.join(120)
+    assert migrate.error is None and migrate.result["applied"], migrate.error
+    waiting.join(600)
+    assert waiting.error is None and not waiting.result.get("failed"), waiting.result or waiting.error
+    assert waiting.result["lease_waited_s"] > 0 and waiting.result["lease_kept_through_swap"] is True
+    # Rewound to the restore point: the migration that ran meanwhile is undone, and the lease is free.
+    assert q(url, "SELECT to_regclass('public.hold_probe')")[0][0] is None
+    assert history(url) == [] and lease_row(url) == []
+
+
+def test_while_a_pitr_runs_a_second_pitr_and_a_dump_restore_refuse_naming_it(archived, leasedb, tmp_path):
+    """A PITR is held after taking its locks (it counts the loss under the lease, reading
+    migrations.history, which the test locks): a PITR of another database of the same cluster and a
+    dump restore of the same target refuse naming it; released, it recovers and frees the lease."""
+    import psycopg2
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
+    url = leasedb["url"]
+    hold = psycopg2.connect(url)
+    with hold.cursor() as cur:
+        cur.execute("LOCK TABLE migrations.history IN ACCESS EXCLUSIVE MODE")
+    first = Bg(archived["mod"].result_of, params(archived, "restore", database_url=url, backup_file=leasedb["manifest"],
+                                                 allow_data_loss=True, run_id="pitr-a"))
+    first.start()
+    try:
+        wait_for(lambda: lease_row(url) and lease_row(url)[0][0] == "pitr-a" and waiting_on_lock(url, "history"),
+                 timeout=60)
+        assert lease_row(url)[0][1].startswith("restore by ")
+        other_db = archived["mod"].result_of(params(archived, "restore", backup_file=archived["manifest"],
+                                                    allow_data_loss=True, run_id="pitr-b", lock_wait=1.0))
+        assert other_db["failed"], other_db
+        assert "another point-in-time recovery of this cluster is running: run pitr-a" in other_db["msg"]
+        assert "Nothing was changed" in other_db["msg"]
+        same_db = archived["mod"].result_of(params(archived, "restore", database_url=url,
+                                                   backup_file=leasedb["manifest"], allow_data_loss=True,
+                                                   run_id="pitr-c", lock_wait=1.0))
+        assert same_db["failed"] and "run pitr-a" in same_db["msg"], same_db
+        rollback = load_module("ledger_rollback")
+        try:
+            dump = rollback.run({"database_url": url, "mode": "restore", "backup_dir": str(tmp_path), "run_id": "dump-d",
+                                 "host_label": "pitrdb", "lock_wait": 1.0})
+            msg = dump.get("msg", "")
+        except LedgerError as exc:
+            msg = exc.msg
+        assert "another migration run holds" in msg and "run pitr-a" in msg, msg
+        assert lease_row(url)[0][0] == "pitr-a"
+    finally:
+        hold.rollback()
+        hold.close()
+    first.join(600)
+    assert first.error is None and not first.result.get("failed"), first.result or first.error
+    assert first.result["lease_kept_through_swap"] is True and lease_row(url) == []
+    assert q(url, "SELECT outcome FROM migrations.events WHERE run_id = 'pitr-a' AND action = 'restore'") == [("ok",)]
