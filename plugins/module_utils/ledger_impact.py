@@ -469,6 +469,12 @@ def from_stamp(profile, pending, rows_here, threshold):
                         seen.add(rel["table"])
                         differences.append({"table": rel["table"], "staging_rows": staged, "rows": here})
                     rel["staging_rows"], rel["rows"] = staged, here
+                    read = rel.get("rows_read") or 0
+                    if read and staged:
+                        # What staging measured is the share of the table the statement read (an index
+                        # build reads all of it): the same share of this target's rows, or a build that
+                        # read all of a small staging table would look like a few look-ups here.
+                        rel["staging_rows_read"], rel["rows_read"] = read, int(round(read * float(here) / staged))
                 rels.append(rel)
             statements.append(dict(st, relations=rels))
         result = {"version": m.version, "filename": m.filename, "allow_lock": list(m.allow_lock),
@@ -476,7 +482,9 @@ def from_stamp(profile, pending, rows_here, threshold):
         results.append(result)
         # Heavy here or on staging: never rehearsed on this target (from its lock on, the rest of the file).
         staged_sizes = dict(result, impact=[
-            dict(st, relations=[dict(rel, rows=rel.get("staging_rows", rel.get("rows"))) for rel in st["relations"]])
+            dict(st, relations=[dict(rel, rows=rel.get("staging_rows", rel.get("rows")),
+                                     rows_read=rel.get("staging_rows_read", rel.get("rows_read")))
+                                for rel in st["relations"]])
             for st in statements])
         for i in impacts([result], threshold) + impacts([staged_sizes], threshold):
             key = (m.filename, i["line"])
