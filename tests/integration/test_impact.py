@@ -283,6 +283,9 @@ def test_check_mode_prints_the_table_and_squawks_disagreement(empty_db, tmp_path
     out = migrate.run(params, check_mode=True)
     assert "lock impact: migrate_lock_policy=warn: 1 lock impact(s)" in out["msg"]
     assert "0002_big_index.sql impact:" in out["msg"] and "public.big" in out["msg"]
+    # What the operator's screen prints under --check at verbosity 0 (stage_line): the verdict and the table.
+    assert out["impact_lines"][0].startswith("lock impact: migrate_lock_policy=warn: 1 lock impact(s)")
+    assert "  0002_big_index.sql impact:" in out["impact_lines"]
     assert ("squawk: 0001_small_index.sql line 1: squawk warns (require-concurrent-index-creation), the observed"
             " profile shows no impact") in out["msg"]
     with pytest.raises(LedgerError, match="migrate_lock_policy=refuse: 1 lock impact"):
