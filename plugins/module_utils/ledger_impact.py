@@ -199,12 +199,12 @@ class Profiler(object):
 
     def names_nothing_old(self, stmt):
         """Whether a statement can only lock what it creates (a CREATE/COMMENT/GRANT naming no old relation)."""
-        words = [w.lower() for w in stmt.keywords[:2]]
+        words = [w.lower() for w in stmt.masked.split(None, 2)[:2]]  # the first two keywords, without splitting it all
         alter = bool(words) and words[0] == "alter" and len(words) > 1 and words[1] not in ("type", "domain")
         if not words or not (words[0] in NAMED_ONLY or alter):
             # ALTER TYPE / DOMAIN may scan every table using them, without naming one.
             return False
-        return not any(w.lower() in self.names for w in WORDS.findall(stmt.text))
+        return self.names.isdisjoint(WORDS.findall(stmt.text.lower()))
 
     def execute(self, cur, stmt, text):
         """Run a statement's rehearsal form and return its profile entry (observed)."""
