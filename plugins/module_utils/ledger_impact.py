@@ -4,15 +4,18 @@
 The profile's cost is one small query per rehearsal and one per statement, and nothing
 else where nothing else is needed (measured: README, Performance):
 
-* as the rehearsal starts, riding on its first SAVEPOINT, one scan of ``pg_class``'s plain
-  columns (no join, no function per row) says what exists before the migrations: each user
-  relation's oid, name, kind, ``relfilenode``, ``reltuples`` and pages;
+* as the rehearsal starts, riding on its first SAVEPOINT, one look-up of the relations the
+  pending statements name (one index probe per word of their text, bodies included; not a scan
+  of the catalog, which may hold thousands) says what they were before the migrations: oid,
+  name, kind, ``relfilenode``, ``reltuples`` and pages; and the catalog's highest oid;
 * after each statement, sent with it (one round trip), one read of ``pg_locks`` for this
-  backend says which relations it newly locked and in which mode, each one's filenode now (a
-  rewrite changed it) and the rows this transaction has read from it;
-* only when the profile shows a never-ANALYZEd table (its rows are guessed from its size) or
-  a rewritten index (its table is looked up), one query after the rehearsal's rollback reads
-  those few: the committed catalog then is again what it was before the rehearsal.
+  backend says which relations up to that oid it newly locked and in which mode, each one's
+  filenode now (a rewrite changed it) and the rows this transaction has read from it;
+* only when the profile shows a relation no statement names (a partition rewritten through its
+  parent, an index rewritten with its table, a table a trigger writes), a never-ANALYZEd table
+  (its rows are guessed from its size) or an index (its table), one query after the
+  rehearsal's rollback reads those few: the committed catalog then is again what it was before
+  the rehearsal (so a relation gone with the rollback was the migrations' own).
 
 Files that run outside a transaction are profiled from PostgreSQL's documented lock
 levels ("not observed"): their rehearsal form would take other locks than the real
@@ -48,29 +51,39 @@ KIND_NAMES = {"r": "table", "p": "table", "m": "materialized view", "i": "index"
 # PostgreSQL's FirstNormalObjectId: every object created after initdb has an oid at least this
 # (the catalogs and information_schema are below it), so the filter needs no join on pg_namespace.
 FIRST_USER_OID = 16384
-# What exists before the migrations: user tables, materialized views and indexes (not TOAST's,
-# not temporary ones). Plain columns only: the schema through regnamespace's output (a cache
-# look-up, no join to plan), the size from relpages (no file is opened).
-SNAPSHOT_SQL = (
-    "SELECT c.oid, c.relnamespace::regnamespace::text, c.relname, c.relkind, c.relfilenode, c.reltuples::bigint,"
-    " c.relpages::bigint * current_setting('block_size')::bigint FROM pg_catalog.pg_class c"
-    " WHERE c.oid >= %d AND c.relkind IN ('r', 'p', 'm', 'i', 'I') AND c.relpersistence <> 't'"
-    " AND c.relnamespace <> 'pg_toast'::regnamespace" % FIRST_USER_OID)
+# The relations the pending statements name, as they are before the migrations (tables,
+# materialized views and indexes; not TOAST's, not temporary ones), and the highest oid in the
+# catalog. Only named ones: a catalog of thousands of relations would otherwise cost more than the
+# rehearsal. One index probe per word (OFFSET 0 keeps the planner from turning it into a scan
+# of all pg_class: an '= ANY' filter or a hash join costs as much as the whole catalog). Plain columns: the schema through regnamespace's output
+# (a cache look-up, no join to plan), the size from relpages (no file is opened). The LEFT JOIN
+# keeps the one row of the highest oid when nothing named exists.
+_COLUMNS = ("c.oid, c.relnamespace::regnamespace::text, c.relname, c.relkind, c.relfilenode, c.reltuples::bigint,"
+            " c.relpages::bigint * current_setting('block_size')::bigint")
+_USER = ("c.oid >= %d AND c.relkind IN ('r', 'p', 'm', 'i', 'I') AND c.relpersistence <> 't'"
+         " AND c.relnamespace <> 'pg_toast'::regnamespace" % FIRST_USER_OID)
+SNAPSHOT_SQL = ("SELECT m.top, r.* FROM (SELECT max(oid) AS top FROM pg_catalog.pg_class) m LEFT JOIN"
+                " (SELECT " + _COLUMNS + " FROM pg_catalog.unnest(%s::name[]) w (name), LATERAL"
+                " (SELECT * FROM pg_catalog.pg_class c WHERE c.relname = w.name AND " + _USER + " OFFSET 0) c) r ON true")
 # The one query per statement: this backend's granted locks on relations that may be
-# pre-existing (the oids above the snapshot's highest are the migrations' own, unless the oid
-# counter wrapped: then the Python side filters them) with each one's filenode, and the rows
-# this transaction read from it (pg_stat_xact_*: tuples returned by scans and fetched through
-# indexes): a statement that reads a table under a strong lock holds it for that work.
+# pre-existing (the oids above the catalog's highest are the migrations' own, unless the oid
+# counter wrapped: then the look-up after the rollback finds them gone) with each one's
+# filenode, and the rows this transaction read from it (pg_stat_xact_*: tuples returned by scans
+# and fetched through indexes): a statement that reads a table under a strong lock holds it for that work.
 LOCKS_SQL = (
     "SELECT l.relation::bigint, l.mode, pg_catalog.pg_relation_filenode(l.relation),"
     " pg_catalog.pg_stat_get_xact_tuples_returned(l.relation) + pg_catalog.pg_stat_get_xact_tuples_fetched(l.relation)"
     " FROM pg_catalog.pg_locks l WHERE l.pid = pg_catalog.pg_backend_pid() AND l.locktype = 'relation'"
     " AND l.granted AND l.relation BETWEEN %d AND %%d" % FIRST_USER_OID)
-# After the rollback, for the few relations of the profile that need it: an index's table, and
-# the size of a never-ANALYZEd table (its rows are guessed from it).
+# After the rollback (the committed catalog is again what it was before the rehearsal), for the
+# few relations of the profile that need it: one no statement names (a partition rewritten
+# through its parent, an index rewritten with its table, a table a trigger writes), an index's
+# table, the size of a never-ANALYZEd table (its rows are guessed from it).
 DETAILS_SQL = (
-    "SELECT c.oid, i.indrelid, pg_catalog.pg_relation_size(c.oid), pg_catalog.pg_relation_size(i.indrelid)"
-    " FROM pg_catalog.pg_class c LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid WHERE c.oid = ANY(%s)")
+    "SELECT " + _COLUMNS + ", i.indrelid, pg_catalog.pg_relation_size(c.oid)"
+    " FROM pg_catalog.pg_class c LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid"
+    " WHERE c.oid = ANY(%s) AND " + _USER)
+QUOTED = re.compile(r'"((?:[^"]|"")+)"')
 # Statements of these kinds (and ALTER, but for ALTER TYPE/DOMAIN) lock only the objects they name: when they name no pre-existing
 # relation (not even in a function body or a string), pg_locks is not read after them. The
 # read costs ~1 ms once a big set has created hundreds of objects (pg_lock_status() copies
@@ -145,13 +158,30 @@ class Relation(object):
         return "%s.%s" % (self.schema, self.name)
 
 
-def snapshot(cur, run_first=None):
-    """{oid: Relation} of every user relation as the rehearsal starts (what exists before the migrations).
+def statement_words(stmt):
+    """The words of a statement that may name a relation: folded (as PostgreSQL folds unquoted names) and quoted ones.
 
+    The whole text, function bodies and strings included: a statement can lock what its body or
+    its dynamic SQL names.
+    """
+    words = set(WORDS.findall(stmt.text.lower()))
+    if '"' in stmt.text:
+        words.update(q.replace('""', '"') for q in QUOTED.findall(stmt.text))
+    return words
+
+
+def snapshot(cur, statements, run_first=None):
+    """({oid: Relation} of the user relations named, as the rehearsal starts; the catalog's highest oid).
+
+    ``statements``: each statement's words (``statement_words``).
     ``run_first``: a statement sent in the same round trip, before the snapshot (the first SAVEPOINT).
     """
-    cur.execute(SNAPSHOT_SQL if run_first is None else run_first + ";\n" + SNAPSHOT_SQL)
-    return dict((row[0], Relation(row)) for row in cur.fetchall())
+    words = set()
+    for stmt_words in statements:
+        words.update(stmt_words)
+    cur.execute(SNAPSHOT_SQL if run_first is None else run_first + ";\n" + SNAPSHOT_SQL, (sorted(words),))
+    rows = cur.fetchall()
+    return dict((row[1], Relation(row[1:])) for row in rows if row[1] is not None), rows[0][0] if rows else None
 
 
 class Profiler(object):
@@ -166,19 +196,24 @@ class Profiler(object):
         self.reads = {}
         self.locks_sql = None
         self.incomplete = []  # [(relation entry, Relation)] to finish after the rollback
+        self.unnamed = {}  # oid -> [(entry, new modes, rows read, filenode after)]: resolved after the rollback
+        self.words = {}  # id(statement) -> its words (statement_words)
 
-    def start(self, cur, run_first=None):
-        self.before = snapshot(cur, run_first)
+    def start(self, cur, statements, run_first=None):
+        """Read what the ``statements`` (all the rehearsal's) name, as it is before them."""
+        self.words = dict((id(stmt), statement_words(stmt)) for stmt in statements)
+        self.before, top = snapshot(cur, self.words.values(), run_first)
         self.by_name = dict((r.qualified, r) for r in self.before.values())
-        self.names = set(r.name.lower() for r in self.before.values())
+        self.names = set(r.name for r in self.before.values())
+        self.names.update(n.lower() for n in list(self.names))
         self.filenodes = dict((oid, r.filenode) for oid, r in self.before.items())
         # Only what existed before can be an impact: the relations the migrations create hold
         # locks too (hundreds in a big set), and reading them back at every statement would cost
-        # more than the rehearsal. Their oids are above the highest one that existed before.
-        self.locks_sql = LOCKS_SQL % max(self.before) if self.before else None
+        # more than the rehearsal. Their oids are above the catalog's highest as the rehearsal starts.
+        self.locks_sql = LOCKS_SQL % top if top is not None and top >= FIRST_USER_OID else None
         # The rehearsal's transaction has just begun: it holds no lock on a user relation yet and
         # has read none of their rows, so there is nothing more to ask before the first statement.
-        self.held, self.reads, self.incomplete = set(), {}, []
+        self.held, self.reads, self.incomplete, self.unnamed = set(), {}, [], {}
 
     def _locks(self, cur, run_first=None):
         if self.locks_sql is None:  # nothing pre-existing (a fresh database): nothing to observe
@@ -190,8 +225,6 @@ class Profiler(object):
         cur.execute(self.locks_sql if run_first is None else run_first + "\n;\n" + self.locks_sql)
         held, nodes, reads = set(), {}, {}
         for oid, mode, filenode, read in cur.fetchall():
-            if oid not in self.before:  # created by the migrations (the oid counter wrapped)
-                continue
             held.add((oid, mode))
             nodes[oid] = filenode
             reads[oid] = int(read or 0)
@@ -204,7 +237,8 @@ class Profiler(object):
         if not words or not (words[0] in NAMED_ONLY or alter):
             # ALTER TYPE / DOMAIN may scan every table using them, without naming one.
             return False
-        return self.names.isdisjoint(WORDS.findall(stmt.text.lower()))
+        words = self.words.get(id(stmt))
+        return self.names.isdisjoint(words if words is not None else statement_words(stmt))
 
     def execute(self, cur, stmt, text):
         """Run a statement's rehearsal form and return its profile entry (observed)."""
@@ -219,8 +253,7 @@ class Profiler(object):
     def catch_up(self, cur):
         """Take in the locks a no-transaction file's rehearsal form took (its entries are the documented ones)."""
         if self.locks_sql is not None:
-            self.held, nodes, self.reads = self._locks(cur)
-            self.filenodes.update((oid, node) for oid, node in nodes.items() if node is not None)
+            self._entry(None, None, *self._locks(cur))
 
     def _entry(self, stmt, ms, held, nodes, reads):
         new = held - self.held
@@ -237,28 +270,35 @@ class Profiler(object):
         rewritten = set()
         for oid, node in nodes.items():
             if node is not None and node != self.filenodes.get(oid):
-                rewritten.add(oid)
                 self.filenodes[oid] = node
                 per_rel.setdefault(oid, set())
-        relations = []
+                if oid in self.before:
+                    rewritten.add(oid)
+        entry = {"line": stmt.line, "statement": stmt.summary(100), "ms": ms, "observed": True,
+                 "relations": []} if stmt is not None else None  # None: caught up, not shown
         for oid, modes in per_rel.items():
-            rel = self.before[oid]
-            # An index's lock and rewrite are shown; its table's size is what the policy weighs.
-            if rel.is_index and oid not in rewritten:
-                continue
-            lock = None
-            for m in modes:
-                lock = stronger(lock, m)
-            if oid in rewritten:
-                # Every rewrite holds ACCESS EXCLUSIVE on what it rewrites; a rehearsal's earlier
-                # statement may already hold it (then it is not new to this one).
-                lock = "ACCESS EXCLUSIVE"
-            relations.append(self._relation(rel, {
-                "relation": rel.qualified, "kind": KIND_NAMES.get(rel.kind, rel.kind), "table": rel.qualified,
-                "lock": lock, "rewrite": oid in rewritten, "rows_read": read_now.get(oid, 0)}))
-        relations.sort(key=lambda r: (-MODE_RANK.get(r["lock"] or "", -1), r["relation"]))
-        return {"line": stmt.line, "statement": stmt.summary(100), "ms": ms, "observed": True,
-                "relations": relations}
+            rel = self.before.get(oid)
+            if rel is None:
+                # No statement names it (a partition, an index, a table a trigger writes), or the
+                # migrations created it after an oid wrap-around: known after the rollback.
+                self.unnamed.setdefault(oid, []).append((entry, modes, read_now.get(oid, 0), nodes.get(oid)))
+            elif entry is not None and (not rel.is_index or oid in rewritten):
+                # An index's lock and rewrite are shown; its table's size is what the policy weighs.
+                entry["relations"].append(self._observed(rel, modes, oid in rewritten, read_now.get(oid, 0)))
+        if entry is not None:
+            _sort(entry)
+        return entry
+
+    def _observed(self, rel, modes, rewrite, rows_read):
+        lock = None
+        for m in modes:
+            lock = stronger(lock, m)
+        if rewrite:
+            # Every rewrite holds ACCESS EXCLUSIVE on what it rewrites; a rehearsal's earlier
+            # statement may already hold it (then it is not new to this one).
+            lock = "ACCESS EXCLUSIVE"
+        return self._relation(rel, {"relation": rel.qualified, "kind": KIND_NAMES.get(rel.kind, rel.kind),
+                                    "table": rel.qualified, "lock": lock, "rewrite": rewrite, "rows_read": rows_read})
 
     def _relation(self, rel, entry):
         """Complete a relation entry with its table's name and size, now or (when unknown yet) after the rollback."""
@@ -277,23 +317,56 @@ class Profiler(object):
                 self._relation(rel, rel_entry)
         return entry
 
+    def _details(self, cur, oids):
+        """Read relations as committed (after the rollback): new ones join ``before``; known ones learn what they lacked."""
+        cur.execute(DETAILS_SQL, (sorted(oids),))
+        found = set()
+        for row in cur.fetchall():
+            oid, table_oid, size = row[0], row[7], row[8]
+            found.add(oid)
+            rel = self.before.get(oid)
+            if rel is None:
+                rel = self.before[oid] = Relation(row[:7])
+                self.filenodes.setdefault(oid, rel.filenode)
+            rel.learn(table_oid, size)
+        return found
+
     def finish(self, cur):
-        """After the rollback: the index tables and never-ANALYZEd sizes the profile still lacks (one query, if any)."""
-        if not self.incomplete:
-            return
-        ask = sorted(set(rel.oid for _entry, rel in self.incomplete))
-        cur.execute(DETAILS_SQL, (ask,))
-        for oid, table_oid, size, table_size in cur.fetchall():
-            self.before[oid].learn(table_oid, size)
-            table = self.before.get(table_oid)
-            if table is not None and not table.known:
-                table.learn(None, table_size)
-        for oid in ask:  # dropped by another session meanwhile: no table, no size
-            if not self.before[oid].known:
-                self.before[oid].learn(0, 0)
+        """After the rollback: the relations no statement named, index tables and never-ANALYZEd sizes (if any)."""
+        if self.unnamed:
+            found = self._details(cur, self.unnamed)
+            for oid, seen in sorted(self.unnamed.items()):
+                if oid not in found:  # created by the migrations (gone with the rollback), or not a user relation
+                    continue
+                rel, node_before = self.before[oid], self.before[oid].filenode
+                for entry, modes, rows_read, node in seen:
+                    rewrite = node is not None and node != node_before
+                    node_before = node if node is not None else node_before
+                    if entry is not None and (not rel.is_index or rewrite):
+                        entry["relations"].append(self._observed(rel, modes, rewrite, rows_read))
+                        _sort(entry)
+            self.unnamed = {}
+        for _ in range(2):  # the relations, then the tables of indexes that were not read yet
+            ask = set()
+            for _entry, rel in self.incomplete:
+                if not rel.known:
+                    ask.add(rel.oid)
+                table = self.before.get(rel.table_oid)
+                if rel.is_index and rel.table_oid and (table is None or not table.known):
+                    ask.add(rel.table_oid)
+            if not ask:
+                break
+            found = self._details(cur, ask)
+            for oid in ask - found:  # dropped by another session meanwhile: no table, no size
+                if oid in self.before:
+                    self.before[oid].learn(0, 0)
         for entry, rel in self.incomplete:
             _table_fields(entry, rel, self.before)
         self.incomplete = []
+
+
+def _sort(entry):
+    entry["relations"].sort(key=lambda r: (-MODE_RANK.get(r["lock"] or "", -1), r["relation"]))
 
 
 def _table_fields(entry, rel, before):

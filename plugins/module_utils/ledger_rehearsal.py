@@ -119,7 +119,8 @@ def _rehearse_once(conn, pending, s, rehearse_concurrently, profiler=None, stop_
                 del conn.notices[:]
                 if profiler is not None and not results:
                     # What exists before the migrations, read in the first savepoint's round trip.
-                    profiler.start(cur, run_first="SAVEPOINT ledger_rehearsal")
+                    profiler.start(cur, [st for f in pending for st in f.statements],
+                                   run_first="SAVEPOINT ledger_rehearsal")
                 else:
                     cur.execute("SAVEPOINT ledger_rehearsal")
                 stmt = None
