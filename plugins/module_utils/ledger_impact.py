@@ -346,7 +346,7 @@ class Profiler(object):
                         entry["relations"].append(self._observed(rel, modes, rewrite, rows_read))
                         _sort(entry)
             self.unnamed = {}
-        for _ in range(2):  # the relations, then the tables of indexes that were not read yet
+        for _round in range(2):  # the relations, then the tables of indexes that were not read yet
             ask = set()
             for _entry, rel in self.incomplete:
                 if not rel.known:
