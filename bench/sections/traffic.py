@@ -60,6 +60,11 @@ SELECT md5('lot' || l)::uuid, md5('tenant' || (l % {tenants}))::uuid,
        CASE WHEN e = 0 THEN 'credit' ELSE 'debit' END, CASE WHEN e = 0 THEN 1000000000000 ELSE 1000 END,
        CASE WHEN e = 0 THEN NULL ELSE 'seed-' || l || '-' || e END
   FROM generate_series(0, 99) e, generate_series(0, {lots} - 1) l;
+-- The balance rows the journal trigger would have maintained (one credit, 99 debits of 1000 a lot):
+-- without them every application debit is refused (the lot has no balance row).
+INSERT INTO public.credit_lot_balances (lot_id, community_id, amount_micro, credit_micro, debited_micro)
+SELECT l.id, l.community_id, l.amount_micro, 1000000000000, 99 * 1000
+  FROM public.credit_lots l;
 RESET session_replication_role;
 """
 
@@ -208,7 +213,7 @@ def prepare(ctx, mig_dir) -> str:
     ctx.pipeline("playbooks/migrate.yml", {"t1": base}, "t1",
                  {"migrations_dir": str(mig_dir), "migrate_target": "0009"}, what="migrate.yml to 0009 (setup)")
     cl.execute(base, SEED.format(tenants=TENANTS, lots=LOTS))
-    cl.execute(base, "VACUUM (ANALYZE) public.credit_lots, public.lot_entries")
+    cl.execute(base, "VACUUM (ANALYZE) public.credit_lots, public.lot_entries, public.credit_lot_balances")
     return base
 
 

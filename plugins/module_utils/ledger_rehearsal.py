@@ -102,11 +102,10 @@ def _rehearse_once(conn, pending, s, rehearse_concurrently, profiler=None, stop_
     conn.autocommit = False
     failed = False
     retry = False
+    done = False
     try:
         with conn.cursor() as cur:
             set_timeouts(cur, s)
-            if profiler is not None:
-                profiler.start(cur)
             for m in pending:
                 if failed or stopped:
                     results.append({"version": m.version, "filename": m.filename, "status": "not_rehearsed",
@@ -118,7 +117,12 @@ def _rehearse_once(conn, pending, s, rehearse_concurrently, profiler=None, stop_
                     res.update(impact=[], allow_lock=list(getattr(m, "allow_lock", ()) or ()))
                 t1 = time.monotonic()
                 del conn.notices[:]
-                cur.execute("SAVEPOINT ledger_rehearsal")
+                if profiler is not None and not results:
+                    # What exists before the migrations, read in the first savepoint's round trip.
+                    profiler.start(cur, [st for f in pending for st in f.statements],
+                                   run_first="SAVEPOINT ledger_rehearsal")
+                else:
+                    cur.execute("SAVEPOINT ledger_rehearsal")
                 stmt = None
                 try:
                     for stmt in m.statements:
@@ -140,13 +144,14 @@ def _rehearse_once(conn, pending, s, rehearse_concurrently, profiler=None, stop_
                             continue
                         if note:
                             res.setdefault("notes", []).append("line %d: %s" % (stmt.line, note))
-                        if profiler is None:
-                            cur.execute(text)
-                        elif m.transactional:
+                        if profiler is not None and m.transactional:
                             res["impact"].append(profiler.execute(cur, stmt, text))
-                        else:  # its entry is the documented one; keep the observation current
+                        else:
                             cur.execute(text)
-                            profiler.statement(cur, stmt, None)
+                    if profiler is not None and not m.transactional:
+                        # Its entries are the documented ones; what its rehearsal form locked is
+                        # taken in, so that the next file's statements are not charged with it.
+                        profiler.catch_up(cur)
                     cur.execute("RELEASE SAVEPOINT ledger_rehearsal")
                 except psycopg2.Error as exc:
                     err = pg_error(exc)
@@ -164,11 +169,25 @@ def _rehearse_once(conn, pending, s, rehearse_concurrently, profiler=None, stop_
                 res["duration_ms"] = elapsed_ms(t1)
                 res["notices"] = [n.strip() for n in conn.notices][-20:]
                 results.append(res)
+        done = True
     finally:
         safe_rollback(conn)
         if not conn.closed:
+            if done and profiler is not None:
+                _finish_profile(conn, profiler)
             conn.autocommit = was_autocommit
     return results, retry
+
+
+def _finish_profile(conn, profiler):
+    """The profile's last facts, read from the catalog as committed: as it was before the rehearsal."""
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            profiler.finish(cur)
+    except psycopg2.Error as exc:
+        raise LedgerError("the connection was lost after the rehearsal, completing its impact profile: %s"
+                          % pg_error(exc)["message"])
 
 
 def format_rehearsal(results):

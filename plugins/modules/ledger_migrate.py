@@ -260,6 +260,18 @@ rehearsal:
   returned: in check mode (apply, revert) and with record_rehearsal
   type: list
   elements: dict
+impact:
+  description:
+    - The rehearsal's impact profile (module_utils/ledger_impact.py) - C(files) per file and statement (locks
+      newly held on pre-existing relations, rewrites, rows, ms), C(impacts), C(policy), C(rows_threshold),
+      C(squawk) (where squawk's verdict and the profile disagree).
+  returned: in check mode of action apply, when the rehearsal passed
+  type: dict
+impact_lines:
+  description: The policy's verdict and the per-file impact table as lines, when there is an impact or a squawk note.
+  returned: in check mode of action apply, when there is an impact or a squawk note
+  type: list
+  elements: str
 drift:
   description: Applied migrations whose file was edited, deleted or renamed (version, kind, both checksums, message).
   returned: always
@@ -397,6 +409,8 @@ def _rehearsal(url, migrations, p, record):
         for n in squawk]
     out["impact"] = {"files": ledger_impact.stamp_profile(results), "impacts": found, "policy": p["lock_policy"],
                      "rows_threshold": p["lock_rows_threshold"], "squawk": squawk}
+    if found or squawk:  # the operator's screen shows these at verbosity 0 (the precheck's are not shown under --check)
+        out["impact_lines"] = ["lock impact: %s" % verdict] + table
     if not passed:
         raise LedgerError("rehearsal on %s: %s\n%s\n  nothing was changed (the rehearsal was rolled back)\n  next: %s"
                           % (target, verdict, "\n".join(table), nxt),

@@ -72,7 +72,8 @@ def migrate_line(res, check_mode):
         line = "migrate (rehearsal, rolled back): %s would apply on %s" % (_versions(ok) or "nothing", target)
         skipped = _not_rehearsed(rehearsal)
         line += "; not rehearsed: %s" % "; ".join(skipped) if skipped else "; every statement rehearsed"
-        return line
+        # A lock impact (or squawk's disagreement) is what --check is for: its table, not only the report's.
+        return "\n".join([line] + list(res.get("impact_lines") or []))
     if res.get("reverted") is not None and res.get("applied") is None:
         return None
     applied = res.get("applied") or []

@@ -108,6 +108,55 @@ def test_each_lock_mode_and_the_rewrite_are_observed(empty_db, tmp_path):
     assert "0002_volatile.sql impact:" in table and "yes" in table and "public.big" in table
 
 
+def test_what_the_snapshot_leaves_open_is_read_after_the_rollback(empty_db, tmp_path):
+    """The profile's start reads pg_class's plain columns only: an index's table, and the size of
+    a table never ANALYZEd (its rows guessed from it), are read once the rehearsal is rolled back,
+    as they were before it. Partitions a statement rewrites without naming them, and a schema
+    whose name needs quoting, are profiled like any table."""
+    conn = psycopg2.connect(empty_db)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        # Never ANALYZEd (reltuples -1): ~2.6 MB, so ~26,000 rows guessed at 100 bytes a row.
+        cur.execute("CREATE TABLE public.raw (id bigint PRIMARY KEY, pad text);"
+                    " INSERT INTO public.raw SELECT g, repeat('x', 60) FROM generate_series(1, 30000) g")
+        cur.execute("CREATE TABLE public.parted (id bigint, a int) PARTITION BY RANGE (id);"
+                    " CREATE TABLE public.parted_1 PARTITION OF public.parted FOR VALUES FROM (0) TO (5000);"
+                    " CREATE TABLE public.parted_2 PARTITION OF public.parted FOR VALUES FROM (5000) TO (10000);"
+                    " INSERT INTO public.parted SELECT g, g FROM generate_series(0, 9999) g; ANALYZE public.parted")
+        cur.execute('CREATE SCHEMA "Odd ""Schema"""; CREATE TABLE "Odd ""Schema""".t (id int PRIMARY KEY);'
+                    ' INSERT INTO "Odd ""Schema""".t SELECT generate_series(1, 2000); ANALYZE "Odd ""Schema""".t')
+        cur.execute("SELECT pg_relation_size('public.raw')")
+        raw_guess = cur.fetchone()[0] // impact.BYTES_PER_ROW_GUESS
+    conn.close()
+    _m, results = profile(empty_db, tmp_path, {
+        "0001_raw.sql": "ALTER TABLE public.raw ALTER COLUMN pad TYPE varchar;\n"
+                        "ALTER TABLE public.raw ADD COLUMN r float8 DEFAULT random();\n",
+        "0002_parted.sql": "ALTER TABLE public.parted ADD COLUMN r float8 DEFAULT random();\n",
+        "0003_odd.sql": 'ALTER TABLE "Odd ""Schema""".t ADD COLUMN c float8 DEFAULT random();\n',
+        "0004_reindex.sql": "-- ledger:no-transaction\nREINDEX INDEX CONCURRENTLY public.raw_pkey;\n",
+    })
+    raw = dict((r["relation"], r) for r in entry(results, "0001_raw.sql", 2))
+    assert raw_guess > 20000 and set(raw) == {"public.raw", "public.raw_pkey"}
+    assert raw["public.raw"]["rewrite"] is True and raw["public.raw_pkey"]["rewrite"] is True
+    for rel in raw.values():  # the index weighs its table: never ANALYZEd, rows from the size before the rewrite
+        assert (rel["table"], rel["rows"], rel["rows_guessed"]) == ("public.raw", raw_guess, True), rel
+    # A binary-compatible type change (varchar from text) rewrites nothing.
+    assert [(r["relation"], r["rewrite"]) for r in entry(results, "0001_raw.sql", 1)] == [("public.raw", False)]
+    parted = dict((r["relation"], (r["lock"], r["rewrite"], r["rows"])) for r in entry(results, "0002_parted.sql"))
+    assert parted["public.parted_1"] == ("ACCESS EXCLUSIVE", True, 5000)
+    assert parted["public.parted_2"] == ("ACCESS EXCLUSIVE", True, 5000)
+    assert parted["public.parted"][:2] == ("ACCESS EXCLUSIVE", False)
+    odd = entry(results, "0003_odd.sql")
+    assert [(r["relation"], r["lock"], r["rewrite"], r["rows"]) for r in odd] == [
+        ('Odd "Schema".t', "ACCESS EXCLUSIVE", True, 2000), ('Odd "Schema".t_pkey', "ACCESS EXCLUSIVE", True, 2000)]
+    [documented] = entry(results, "0004_reindex.sql")
+    assert (documented["relation"], documented["kind"], documented["table"], documented["rows"]) == (
+        "public.raw_pkey", "index", "public.raw", raw_guess)
+    found = dict((i["table"], i) for i in impact.impacts(results, THRESHOLD))
+    assert found["public.raw"]["rewrite"] and found["public.raw"]["rows_guessed"]
+    assert set(found) == {"public.raw", "public.parted_1", "public.parted_2", 'Odd "Schema".t'}
+
+
 def test_no_transaction_file_is_documented_not_observed(empty_db, tmp_path):
     make_tables(empty_db)
     _m, results = profile(empty_db, tmp_path, {
@@ -234,6 +283,9 @@ def test_check_mode_prints_the_table_and_squawks_disagreement(empty_db, tmp_path
     out = migrate.run(params, check_mode=True)
     assert "lock impact: migrate_lock_policy=warn: 1 lock impact(s)" in out["msg"]
     assert "0002_big_index.sql impact:" in out["msg"] and "public.big" in out["msg"]
+    # What the operator's screen prints under --check at verbosity 0 (stage_line): the verdict and the table.
+    assert out["impact_lines"][0].startswith("lock impact: migrate_lock_policy=warn: 1 lock impact(s)")
+    assert "  0002_big_index.sql impact:" in out["impact_lines"]
     assert ("squawk: 0001_small_index.sql line 1: squawk warns (require-concurrent-index-creation), the observed"
             " profile shows no impact") in out["msg"]
     with pytest.raises(LedgerError, match="migrate_lock_policy=refuse: 1 lock impact"):

@@ -32,6 +32,11 @@ def test_a_rehearsal_and_a_revert_plan_name_what_they_did_not_rehearse():
     assert stage_line("ledger_migrate", {"rehearsal": rehearsal, "target": "t"}, check_mode=True) == (
         "migrate (rehearsal, rolled back): 0008-0009 would apply on t; not rehearsed: 0009_b.sql line 3"
         " (VACUUM cannot run in a transaction); 0009_b.sql line 5: rehearsed without CONCURRENTLY")
+    # A lock impact: --check shows its verdict and table under the line.
+    impact_lines = ["lock impact: migrate_lock_policy=warn: 1 lock impact(s) ...", "  0009_b.sql impact:"]
+    assert stage_line("ledger_migrate", {"rehearsal": rehearsal[:1], "target": "t", "impact_lines": impact_lines},
+                      check_mode=True) == "\n".join(
+        ["migrate (rehearsal, rolled back): 0008 would apply on t; every statement rehearsed"] + impact_lines)
     plan = {"rehearsal": [{"file": "0011_x.down.sql", "skipped": [{"line": 4, "reason": "CONCURRENTLY"}]}]}
     assert stage_line("ledger_rollback", plan) == "rollback: not rehearsed: 0011_x.down.sql line 4 (CONCURRENTLY)"
     assert stage_line("ledger_rollback", {"rehearsal": [{"file": "f", "skipped": []}]}) is None
