@@ -54,7 +54,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import extra_var, playbook_command
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest import MANIFEST_KIND, MANIFEST_SUFFIX, tail
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_lease import ClusterLock, copy_lease_sql
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_rollback_restore import RestoreLease
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_restore_lease import RestoreLease
 
 # Seconds the lease outlives the swap (stop, rename, start: pg_ctl waits at most 120 s each way).
 SWAP_HOLD = 300
@@ -332,8 +332,7 @@ class _PitrAdvice(object):
         self.host = host
 
     def migrate(self):
-        return ("ansible-playbook playbooks/rollback.yml -l %s -e rollback_mode=restore -e backup_method=pgbackrest"
-                % self.host)
+        return playbook_command("rollback", self.host, "-e rollback_mode=restore -e backup_method=pgbackrest")
 
 
 def run_restore(p, repo, target, check_mode, progress):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import time
 from pathlib import Path
 
 import psycopg2
@@ -39,3 +40,20 @@ def events(url: str, columns: str = "action, outcome, run_id", action: str | Non
         return []
     where = " WHERE action = %s" if action else ""
     return q(url, "SELECT %s FROM migrations.events%s ORDER BY id" % (columns, where), (action,) if action else None)
+
+
+def other_sessions(url: str, keep=()) -> list[int]:
+    """Pids of the other sessions on url's database, except `keep`, once closed ones have ended.
+
+    A client that closed its connection leaves a backend that exits a moment later; on a loaded
+    machine pg_stat_activity still lists it. Waiting (up to 30 s) for those to go keeps tests
+    exact without guessing a delay: a session that really stays open is still returned.
+    """
+    deadline = time.monotonic() + 30
+    while True:
+        rows = q(url, "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                      " AND pid <> pg_backend_pid() AND NOT (pid = ANY(%s)) ORDER BY pid", (list(keep),))
+        pids = [r[0] for r in rows]
+        if not pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)

@@ -21,6 +21,7 @@ import psycopg2
 import pytest
 from ledgertest import inprocess, module, via_main
 from ledgertest import SECRET
+from pghelpers import other_sessions
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,17 +47,6 @@ def migrations(tmp_path, files):
 
 GOOD = {"0001_one.sql": "CREATE TABLE one (i int);\n", "0002_two.sql": "CREATE TABLE two (i int);\n"}
 BROKEN = dict(GOOD, **{"0003_broken.sql": "CREATE TABLE three (i int);\nSELECT 1 /\n       0;\n"})
-
-
-def other_backends(url):
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                        " AND pid <> pg_backend_pid()")
-            return cur.fetchone()[0]
-    finally:
-        conn.close()
 
 
 # --------------------------------------------------------------------------- validation
@@ -115,7 +105,7 @@ def test_a_failed_apply_reports_changed_and_leaves_no_thread_or_connection(tmp_p
     assert "0003_broken.sql" in got["msg"] and "22012" in got["msg"]
     assert got["changed"] == module("ledger_migrate").failure_changed("apply", False, got)
     assert not [t for t in threading.enumerate() if t.name.startswith("ledger-")]
-    assert other_backends(empty_db) == 0
+    assert other_sessions(empty_db) == []
 
     # The module says the same of the same failure (0003 still pending).
     expected = via_main("ledger_migrate", args)

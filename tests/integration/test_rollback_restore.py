@@ -19,7 +19,7 @@ import psycopg2.extras
 import pytest
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, ensure_records
-from pghelpers import history, load_module, q
+from pghelpers import history, load_module, other_sessions, q
 from ledgertest import RUNBOOK_SET
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -369,12 +369,15 @@ def test_connected_sessions_refuse_the_restore_unless_terminated(target):
             cur.execute("SELECT pg_backend_pid()")
             pid = cur.fetchone()[0]
         app.commit()
+        # Only the application's session: the test's own closed connections have ended.
+        assert other_sessions(target.url, keep=[pid]) == []
         with pytest.raises(LedgerError) as err:
             target.restore()
         assert "pid %d" % pid in err.value.msg and "ledger-app" in err.value.msg
         assert "rollback_terminate_connections=true" in err.value.msg
         assert_unchanged(target, schema_before, ["0008", "0009", "0010"])
 
+        assert other_sessions(target.url, keep=[pid]) == []
         result = target.restore(terminate_connections=True)
         assert [s["pid"] for s in result["terminated"]] == [pid]
         assert history(target.url) == ["0008", "0009", "0010", "0011"]
