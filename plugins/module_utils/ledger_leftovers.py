@@ -38,10 +38,11 @@ def short_name(dbname, suffix):
     return base + suffix
 
 
-def restore_names(dbname, now=None):
-    """(scratch, kept) names of one restore: a UTC stamp and a random tag, so no two runs share one."""
+def restore_names(dbname, now=None, tag=None):
+    """(scratch, kept) names of one restore: a UTC stamp and a tag (its lease's, else random), so no two runs
+    share one, and the cleanup knows the scratch copy of the run holding the lease by its tag."""
     stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
-    tag = uuid.uuid4().hex[:6]
+    tag = tag or uuid.uuid4().hex[:6]
     return (short_name(dbname, "%s%s_%s" % (SCRATCH, stamp, tag)),
             short_name(dbname, "%s%s_%s" % (KEPT, stamp, tag)))
 
@@ -204,13 +205,33 @@ def diagnose_refused(url, maintenance_db, connect_timeout, host_label=None):
         conn.close()
 
 
+def _live_holder(url, connect_timeout):
+    """Who holds the target's run lease now (check mode takes none), or None; nothing is written."""
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, connect
+    try:
+        conn = connect(url, autocommit=True, connect_timeout=connect_timeout)
+    except LedgerError:
+        return None
+    try:
+        with conn.cursor() as cur:
+            return lease_check(cur, Target(url).dbname)["observed"]
+    finally:
+        conn.close()
+
+
 def run_cleanup(p, check_mode=False):
     """mode=cleanup: allow connections again (with consent) and drop the leftovers (with consent).
 
-    Runs on the maintenance database; a database is said dropped only once DROP DATABASE returned.
+    Runs on the maintenance database; a database is said dropped only once DROP DATABASE returned. The
+    drop runs under the target's run lease (the one restore, migrate and revert take): a restore in
+    progress holds it, so the cleanup waits for it (or refuses naming it) and never drops its scratch
+    copy. A scratch copy tagged with the lease's previous holder (a lease taken over on expiry, whose
+    run may still be alive) is kept all the same.
     """
     from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
         LedgerError, connect, describe_target, url_with_database)
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_restore_lease import (
+        lease_tag, take_restore_lease)
     url = p["database_url"]
     dbname = Target(url).dbname
     if dbname == p["maintenance_db"]:
@@ -220,8 +241,9 @@ def run_cleanup(p, check_mode=False):
     how = drop_how(admin_url)
     conn = connect(admin_url, autocommit=True, connect_timeout=p["connect_timeout"])
     out = {"target": describe_target(url), "changed": False, "dropped": [], "not_dropped": [], "leftovers": [],
-           "connections_allowed": None}
+           "in_use": [], "connections_allowed": None}
     said = []
+    lease = None
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (dbname,))
@@ -237,11 +259,23 @@ def run_cleanup(p, check_mode=False):
                     out["connections_allowed"] = False
                     said.append("%s refuses connections (datallowconn false): -e rollback_allow_connections=true "
                                 "allows them again" % dbname)
+            live = None
+            if p.get("drop_leftovers"):
+                if check_mode:
+                    live = _live_holder(url, p["connect_timeout"])
+                else:
+                    # Before listing: a restore in progress is waited for (or named), never dropped under.
+                    lease = take_restore_lease(p, "cleanup", "-e rollback_drop_leftovers=true")
+                    live = lease.takeover
+            tag = lease_tag(live["holder"]) if live else None
             found = leftover_databases(cur, dbname)
             out["leftovers"] = found
             if found and not p.get("drop_leftovers"):
                 said.append("left by earlier restores (kept): %s" % describe(found))
             for d in found if p.get("drop_leftovers") else []:
+                if tag and d["kind"] == "scratch" and d["name"].endswith("_" + tag):
+                    out["in_use"].append(dict(d, run_id=live["run_id"], holder=live["holder"]))
+                    continue
                 if check_mode:
                     out["dropped"].append(d)
                     continue
@@ -252,9 +286,15 @@ def run_cleanup(p, check_mode=False):
                     out["not_dropped"].append(dict(d, error=error, command=drop_command(how, d["name"])))
             out["changed"] = out["changed"] or bool(out["dropped"])
     finally:
+        if lease is not None and lease.held:
+            lease.release()
         conn.close()
     if out["dropped"]:
         said.append("%s: %s" % ("would drop" if check_mode else "dropped", describe(out["dropped"], limit=20)))
+    for d in out["in_use"]:
+        said.append("kept %s: the scratch copy of run %s (%s), which %s the run lease; run the cleanup again "
+                    "once it is done" % (d["name"], d["run_id"], d["holder"],
+                                         "holds" if check_mode else "held until it expired"))
     if out["not_dropped"]:
         said.append("could NOT drop: %s" % "; ".join("%s (%s): %s" % (d["name"], d["error"], d["command"])
                                                      for d in out["not_dropped"]))

@@ -1,7 +1,10 @@
 # -*- coding: utf-8 -*-
-"""The run lease as a restore takes it: no session left on the target while it waits, beats or parks."""
+"""The run lease as a restore (and the leftovers cleanup) takes it: no session left on the target while it
+waits, beats or parks."""
 
 from __future__ import annotations
+
+import re
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
     LEASE_APPLICATION, LedgerError, connect, connect_through_swap, describe_target, ensure_records, format_pg_error,
@@ -28,10 +31,15 @@ class RestoreLease(Lease):
     the copy's check: the target is free again.
     """
 
-    def __init__(self, url, run_id, ttl, wait, connect_timeout, advice=None):
+    def __init__(self, url, run_id, ttl, wait, connect_timeout, advice=None, what="restore"):
         super(RestoreLease, self).__init__(url, None, run_id, ttl=ttl if ttl is not None else 60.0, wait=wait,
                                            advice=advice, connect_timeout=connect_timeout)
-        self.holder = "restore by " + self.holder
+        self.holder = "%s by %s" % (what, self.holder)
+
+    @property
+    def tag(self):
+        """The tag this run's scratch and kept database names carry: the lease's own (see lease_tag)."""
+        return self.nonce[:6]
 
     def _beat(self):
         """Renew every ttl/3 seconds, each time on a connection of its own, closed at once."""
@@ -88,8 +96,21 @@ class RestoreLease(Lease):
             conn.close()
 
 
-def take_restore_lease(p):
-    """The target's run lease (the one migrate and revert take), or a refusal naming its holder."""
+_HOLDER_NONCE = re.compile(r" lease ([0-9a-f]{6})[0-9a-f]*$")
+
+
+def lease_tag(holder):
+    """The name tag of the run holding a lease (a restore's scratch copy ends with ``_<tag>``), or None."""
+    m = _HOLDER_NONCE.search(holder or "")
+    return m.group(1) if m else None
+
+
+def take_restore_lease(p, what="restore", again="-e rollback_mode=restore"):
+    """The target's run lease (the one migrate and revert take), or a refusal naming its holder.
+
+    ``what`` names the taker in the lease row (``restore by user@host pid N lease <hex>``); ``again``
+    is the rollback playbook's option that re-runs it, for the refusal's next command.
+    """
     url = p["database_url"]
     conn = connect_through_swap(url, p["connect_timeout"])
     try:
@@ -102,13 +123,14 @@ def take_restore_lease(p):
     finally:
         conn.close()
     lease = RestoreLease(url, p.get("run_id") or "adhoc", p.get("lock_ttl"), p.get("lock_wait"),
-                         p["connect_timeout"], advice=_RestoreAdvice(p.get("host_label")))
+                         p["connect_timeout"], advice=_RestoreAdvice(p.get("host_label"), again), what=what)
     return lease.acquire()
 
 
 class _RestoreAdvice(object):
-    def __init__(self, host):
+    def __init__(self, host, again):
         self.host = host
+        self.again = again
 
     def migrate(self):
-        return _cmd(self.host, "-e rollback_mode=restore")
+        return _cmd(self.host, self.again)

@@ -231,8 +231,9 @@ def _restore(p, check_mode, started, lease, lifeline):
             leftovers = leftover_databases(cur, dbname)
             space["previous_copies"] = [{"name": d["name"], "size_bytes": d["size_bytes"]}
                                         for d in leftovers if d["kind"] == "kept"]
-            # Unique per run (a stamp and a random tag): two restores never share a scratch copy.
-            new_db, old_db = restore_names(dbname)
+            # Unique per run (a stamp and the lease's tag, random): two restores never share a scratch copy, and
+            # the cleanup knows the scratch copy of the run holding the lease by its tag (and never drops it).
+            new_db, old_db = restore_names(dbname, tag=lease.tag if lease is not None else None)
             while db_exists(cur, new_db) or db_exists(cur, old_db):
                 new_db, old_db = restore_names(dbname)
     finally:

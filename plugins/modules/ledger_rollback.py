@@ -62,7 +62,8 @@ options:
     type: bool
     default: false
   drop_leftovers: {description: "cleanup - drop the target's C(<db>_restore_*) scratch copies of interrupted restores and the
-    C(<db>_pre_restore_*) databases kept by restores (each with its size and age in the result).", type: bool, default: false}
+    C(<db>_pre_restore_*) databases kept by restores (each with its size and age in the result), under the target's run
+    lease (it waits for a restore in progress within O(lock_wait), or refuses naming it).", type: bool, default: false}
   allow_connections: {description: "cleanup - set ALLOW_CONNECTIONS true on the target when it refuses connections
     (datallowconn false, left by an interrupted restore of an older version).", type: bool, default: false}
   maintenance_db: {description: Database to connect to for CREATE/ALTER DATABASE during a restore., type: str, default: postgres}

@@ -158,6 +158,24 @@ class LeaseParker(object):
             self.conn.close()
 
 
+def in_thread(results, key, call, **kwargs):
+    """call(**kwargs) in a thread, started: results[key] is its result, or its LedgerError."""
+    def run():
+        try:
+            results[key] = call(**kwargs)
+        except LedgerError as exc:  # pragma: no cover - reported by the callers' assertions
+            results[key] = exc
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+# A restore that LeaseParker holds at its park(). terminate_connections: the parker's session is connected
+# when the restore looks; it is gone before the swap. A run waiting for the lease must be neither
+# terminated nor in the way.
+PARKED = dict(run_id="run-restore", swap_timeout=3, terminate_connections=True)
+
+
 def test_a_migrate_waiting_for_the_lease_does_not_block_the_restores_swap(target):
     """A real migrate run waiting for the lease held by a restore: it holds no session on the target
     meanwhile (it would block the swap until swap_timeout), and then works on the restored database."""
@@ -171,14 +189,6 @@ def test_a_migrate_waiting_for_the_lease_does_not_block_the_restores_swap(target
     revert_0011(target.url)  # the target at 0010: 0011 is pending for the migrate run below
     results = {}
 
-    def restore():
-        try:
-            # (terminate_connections: the session holding the lease row below is connected when the restore
-            # looks; it is gone before the swap. A waiting run must be neither terminated nor in the way.)
-            results["restore"] = target.restore(run_id="run-restore", swap_timeout=3, terminate_connections=True)
-        except LedgerError as exc:  # pragma: no cover - reported by the assertions below
-            results["restore"] = exc
-
     def migrate():
         try:
             results["migrate"] = engine.apply(target.url, mset,
@@ -186,8 +196,7 @@ def test_a_migrate_waiting_for_the_lease_does_not_block_the_restores_swap(target
         except LedgerError as exc:  # pragma: no cover - reported by the assertions below
             results["migrate"] = exc
 
-    first = threading.Thread(target=restore)
-    first.start()
+    first = in_thread(results, "restore", target.restore, **PARKED)
     parker = LeaseParker(target.url)
     try:
         waiting = threading.Thread(target=migrate)
@@ -216,6 +225,80 @@ def test_a_migrate_waiting_for_the_lease_does_not_block_the_restores_swap(target
     assert m["version_before"] == "0011" and m["applied"] == [] and m["lock"]["waited_s"] > 0
     assert history(target.url) == ["0008", "0009", "0010", "0011"]
     assert history(target.cluster.url(r["previous_database"])) == ["0008", "0009", "0010"]
+    assert q(target.url, "SELECT count(*) FROM migrations.lock")[0][0] == 0
+
+
+def cleanup(target, check_mode=False, **params):
+    from test_rollback_restore import rollback
+    args = {"database_url": target.url, "mode": "cleanup", "drop_leftovers": True, "run_id": "run-cleanup",
+            "host_label": "testhost"}
+    args.update(params)
+    return rollback.run(args, check_mode=check_mode)
+
+
+def test_the_leftovers_cleanup_waits_for_a_restore_in_progress_and_never_drops_its_copy(target):
+    """A real restore held with its lease and its checked scratch copy (at park()): a cleanup refuses naming it
+    or waits for it; the copy survives; once the restore is done the cleanup drops the real leftovers."""
+    target.take_backup()
+    revert_0011(target.url)
+    leftover = target.name + "_restore_20260101000000_abcdef"  # a killed restore's, long ago
+    q(target.cluster.url(), 'CREATE DATABASE "%s"' % leftover)
+    results = {}
+    first = in_thread(results, "restore", target.restore, **PARKED)
+    parker = LeaseParker(target.url)
+    second = None
+    try:
+        parker.wait_for_park(results)
+        live = [n for n in databases(target.cluster, target.name + "\\_restore\\_%") if n != leftover]
+        assert len(live) == 1, live  # the restore's checked copy, waiting for its swap
+        # Refused within a short wait, naming the restore; nothing is dropped.
+        with pytest.raises(LedgerError) as err:
+            cleanup(target, lock_wait=1)
+        assert "run-restore" in err.value.msg and "restore by " in err.value.msg
+        assert err.value.fields["sqlstate"] == "55P03" and "rollback_drop_leftovers=true" in err.value.fields[
+            "next_command"]
+        assert databases(target.cluster, target.name + "\\_restore\\_%") == sorted(live + [leftover])
+        # Within a long one, it waits (saying so in the events) while the copy stays.
+        second = in_thread(results, "cleanup", cleanup, target=target, lock_wait=120, lock_ttl=60)
+        deadline = time.time() + 60
+        while not q(target.url, "SELECT 1 FROM migrations.events WHERE action = 'lock_wait' AND outcome = 'waiting'"
+                                " AND run_id = 'run-cleanup' AND detail->'holder'->>'run_id' = 'run-restore'"):
+            assert time.time() < deadline and "cleanup" not in results, getattr(results.get("cleanup"), "msg", None)
+            time.sleep(0.05)
+        assert "cleanup" not in results
+        assert databases(target.cluster, live[0]) == live
+    finally:
+        parker.release()
+    first.join(120)
+    if second is not None:
+        second.join(120)
+    r, c = results["restore"], results["cleanup"]
+    assert not isinstance(r, Exception), r
+    assert r["changed"] is True and r["staging_database"] == live[0]
+    assert history(target.url) == ["0008", "0009", "0010", "0011"]
+    assert not isinstance(c, Exception), c
+    # After the restore: the killed run's scratch copy and the database this restore kept are dropped.
+    assert sorted(d["name"] for d in c["dropped"]) == sorted([leftover, r["previous_database"]])
+    assert c["in_use"] == [] and c["failed"] is False
+    assert databases(target.cluster, target.name + "\\_%restore\\_%") == []
+    assert q(target.url, "SELECT count(*) FROM migrations.lock")[0][0] == 0
+
+
+def test_the_cleanup_keeps_the_scratch_copy_of_the_lease_it_took_over(target):
+    """A restore whose lease expired (its beats failed) may still be restoring: its copy is kept all the same."""
+    q(target.url, "INSERT INTO migrations.lock (id, run_id, holder, acquired_at, renewed_at, expires_at)"
+                  " VALUES (1, 'slow-restore', 'restore by ops@db1 pid 4242 lease 0a1b2c3d4e5f6789', now(), now(),"
+                  " now() + interval '1 hour')")
+    mine, other = target.name + "_restore_20260101000000_0a1b2c", target.name + "_restore_20260101000000_999999"
+    for name in (mine, other):
+        q(target.cluster.url(), 'CREATE DATABASE "%s"' % name)
+    planned = cleanup(target, check_mode=True)
+    assert [d["name"] for d in planned["dropped"]] == [other] and [d["name"] for d in planned["in_use"]] == [mine]
+    assert "kept %s" % mine in planned["msg"] and "slow-restore" in planned["msg"]
+    q(target.url, "UPDATE migrations.lock SET expires_at = now() - interval '1 second'")
+    done = cleanup(target)
+    assert [d["name"] for d in done["dropped"]] == [other] and [d["name"] for d in done["in_use"]] == [mine]
+    assert databases(target.cluster, target.name + "\\_restore\\_%") == [mine]
     assert q(target.url, "SELECT count(*) FROM migrations.lock")[0][0] == 0
 
 
