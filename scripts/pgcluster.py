@@ -31,11 +31,12 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from port_block import free_port, port_in_use  # the one home of the free-port rule
 
 PG_MAJOR = "15"
 DEFAULT_BINDIR = f"/usr/lib/postgresql/{PG_MAJOR}/bin"
@@ -97,18 +98,6 @@ def _run(cmd: list[str], *, check: bool = True, stdin: str | None = None,
         detail = (res.stderr or res.stdout or "").strip()
         raise ClusterError(f"{name} failed: {detail}")
     return res
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _state_file(base: Path) -> Path:
