@@ -149,7 +149,11 @@ def server_home(base: Path) -> Path:
 
 
 def is_running(base: Path) -> bool:
-    pid_file = server_home(base) / "data" / "postmaster.pid"
+    return _postmaster_running(server_home(base))
+
+
+def _postmaster_running(home: Path) -> bool:
+    pid_file = home / "data" / "postmaster.pid"
     try:
         pid = int(pid_file.read_text().splitlines()[0])
     except (OSError, ValueError, IndexError):
@@ -332,18 +336,22 @@ def _append_as_owner(path: Path, text: str) -> None:
         fh.write(text)
 
 
-def stop(base: Path) -> None:
-    base = base.resolve()
-    if not is_running(base):
+def stop(base: Path, mode: str = "fast", home: Path | None = None) -> None:
+    """Stop the server (pg_ctl -m `mode`). `home`: where its files are, when known (a base whose
+    state file is gone cannot tell). "immediate" suits a cluster about to be removed: a fast
+    shutdown of an archiving cluster first waits for pgBackRest to push every WAL segment left."""
+    home = Path(home) if home else server_home(base.resolve())
+    if not _postmaster_running(home):
         return
     bindir = find_bindir()
-    _run([str(bindir / "pg_ctl"), "-D", str(server_home(base) / "data"), "-m", "fast", "-w", "-t", "60", "stop"])
+    _run([str(bindir / "pg_ctl"), "-D", str(home / "data"), "-m", mode, "-w", "-t", "60", "stop"])
 
 
-def destroy(base: Path) -> None:
+def destroy(base: Path, mode: str = "fast", home: Path | None = None) -> None:
     base = base.resolve()
-    stop(base)
-    shutil.rmtree(server_home(base), ignore_errors=True)
+    home = Path(home) if home else server_home(base)
+    stop(base, mode, home)
+    shutil.rmtree(home, ignore_errors=True)
     shutil.rmtree(base, ignore_errors=True)
 
 

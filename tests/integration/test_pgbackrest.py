@@ -23,7 +23,7 @@ import pytest
 from conftest import apply_sql_files
 from pghelpers import history, load_module, q
 
-import pgcluster
+import pgclusters
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(shutil.which("pgbackrest") is None and os.geteui
 def archived():
     """A PostgreSQL 15 archiving to a pgBackRest repository (stanza `pytest`), at 0011 with records."""
     base = Path(tempfile.mkdtemp(prefix="ledger-pgbackrest-"))
-    state = pgcluster.start(base / "pg", pgcluster.free_port(), "ledger", archive="pgbackrest", stanza="pytest")
+    state = pgclusters.start(base / "pg", tmpdir=base, archive="pgbackrest", stanza="pytest")
     url = state["url"]
     apply_sql_files(url)
     mod = load_module("ledger_pgbackrest")
@@ -57,7 +57,7 @@ def archived():
     try:
         yield env
     finally:
-        pgcluster.destroy(base / "pg")
+        pgclusters.destroy(base / "pg")
         shutil.rmtree(base, ignore_errors=True)
 
 
