@@ -72,10 +72,15 @@ lint: setup collection
 	$(BIN)/python scripts/check_ee.py --fetch --self-test
 	$(BIN)/python scripts/sanity.py
 
+# pytest-xdist workers: one per core, at most 8 (each starts its own PostgreSQL; the suite is
+# Ansible and PostgreSQL processes, CPU-bound). PYTEST_WORKERS=1 runs serially in one process.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 8 ? 8 : n )))
+PYTEST_ARGS ?=
+
 pytest: setup
 	@$(PYTHON) scripts/pgbouncer_ctl.py install || echo "note: without pgbouncer, the PgBouncer tests are skipped (CI fails them)"
 	@$(PYTHON) scripts/pgcluster.py install-pgbackrest --dir $(SANDBOX_DIR) || echo "note: without pgbackrest, the pgBackRest tests are skipped (CI fails them)"
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(if $(filter 0 1,$(PYTEST_WORKERS)),0,$(PYTEST_WORKERS)) $(PYTEST_ARGS)
 
 # Each run takes its own block of free ports (scenario ports are base + offset):
 # no fixed port, so two checkouts or a busy machine never collide.
