@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from ledgertest import RUNBOOK_SET, VERSIONS
@@ -31,7 +30,6 @@ PLAYBOOK = {
 }
 
 
-@pytest.mark.xdist_group("installed_collection")  # the artifact is built once, on one worker
 def test_an_outside_playbook_runs_the_installed_roles_by_fqcn(tmp_path, empty_db, installed_collection):
     team = tmp_path / "other-team"
     shutil.copytree(RUNBOOK_SET, team / "migrations")

@@ -685,7 +685,6 @@ QUERIES = [
 ]
 
 
-@pytest.mark.xdist_group("ledger_sql_populated")  # one worker populates the database once (tests/README.md)
 @pytest.mark.parametrize("name,who,sql,expected", QUERIES, ids=[q[0] for q in QUERIES])
 def test_application_queries_use_their_index(populated, name, who, sql, expected):
     su, app, admin, lot = populated

@@ -28,12 +28,8 @@ import pgclusters
 ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
 
-pytestmark = [
-    pytest.mark.skipif(shutil.which("pgbackrest") is None and os.geteuid() != 0,
-                       reason="pgbackrest is not installed (make pytest installs it as root)"),
-    # The archiving cluster and its first full backup are made once, on one worker (tests/README.md).
-    pytest.mark.xdist_group("pgbackrest"),
-]
+pytestmark = pytest.mark.skipif(shutil.which("pgbackrest") is None and os.geteuid() != 0,
+                                reason="pgbackrest is not installed (make pytest installs it as root)")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
-import pytest
 import yaml
 
 from ledgertest import ROOT, RUNBOOK_SET, VERSIONS
@@ -24,7 +23,6 @@ from test_secrets import PASSWORD, USER, db, scram  # noqa: F401 - fixtures: a s
 RUNNER = str(Path(sys.executable).parent / "ansible-runner")
 
 
-@pytest.mark.xdist_group("installed_collection")  # the artifact is built once, on one worker
 def test_migrate_under_ansible_runner_exits_0_and_no_event_holds_the_password(tmp_path, scram, db,  # noqa: F811
                                                                               installed_collection):
     pdd = tmp_path / "job"

@@ -51,10 +51,6 @@ class ScramCluster:
         return pgcluster.psql(pgcluster.find_bindir(), home, self.port, sql, db=db)
 
 
-# The scram-sha-256 cluster is started once, on one worker (tests/README.md).
-pytestmark = pytest.mark.xdist_group("secrets_scram")
-
-
 @pytest.fixture(scope="module")
 def scram():
     tmpdir = Path(tempfile.mkdtemp(prefix="ledger-scram-"))
