@@ -375,6 +375,13 @@ def test_connected_sessions_refuse_the_restore_unless_terminated(target):
         assert "rollback_terminate_connections=true" in err.value.msg
         assert_unchanged(target, schema_before, ["0008", "0009", "0010"])
 
+        # The test's own connections above are closed, but a backend leaves pg_stat_activity only
+        # once it has exited, late on a loaded machine: wait until ledger-app is the one session left.
+        deadline = time.time() + 30
+        while q(target.cluster.url(), "SELECT array_agg(pid ORDER BY pid) FROM pg_stat_activity WHERE datname = %s",
+                (target.name,))[0][0] != [pid]:
+            assert time.time() < deadline, "sessions other than ledger-app stayed on the target"
+            time.sleep(0.05)
         result = target.restore(terminate_connections=True)
         assert [s["pid"] for s in result["terminated"]] == [pid]
         assert history(target.url) == ["0008", "0009", "0010", "0011"]
