@@ -24,7 +24,7 @@ export ANSIBLE_HOME := $(CURDIR)/.ansible
 
 help:
 	@echo "make migrate       set up, start the PostgreSQL 15 sandbox, run playbooks/migrate.yml -l local"
-	@echo "make test          lint, pytest and molecule test --all"
+	@echo "make test          lint, pytest and every Molecule scenario (PYTEST_WORKERS=1 MOLECULE_WORKERS=1: serially)"
 	@echo "make setup         only the virtualenv and the collections"
 	@echo "make sandbox       start the sandbox (SANDBOX_PORT=$(SANDBOX_PORT); SANDBOX_ARCHIVE=pgbackrest archives its WAL); make sandbox-stop stops it"
 	@echo "make lint          ansible-lint (production), yamllint, squawk, ansible-test sanity"
@@ -73,17 +73,33 @@ lint: setup collection
 	$(BIN)/python scripts/check_ee.py --fetch --self-test
 	$(BIN)/python scripts/sanity.py
 
+# pytest-xdist workers: one per core, at most 8 (each starts its own PostgreSQL; the suite is
+# Ansible and PostgreSQL processes, CPU-bound). PYTEST_WORKERS=1 runs serially in one process.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 8 ? 8 : n )))
+PYTEST_ARGS ?=
+
 pytest: setup
 	@$(PYTHON) scripts/pgbouncer_ctl.py install || echo "note: without pgbouncer, the PgBouncer tests are skipped (CI fails them)"
 	@$(PYTHON) scripts/pgcluster.py install-pgbackrest --dir $(SANDBOX_DIR) || echo "note: without pgbackrest, the pgBackRest tests are skipped (CI fails them)"
 	@$(PYTHON) scripts/sshd_ctl.py install || echo "note: without openssh-server and python3-psycopg2, the pgBackRest remote-host test is skipped (CI fails it)"
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(if $(filter 0 1,$(PYTEST_WORKERS)),0,$(PYTEST_WORKERS)) $(PYTEST_ARGS)
 
-# Each run takes its own block of free ports (scenario ports are base + offset):
-# no fixed port, so two checkouts or a busy machine never collide.
+# Each run takes its own block of free ports (scenario ports are base + offset, a distinct
+# offset per scenario): no fixed port, so two checkouts, a busy machine or two scenarios at
+# once never collide. `molecule test -s NAME` per scenario, MOLECULE_WORKERS at a time (make -j;
+# each scenario's output is printed whole when it ends); MOLECULE_WORKERS=1 runs them in turn.
+MOLECULE_SCENARIOS := $(sort $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
+MOLECULE_WORKERS ?= $(PYTEST_WORKERS)
+
 molecule: setup
 	LEDGER_MOLECULE_PORT_BASE=$${LEDGER_MOLECULE_PORT_BASE:-$$($(PYTHON) scripts/port_block.py --size 100)} \
-	  $(BIN)/molecule test --all
+	  $(MAKE) --no-print-directory -j $(MOLECULE_WORKERS) --output-sync=target $(addprefix molecule-,$(MOLECULE_SCENARIOS))
+
+# A home of its own per scenario: Molecule's prerun (ansible-compat) links and installs collections
+# under $$ANSIBLE_HOME, and two scenarios doing that at once would race.
+molecule-%:
+	@echo "molecule test -s $* (ports from $$LEDGER_MOLECULE_PORT_BASE)"
+	ANSIBLE_HOME=$(CURDIR)/.ansible/molecule-$* $(BIN)/molecule test -s $*
 
 test: lint pytest molecule
 

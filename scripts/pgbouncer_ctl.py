@@ -39,11 +39,12 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from port_block import free_port, port_in_use  # the one home of the free-port rule
 
 RUN_AS = "postgres"
 DEFAULT_USERS = ("postgres", "arrakis_app")
@@ -81,18 +82,6 @@ def _owner():
     except KeyError as exc:
         raise BouncerError(f"running as root, but there is no '{RUN_AS}' user to run pgbouncer as "
                            "(pgbouncer refuses root); install postgresql or run as an ordinary user") from exc
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
 
 
 def read_state(base: Path) -> dict | None:
@@ -182,9 +171,9 @@ def start(base: Path, pg_port: int, *, pg_host: str = "127.0.0.1", port: int | N
     if auth == "md5" and not all(users.values()):
         raise BouncerError("auth md5 needs a password for every user (--user NAME:PASSWORD)")
     port = port or free_port()
-    if port_open(port):
+    if port_in_use(port):
         raise BouncerError(f"port {port} on 127.0.0.1 is already in use; choose another with --port")
-    if not port_open(pg_port, pg_host):
+    if not port_in_use(pg_port, pg_host):
         raise BouncerError(f"no PostgreSQL listening on {pg_host}:{pg_port}; start it first "
                            f"(e.g. 'scripts/pgcluster.py start --dir .sandbox --port {pg_port}')")
     base.mkdir(parents=True, exist_ok=True)
@@ -238,9 +227,9 @@ def start(base: Path, pg_port: int, *, pg_host: str = "127.0.0.1", port: int | N
         cmd = ["runuser", "-u", RUN_AS, "--", *cmd]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd="/", timeout=30)
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and not port_open(port):
+    while time.monotonic() < deadline and not port_in_use(port):
         time.sleep(0.05)
-    if res.returncode != 0 or not port_open(port):
+    if res.returncode != 0 or not port_in_use(port):
         tail = ""
         try:
             tail = "\n".join((home / "pgbouncer.log").read_text().splitlines()[-5:])

@@ -32,11 +32,12 @@ import pwd
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from port_block import free_port, port_in_use  # the one home of the free-port rule
 
 PG_MAJOR = "15"
 DEFAULT_BINDIR = f"/usr/lib/postgresql/{PG_MAJOR}/bin"
@@ -100,18 +101,6 @@ def _run(cmd: list[str], *, check: bool = True, stdin: str | None = None,
     return res
 
 
-def port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _state_file(base: Path) -> Path:
     return base / "cluster.json"
 
@@ -161,7 +150,11 @@ def server_home(base: Path) -> Path:
 
 
 def is_running(base: Path) -> bool:
-    pid_file = server_home(base) / "data" / "postmaster.pid"
+    return _postmaster_running(server_home(base))
+
+
+def _postmaster_running(home: Path) -> bool:
+    pid_file = home / "data" / "postmaster.pid"
     try:
         pid = int(pid_file.read_text().splitlines()[0])
     except (OSError, ValueError, IndexError):
@@ -362,18 +355,22 @@ def _append_as_owner(path: Path, text: str) -> None:
         fh.write(text)
 
 
-def stop(base: Path) -> None:
-    base = base.resolve()
-    if not is_running(base):
+def stop(base: Path, mode: str = "fast", home: Path | None = None) -> None:
+    """Stop the server (pg_ctl -m `mode`). `home`: where its files are, when known (a base whose
+    state file is gone cannot tell). "immediate" suits a cluster about to be removed: a fast
+    shutdown of an archiving cluster first waits for pgBackRest to push every WAL segment left."""
+    home = Path(home) if home else server_home(base.resolve())
+    if not _postmaster_running(home):
         return
     bindir = find_bindir()
-    _run([str(bindir / "pg_ctl"), "-D", str(server_home(base) / "data"), "-m", "fast", "-w", "-t", "60", "stop"])
+    _run([str(bindir / "pg_ctl"), "-D", str(home / "data"), "-m", mode, "-w", "-t", "60", "stop"])
 
 
-def destroy(base: Path) -> None:
+def destroy(base: Path, mode: str = "fast", home: Path | None = None) -> None:
     base = base.resolve()
-    stop(base)
-    shutil.rmtree(server_home(base), ignore_errors=True)
+    home = Path(home) if home else server_home(base)
+    stop(base, mode, home)
+    shutil.rmtree(home, ignore_errors=True)
     shutil.rmtree(base, ignore_errors=True)
 
 

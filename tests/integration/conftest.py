@@ -3,11 +3,18 @@
 The cluster is started by scripts/pgcluster.py (the same code as `make sandbox` and
 Molecule's create step) on a free port under a temporary directory, and destroyed
 at the end of the session. Tests never touch the sandbox or any real target.
+
+Under pytest-xdist (`make pytest` runs one worker per core) each worker is a session:
+its own cluster, template, report directory and tmp_path tree. What a test must do to
+be safe there (its own databases, files, ports; xdist_group for expensive module
+fixtures) is in tests/README.md.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,9 +30,13 @@ MIGRATIONS = RUNBOOK_SET  # the runbook's 0008-0011, whatever else files/migrati
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import pgcluster  # noqa: E402
+import pgclusters  # noqa: E402
 
-# Playbook runs from tests write their reports here, not into the checkout's reports/.
-os.environ.setdefault("LEDGER_REPORT_DIR", tempfile.mkdtemp(prefix="ledger-test-reports-"))
+# Playbook runs from tests write their reports here, not into the checkout's reports/
+# (one directory per process: each xdist worker has its own, removed when it exits).
+if "LEDGER_REPORT_DIR" not in os.environ:
+    os.environ["LEDGER_REPORT_DIR"] = tempfile.mkdtemp(prefix="ledger-test-reports-")
+    atexit.register(shutil.rmtree, os.environ["LEDGER_REPORT_DIR"], True)
 
 
 class Cluster:
@@ -71,15 +82,15 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def pg_cluster():
-    """One PostgreSQL 15 for the whole session (start-up is the expensive part)."""
-    base = Path(tempfile.mkdtemp(prefix="ledger-pytest-"))
-    port = pgcluster.free_port()
-    pgcluster.start(base / "pg", port, "ledger")
-    cluster = Cluster((base / "pg").resolve(), port)
+    """One PostgreSQL 15 for the whole session, or for each xdist worker (start-up is the expensive part)."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="ledger-pytest-"))
+    state = pgclusters.start(tmpdir / "pg", tmpdir=tmpdir)
+    cluster = Cluster(Path(state["dir"]), state["port"])
     try:
         yield cluster
     finally:
-        pgcluster.destroy(base / "pg")
+        pgclusters.destroy(tmpdir / "pg")
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from ledgertest import RUNBOOK_SET
 from pghelpers import history, load_module, q
 from test_engine_locks import Bg, wait_for
 
-import pgcluster
+import pgclusters
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(shutil.which("pgbackrest") is None and os.geteui
 def archived():
     """A PostgreSQL 15 archiving to a pgBackRest repository (stanza `pytest`), at 0011 with records."""
     base = Path(tempfile.mkdtemp(prefix="ledger-pgbackrest-"))
-    state = pgcluster.start(base / "pg", pgcluster.free_port(), "ledger", archive="pgbackrest", stanza="pytest")
+    state = pgclusters.start(base / "pg", tmpdir=base, archive="pgbackrest", stanza="pytest")
     url = state["url"]
     apply_sql_files(url)
     mod = load_module("ledger_pgbackrest")
@@ -59,7 +59,7 @@ def archived():
     try:
         yield env
     finally:
-        pgcluster.destroy(base / "pg")
+        pgclusters.destroy(base / "pg")
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -25,6 +25,7 @@ from conftest import apply_sql_files
 from pghelpers import history, q
 
 import pgcluster
+import pgclusters
 import sshd_ctl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +43,7 @@ pytestmark = [
 def remote():
     """An archiving cluster at 0011, an sshd in front of this host, and an inventory that uses both."""
     base = Path(tempfile.mkdtemp(prefix="ledger-pgbackrest-remote-"))
-    state = pgcluster.start(base / "pg", pgcluster.free_port(), "ledger", archive="pgbackrest", stanza="remote")
+    state = pgclusters.start(base / "pg", tmpdir=base, archive="pgbackrest", stanza="remote")
     url = state["url"]
     apply_sql_files(url)
     q(url, "CREATE TABLE public.remote_probe (id int PRIMARY KEY)")
@@ -75,7 +76,7 @@ def remote():
         yield {"url": url, "inventory": inventory, "backups": backups, "owner": owner, "base": base}
     finally:
         sshd_ctl.stop(ssh_dir / "server")
-        pgcluster.destroy(base / "pg")
+        pgclusters.destroy(base / "pg")
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(backups, ignore_errors=True)
 

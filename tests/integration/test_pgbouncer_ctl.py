@@ -51,7 +51,7 @@ def test_cli_start_status_url_stop(pg_cluster, tmp_path):
     finally:
         assert ctl("stop", "--dir", str(base)).returncode == 0
     assert ctl("status", "--dir", str(base)).returncode == 3
-    assert not pgbouncer_ctl.port_open(status["port"])
+    assert not pgbouncer_ctl.port_in_use(status["port"])
 
 
 def test_md5_auth_refuses_a_wrong_password(pg_cluster, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 import pgcluster  # noqa: E402
+import pgclusters  # noqa: E402
 from ledgertest import RUNBOOK_SET
+from port_block import free_port  # noqa: E402
 
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).parent / "ansible-playbook")
 ANSIBLE_VAULT = str(Path(sys.executable).parent / "ansible-vault")
@@ -50,10 +53,10 @@ class ScramCluster:
 
 @pytest.fixture(scope="module")
 def scram():
-    base = Path(tempfile.mkdtemp(prefix="ledger-scram-")) / "pg"
-    port = pgcluster.free_port()
-    pgcluster.start(base, port, "ledger")
-    cluster = ScramCluster(base.resolve(), port)
+    tmpdir = Path(tempfile.mkdtemp(prefix="ledger-scram-"))
+    base = tmpdir / "pg"
+    state = pgclusters.start(base, tmpdir=tmpdir)
+    cluster = ScramCluster(base.resolve(), state["port"])
     try:
         data = pgcluster.server_home(cluster.base) / "data"
         hba = data / "pg_hba.conf"
@@ -67,7 +70,8 @@ def scram():
         pgcluster._run([str(bindir / "pg_ctl"), "-D", str(data), "reload"])
         yield cluster
     finally:
-        pgcluster.destroy(base)
+        pgclusters.destroy(base)
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -190,7 +194,7 @@ def test_a_failing_migration_shows_no_password(tmp_path, scram, db):
 
 
 def test_a_closed_port_shows_no_password(tmp_path, scram, db):
-    port = pgcluster.free_port()
+    port = free_port()
     res = run(tmp_path, host_vars={"database_url": scram.url(db, port=port)})
     assert res.returncode != 0
     assert f"{USER}@127.0.0.1:{port}/{db}" in res.stdout  # the message names the target

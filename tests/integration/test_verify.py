@@ -25,6 +25,7 @@ from conftest import apply_sql_files
 
 ROOT = Path(__file__).resolve().parents[2]
 ledger_verify = importlib.import_module("ansible_collections.arrakis.ledger.plugins.modules.ledger_verify")
+ledger_common = importlib.import_module("ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common")
 
 LEDGER_TABLES = ["credit_lots", "lot_entries", "webhook_events", "crypto_payments", "usage_events",
                  "s2s_jwks_public_keys", "reconciliation_cursor"]
@@ -98,10 +99,20 @@ COMMIT;
 
 @pytest.fixture(scope="module")
 def seeded_db(pg_cluster, ledger_template):
-    """One database shared by the read-only tests: verify leaves it as it found it (asserted)."""
+    """One database shared by the read-only tests: verify leaves it as it found it (asserted).
+
+    With the pipeline's records (migrations.history, events, lock), as a database the pipeline
+    migrated has them: verify's first event would otherwise create them, and whichever test ran
+    first (any test, under pytest-xdist) would see the catalog grow."""
     name = pg_cluster.create_db(template=ledger_template)
     url = pg_cluster.url(name)
     execute(url, SEED)
+    conn = psycopg2.connect(url)
+    try:
+        with conn, conn.cursor() as cur:
+            ledger_common.ensure_records(cur)
+    finally:
+        conn.close()
     try:
         yield url
     finally:
