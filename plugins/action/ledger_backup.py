@@ -2,7 +2,7 @@
 """Action plugin for ledger_backup: in-process when it can, and the dump's progress while it runs.
 
 The module runs in-process on the controller's own Python, else as a module (see
-plugins/action/ledger_inprocess.py). Either way it returns only once, at the end, and a dump
+plugins/plugin_utils/ledger_inprocess.py). Either way it returns only once, at the end, and a dump
 of a large database takes minutes: on a local connection the module runs in a thread and
 writes a progress file every second; this plugin reads it and prints a line at least every
 `progress_interval` seconds (default 10) in ansible-playbook's output:

@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 """Action plugin for the ledger_promotion module: in-process on the controller's own Python, else the module.
 
-See plugins/action/ledger_inprocess.py for when and how the module runs in the worker process.
+See plugins/plugin_utils/ledger_inprocess.py for when and how the module runs in the worker process.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ledger_* action plugins run the module in-process (plugins/action/ledger_inprocess.py).
+"""The ledger_* action plugins run the module in-process (plugins/plugin_utils/ledger_inprocess.py).
 
 In-process runs must be indistinguishable from the module: the same validation errors, no_log
 values masked, check mode honoured, the same failure messages and `changed`, plain JSON types,
