@@ -31,7 +31,7 @@ from sections.traffic import Workload, prepare
 sys.path.insert(0, str(ROOT / ".collections"))
 
 from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine as engine  # noqa: E402
-from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact as impact  # noqa: E402
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact_policy as policy  # noqa: E402
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice  # noqa: E402
 
 GOAL_OVERHEAD = 1.2
@@ -142,7 +142,7 @@ def run(ctx, res):
                 with_, without, results = overhead_pairs(ctx, conn, pending)
             finally:
                 conn.close()
-            found = impact.impacts(results, THRESHOLD)
+            found = policy.impacts(results, THRESHOLD)
             verdict = bool(found)
             total_with += median(with_)
             total_without += median(without)

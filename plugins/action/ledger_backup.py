@@ -22,18 +22,10 @@ import time
 
 from ansible.utils.display import Display
 
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import human_bytes
 from ansible_collections.arrakis.ledger.plugins.plugin_utils.ledger_inprocess import LOCAL_TRANSPORTS, LedgerAction
 
 display = Display()
-
-
-def _human(num):
-    num = float(num or 0)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if num < 1024 or unit == "TiB":
-            return "%.1f %s" % (num, unit) if unit != "B" else "%d B" % num
-        num /= 1024.0
-    return "%.1f TiB" % num
 
 
 def progress_line(host, progress_file, elapsed):
@@ -48,9 +40,9 @@ def progress_line(host, progress_file, elapsed):
     phase = data.get("phase", "starting")
     if phase == "dumping":
         share = " (%d%%)" % (100 * written / size) if size else ""
-        detail = "%s written (compressed) of a %s database%s" % (_human(written), _human(size), share)
+        detail = "%s written (compressed) of a %s database%s" % (human_bytes(written), human_bytes(size), share)
     else:
-        detail = "dump of %s" % _human(written)
+        detail = "dump of %s" % human_bytes(written)
     return "  [%s] backup: %s, %s, %d s" % (host, phase, detail, elapsed)
 
 

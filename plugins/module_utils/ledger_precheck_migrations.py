@@ -17,7 +17,7 @@ except ImportError as _exc:  # the engine ships with the migrate stage
     ENGINE_IMPORT_ERROR = _exc
 
 
-from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact_policy
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_precheck_server import (
     check,
     not_run,
@@ -126,8 +126,8 @@ def stamp_plan(conn, params, state):
     names = [rel.get("table") for f in profile if isinstance(f, dict) for st in f.get("statements") or []
              for rel in st.get("relations") or []]
     with conn.cursor() as cur:
-        rows_here = ledger_impact.rows_of_tables(cur, names)
-    return ledger_impact.from_stamp(profile, state["pending_items"], rows_here, params["lock_rows_threshold"])
+        rows_here = ledger_impact_policy.rows_of_tables(cur, names)
+    return ledger_impact_policy.from_stamp(profile, state["pending_items"], rows_here, params["lock_rows_threshold"])
 
 
 def check_lock_impact(params, results, planned, migrations):
@@ -144,20 +144,20 @@ def check_lock_impact(params, results, planned, migrations):
     if not profile:
         return None, None
     rows_threshold = params["lock_rows_threshold"]
-    found = ledger_impact.impacts(profile, rows_threshold)
-    passed, message, nxt = ledger_impact.policy_verdict(found, params["lock_policy"], rows_threshold)
+    found = ledger_impact_policy.impacts(profile, rows_threshold)
+    passed, message, nxt = ledger_impact_policy.policy_verdict(found, params["lock_policy"], rows_threshold)
     differences = planned[2] if planned else []
     if differences:
         sizes = ", ".join("%s %s rows here, %s on staging" % (d["table"], d["rows"], d["staging_rows"])
                           for d in differences)
         message += ("; table sizes differ from staging's by more than 10x: %s (staging's profile was measured on "
                     "other sizes)" % sizes)
-    squawk = ledger_impact.compare_squawk(observed, migrations, rows_threshold) if params.get("compare_squawk") else []
-    observed_info = {"impacts": found, "table": ledger_impact.format_table(profile),
+    squawk = ledger_impact_policy.compare_squawk(observed, migrations, rows_threshold) if params.get("compare_squawk") else []
+    observed_info = {"impacts": found, "table": ledger_impact_policy.format_table(profile),
                      "source": "staging's profile (promotion stamp)" if staged else "this rehearsal",
                      "size_differences": differences, "squawk": squawk}
     heavy = planned[1] if planned else {}
-    result = {"files": ledger_impact.stamp_profile(profile), "impacts": found, "squawk": squawk,
+    result = {"files": ledger_impact_policy.stamp_profile(profile), "impacts": found, "squawk": squawk,
               "size_differences": differences, "policy": params["lock_policy"], "rows_threshold": rows_threshold,
               # The statements no rehearsal may run on this target (the migrate stage's --check obeys it too).
               "not_rehearsed": [{"file": f, "line": line, "reason": why} for (f, line), why in sorted(heavy.items())]}

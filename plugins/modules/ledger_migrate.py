@@ -324,7 +324,7 @@ invalid_indexes:
   elements: dict
 """
 
-from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact_policy
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_module import module_result, run_module, with_defaults
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import RUN_OPTIONS_SPEC
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, describe_target
@@ -401,13 +401,13 @@ def _rehearsal(url, migrations, p, record):
         raise LedgerError("rehearsal on %s: every file would apply, but the real run would refuse: %s\n  %s"
                           % (target, route_problem.msg, "\n  ".join(lines)),
                           **dict(out, next_command=route_problem.fields.get("next_command")))
-    found = ledger_impact.impacts(results, p["lock_rows_threshold"])
-    passed, verdict, nxt = ledger_impact.policy_verdict(found, p["lock_policy"], p["lock_rows_threshold"])
-    squawk = ledger_impact.compare_squawk(results, pending, p["lock_rows_threshold"])
-    table = ledger_impact.format_table(results) + [
+    found = ledger_impact_policy.impacts(results, p["lock_rows_threshold"])
+    passed, verdict, nxt = ledger_impact_policy.policy_verdict(found, p["lock_policy"], p["lock_rows_threshold"])
+    squawk = ledger_impact_policy.compare_squawk(results, pending, p["lock_rows_threshold"])
+    table = ledger_impact_policy.format_table(results) + [
         "squawk: %s" % (("%s line %s: %s" % (n["file"], n["line"], n["note"])) if n.get("file") else n["note"])
         for n in squawk]
-    out["impact"] = {"files": ledger_impact.stamp_profile(results), "impacts": found, "policy": p["lock_policy"],
+    out["impact"] = {"files": ledger_impact_policy.stamp_profile(results), "impacts": found, "policy": p["lock_policy"],
                      "rows_threshold": p["lock_rows_threshold"], "squawk": squawk}
     if found or squawk:  # the operator's screen shows these at verbosity 0 (the precheck's are not shown under --check)
         out["impact_lines"] = ["lock impact: %s" % verdict] + table

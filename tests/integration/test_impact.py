@@ -15,6 +15,7 @@ import pytest
 
 from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine as engine
 from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact as impact
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact_policy as policy
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
 
 from ledgertest import load, write_set
@@ -89,7 +90,7 @@ def test_each_lock_mode_and_the_rewrite_are_observed(empty_db, tmp_path):
     assert entry(results, "0007_new.sql") == []
     assert all(isinstance(s["ms"], int) for r in results for s in r["impact"])
 
-    found = impact.impacts(results, THRESHOLD)
+    found = policy.impacts(results, THRESHOLD)
     # A strong lock is an impact when the file works on the table under it: the nullable
     # column's ACCESS EXCLUSIVE is brief; the rewrite, the index build, the FK's validation
     # (it reads big4 under SHARE ROW EXCLUSIVE), VALIDATE in the same file as the NOT VALID
@@ -103,8 +104,8 @@ def test_each_lock_mode_and_the_rewrite_are_observed(empty_db, tmp_path):
         ("0008_backfill.sql", "public.big7", "ACCESS EXCLUSIVE", False, 1, 2),
     ]
     # Above the threshold nothing is large: no impact at all.
-    assert impact.impacts(results, 100000) == []
-    table = "\n".join(impact.format_table(results))
+    assert policy.impacts(results, 100000) == []
+    table = "\n".join(policy.format_table(results))
     assert "0002_volatile.sql impact:" in table and "yes" in table and "public.big" in table
 
 
@@ -152,7 +153,7 @@ def test_what_the_snapshot_leaves_open_is_read_after_the_rollback(empty_db, tmp_
     [documented] = entry(results, "0004_reindex.sql")
     assert (documented["relation"], documented["kind"], documented["table"], documented["rows"]) == (
         "public.raw_pkey", "index", "public.raw", raw_guess)
-    found = dict((i["table"], i) for i in impact.impacts(results, THRESHOLD))
+    found = dict((i["table"], i) for i in policy.impacts(results, THRESHOLD))
     assert found["public.raw"]["rewrite"] and found["public.raw"]["rows_guessed"]
     assert set(found) == {"public.raw", "public.parted_1", "public.parted_2", 'Odd "Schema".t'}
 
@@ -166,7 +167,7 @@ def test_no_transaction_file_is_documented_not_observed(empty_db, tmp_path):
     st = results[0]["impact"][0]
     assert st["observed"] is False and "not observed" in st["note"]
     assert st["relations"][0]["lock"] == "SHARE UPDATE EXCLUSIVE" and st["relations"][0]["rows"] == 5000
-    assert impact.impacts(results, THRESHOLD) == []
+    assert policy.impacts(results, THRESHOLD) == []
     # The rehearsal's plain CREATE INDEX (SHARE) does not leak into the next file's observation.
     assert results[1]["impact"] == [dict(results[1]["impact"][0], relations=[])]
 
@@ -177,15 +178,15 @@ def test_the_directive_and_both_policies(empty_db, tmp_path):
         "0001_index.sql": "-- ledger:allow-lock public.big\nCREATE INDEX big_a ON public.big (a);\n",
         "0002_rewrite.sql": "ALTER TABLE public.big ALTER COLUMN a TYPE bigint;\n",
     })
-    found = impact.impacts(results, THRESHOLD)
+    found = policy.impacts(results, THRESHOLD)
     assert [(i["file"], i["allowed"]) for i in found] == [("0001_index.sql", True), ("0002_rewrite.sql", False)]
-    passed, msg, nxt = impact.policy_verdict(found, "refuse", THRESHOLD)
+    passed, msg, nxt = policy.policy_verdict(found, "refuse", THRESHOLD)
     assert passed is False
     assert "0002_rewrite.sql line 1: ACCESS EXCLUSIVE lock and a rewrite on public.big (5000 rows)" in msg, msg
     assert "-- ledger:allow-lock public.big" in nxt and "0002_rewrite.sql" in nxt
-    passed, msg, _n = impact.policy_verdict(found, "warn", THRESHOLD)
+    passed, msg, _n = policy.policy_verdict(found, "warn", THRESHOLD)
     assert passed is True and msg.startswith("migrate_lock_policy=warn")
-    passed, msg, _n = impact.policy_verdict(found[:1], "refuse", THRESHOLD)
+    passed, msg, _n = policy.policy_verdict(found[:1], "refuse", THRESHOLD)
     assert passed is True and "intended by -- ledger:allow-lock" in msg
 
 
@@ -203,7 +204,7 @@ def test_squawk_and_the_profile_disagree_both_ways(empty_db, tmp_path):
         # ALTER COLUMN SET NOT NULL-free rewrite through a USING clause it is silent.
         "0002_cluster.sql": "CLUSTER public.big USING big_pkey;\n",
     })
-    notes = impact.compare_squawk(results, migrations, THRESHOLD)
+    notes = policy.compare_squawk(results, migrations, THRESHOLD)
     assert any(n["file"] == "0001_small_index.sql" and n["squawk"] == ["require-concurrent-index-creation"]
                and not n["observed_impact"] for n in notes), notes
     assert any(n["file"] == "0002_cluster.sql" and n["observed_impact"] and n["squawk"] == [] for n in notes), notes

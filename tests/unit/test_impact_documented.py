@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact as impact
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact_policy as policy
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import split_sql
 
 
@@ -34,6 +35,6 @@ def test_the_policy_counts_a_documented_strong_lock_on_a_large_table():
     [stmt] = split_sql("VACUUM FULL public.t;\n")
     entry = impact.documented_profile(stmt, {})
     entry["relations"][0]["rows"] = 500000
-    found = impact.impacts([{"filename": "0001_x.sql", "version": "0001", "impact": [entry]}], 100000)
+    found = policy.impacts([{"filename": "0001_x.sql", "version": "0001", "impact": [entry]}], 100000)
     assert [(i["table"], i["lock"], i["rewrite"], i["observed"]) for i in found] == [
         ("public.t", "ACCESS EXCLUSIVE", True, False)]

@@ -1,4 +1,4 @@
-"""Production's view of staging's profile (module_utils/ledger_impact.from_stamp), without a database.
+"""Production's view of staging's profile (module_utils/ledger_impact_policy.from_stamp), without a database.
 
 The precheck reads production's own table sizes and weighs staging's observations at those
 sizes; where a table's size differs from staging's by more than 10x (either way) it says so.
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact as impact
+from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_impact_policy as policy
 
 THRESHOLD = 1000
 
@@ -38,30 +38,30 @@ PENDING = [SimpleNamespace(version="0001", filename="0001_index.sql", allow_lock
     (0, 2000, True),         # empty on staging, 2000 rows here
 ])
 def test_a_size_difference_beyond_10x_is_said_either_way(staging, here, said):
-    _results, _heavy, differences = impact.from_stamp(staging_profile(staging), PENDING, {"public.big": here},
+    _results, _heavy, differences = policy.from_stamp(staging_profile(staging), PENDING, {"public.big": here},
                                                       THRESHOLD)
     assert differences == ([{"table": "public.big", "staging_rows": staging, "rows": here}] if said else [])
 
 
 def test_the_policy_weighs_production_sizes_and_staging_heavy_is_never_rehearsed():
     # Small on staging, large here: the impact is production's, and the statement is not rehearsed here.
-    results, heavy, _d = impact.from_stamp(staging_profile(800, rows_read=800), PENDING, {"public.big": 60000},
+    results, heavy, _d = policy.from_stamp(staging_profile(800, rows_read=800), PENDING, {"public.big": 60000},
                                            THRESHOLD)
     [rel] = results[0]["impact"][0]["relations"]
     assert (rel["rows"], rel["staging_rows"]) == (60000, 800)
-    assert [(i["table"], i["rows"], i["lock"]) for i in impact.impacts(results, THRESHOLD)] == [
+    assert [(i["table"], i["rows"], i["lock"]) for i in policy.impacts(results, THRESHOLD)] == [
         ("public.big", 60000, "SHARE")]
     assert list(heavy) == [("0001_index.sql", 2)] and "SHARE lock on public.big (60000 rows here)" in heavy[
         ("0001_index.sql", 2)]
     # Large on staging, small here: no impact at production's size, but staging measured it heavy,
     # so it is still not rehearsed here (the stamp's measurement, not a guess, decides).
-    results, heavy, _d = impact.from_stamp(staging_profile(60000), PENDING, {"public.big": 500}, THRESHOLD)
-    assert impact.impacts(results, THRESHOLD) == []
+    results, heavy, _d = policy.from_stamp(staging_profile(60000), PENDING, {"public.big": 500}, THRESHOLD)
+    assert policy.impacts(results, THRESHOLD) == []
     assert list(heavy) == [("0001_index.sql", 2)]
     # A brief strong lock (no work on the table) is heavy nowhere.
-    results, heavy, _d = impact.from_stamp(staging_profile(60000, lock="ACCESS EXCLUSIVE", rows_read=0), PENDING,
+    results, heavy, _d = policy.from_stamp(staging_profile(60000, lock="ACCESS EXCLUSIVE", rows_read=0), PENDING,
                                            {"public.big": 60000}, THRESHOLD)
-    assert impact.impacts(results, THRESHOLD) == [] and heavy == {}
+    assert policy.impacts(results, THRESHOLD) == [] and heavy == {}
 
 
 def test_an_index_build_on_a_small_staging_table_is_heavy_on_a_large_production_one():
@@ -70,9 +70,9 @@ def test_an_index_build_on_a_small_staging_table_is_heavy_on_a_large_production_
     The build read all of staging's table; weighed at production's size it reads all of
     production's: an impact, and never rehearsed on production (its rehearsal would hold SHARE
     on 5,000,000 rows for the whole build)."""
-    results, heavy, differences = impact.from_stamp(staging_profile(50000), PENDING, {"public.big": 5000000}, 100000)
+    results, heavy, differences = policy.from_stamp(staging_profile(50000), PENDING, {"public.big": 5000000}, 100000)
     [rel] = results[0]["impact"][0]["relations"]
     assert (rel["rows_read"], rel["staging_rows_read"]) == (5000000, 50000)
-    assert [(i["table"], i["rows"]) for i in impact.impacts(results, 100000)] == [("public.big", 5000000)]
+    assert [(i["table"], i["rows"]) for i in policy.impacts(results, 100000)] == [("public.big", 5000000)]
     assert list(heavy) == [("0001_index.sql", 2)]
     assert differences == [{"table": "public.big", "staging_rows": 50000, "rows": 5000000}]
