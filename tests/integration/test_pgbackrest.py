@@ -400,16 +400,19 @@ def test_while_a_pitr_runs_a_second_pitr_and_a_dump_restore_refuse_naming_it(arc
 
 # --------------------------------------------------------------------------- stopping the playbook (issue 17.6)
 
-def test_a_killed_playbook_stops_the_pitr_before_the_swap(archived, leasedb, tmp_path):
-    """`ansible-playbook rollback.yml` (PITR) in its own process group, SIGKILLed as a group while the PITR,
-    its copy recovered, checked and stopped, waits to park its lease right before the swap (the test holds
-    the lease row FOR UPDATE): Ansible's worker (its own session) and the module die with it; the target is
-    unchanged, accepts connections, and no copy server is left running; the copy's directory is left."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"])
+def test_a_killed_playbook_stops_the_pitr_before_the_swap(archived, leasedb, tmp_path, sig):
+    """`ansible-playbook rollback.yml` (PITR) in its own process group, stopped as a group (SIGKILL, SIGTERM,
+    Ctrl-C's SIGINT) while the PITR, its copy recovered, checked and stopped, waits to park its lease right
+    before the swap (the test holds the lease row FOR UPDATE): Ansible's worker (its own session) and the
+    module die with it; the target is unchanged, accepts connections, and no copy server is left running;
+    the copy's directory is left."""
     import psycopg2
     url = leasedb["url"]
     data_dir = q(archived["url"], "SHOW data_directory")[0][0]
     q(url, "CREATE TABLE IF NOT EXISTS public.kill_probe (i int)")
     q(url, "INSERT INTO public.kill_probe VALUES (1)")
+    probes = q(url, "SELECT count(*) FROM public.kill_probe")[0][0]
     kept = glob.glob(data_dir + ".pre_pitr_*")  # of the recoveries before this one
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(json.dumps({"all": {"hosts": {"pitrdb": {
@@ -427,10 +430,10 @@ def test_a_killed_playbook_stops_the_pitr_before_the_swap(archived, leasedb, tmp
                             start_new_session=True)
     hold = psycopg2.connect(url)
     try:
-        _kill_before_the_swap(proc, hold, url, data_dir)
+        _kill_before_the_swap(proc, hold, url, data_dir, sig)
         # Not swapped: the same data directory, the row written after the restore point, connections accepted.
         assert q(archived["url"], "SHOW data_directory")[0][0] == data_dir
-        assert q(url, "SELECT count(*) FROM public.kill_probe")[0][0] == 1
+        assert q(url, "SELECT count(*) FROM public.kill_probe")[0][0] == probes
         assert sorted(glob.glob(data_dir + ".pre_pitr_*")) == sorted(kept)
         # No server of the copy runs (its postmaster was this run's child); its directory is left, as documented.
         assert [pid for pid in os.listdir("/proc") if pid.isdigit() and ".pitr_" in _cmdline(pid)] == []
@@ -447,7 +450,7 @@ def test_a_killed_playbook_stops_the_pitr_before_the_swap(archived, leasedb, tmp
             shutil.rmtree(copy)
 
 
-def _kill_before_the_swap(proc, hold, url, data_dir):
+def _kill_before_the_swap(proc, hold, url, data_dir, sig):
     """Hold the PITR's lease row once its copy exists, wait for its park to wait on it, kill the playbook's
     group; every process of its tree must be gone within 30 s."""
     from test_rollback_interrupted import alive, descendants
@@ -465,7 +468,7 @@ def _kill_before_the_swap(proc, hold, url, data_dir):
         assert len(copies) == 1 and not os.path.exists(os.path.join(copies[0], "postmaster.pid"))
         tree = descendants(proc.pid)
         assert tree, "the playbook has no worker"
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
         proc.communicate(timeout=60)
         deadline = time.time() + 30
         while [p for p in tree if alive(p)]:
