@@ -470,7 +470,8 @@ def _restore(p, repo, target, check_mode, progress, started, manifest, server, r
     if check_mode:
         return dict(fields, changed=True, msg="would recover (consented): " + summary + "; into %s, %s free" %
                     (new_dir, human_bytes(free)))
-    sock = tempfile.mkdtemp(prefix="ledger-pitr-")
+    # Named after the copy: a killed run leaves it (the copy's socket and recovery.log) beside <data>.pitr_<stamp>.
+    sock = tempfile.mkdtemp(prefix="ledger-pitr-%s-" % stamp)
     os.chown(sock, repo.user.pw.pw_uid, repo.user.pw.pw_gid) if os.geteuid() == 0 else None
     bindir = find_bindir(server["major"], p.get("pg_bindir"))
     server_log = os.path.join(parent, "server.log")

@@ -448,6 +448,9 @@ def test_a_killed_playbook_stops_the_pitr_before_the_swap(archived, leasedb, tmp
         q(url, "DELETE FROM migrations.lock WHERE run_id = 'pitr-killed'")
         for copy in glob.glob(data_dir + ".pitr_*"):
             shutil.rmtree(copy)
+            stamp = copy.rsplit(".pitr_", 1)[1]
+            for sock in glob.glob(os.path.join(tempfile.gettempdir(), "ledger-pitr-%s-*" % stamp)):
+                shutil.rmtree(sock)
 
 
 def _kill_before_the_swap(proc, hold, url, data_dir, sig):
