@@ -12,8 +12,10 @@ printed every `progress_interval` seconds on a local connection:
 from __future__ import annotations
 
 import json
+import os
 
 from ansible_collections.arrakis.ledger.plugins.action.ledger_backup import ActionModule as BackupAction
+from ansible_collections.arrakis.ledger.plugins.plugin_utils.ledger_inprocess import LOCAL_TRANSPORTS
 
 
 def progress_line(host, progress_file, elapsed):
@@ -31,3 +33,11 @@ class ActionModule(BackupAction):
 
     MODULE = "ledger_pgbackrest"
     progress_line = staticmethod(progress_line)
+
+    def around(self, args, task_vars, execute):
+        # A recovery dies with the playbook up to its swap (ledger_lifeline): run as a module, its parent is a
+        # shell under Ansible's worker, which outlives a killed playbook; so it watches ansible-playbook itself
+        # (this worker's parent), which it can only do on this host.
+        if args.get("action") == "restore" and self._connection.transport in LOCAL_TRANSPORTS:
+            args = dict(args, playbook_pid=os.getppid())
+        return super().around(args, task_vars, execute)

@@ -16,7 +16,12 @@ are no-ops and the parent check still works):
 * parent_alive(): checked right before the point of no return (the swap): the parent seen at
   the start is still our parent. A worker re-parented to init (or a subreaper) stops there.
 
-Children (pg_restore) get PR_SET_PDEATHSIG SIGKILL through child_preexec().
+Children (pg_restore; pgbackrest restore, psql, pg_ctl and the recovered copy's postmaster) get
+PR_SET_PDEATHSIG SIGKILL through child_preexec().
+
+disarm() ends the death signal for a step that is worse stopped half-way than finished (the PITR's
+swap: stop, two renames, start); the caller checks parent_alive() after disarming, so a parent that
+died before it is seen either way (killed while armed, or refused by the check).
 
 A signal the worker does get (ansible-playbook forwards SIGTERM and SIGINT to it, then waits for it
 before exiting) is handled in Python, so only between two statements: a statement waiting inside libpq
@@ -32,6 +37,7 @@ import ctypes.util
 import os
 import select
 import signal
+import threading
 import time
 
 try:
@@ -56,12 +62,33 @@ def _prctl_pdeathsig(sig):
         return False
 
 
-class Lifeline(object):
-    """The parent this process started under; die_with_parent() arms the death signal."""
+def _start_time(pid):
+    """The start time of process ``pid`` (its identity with the pid: pids are reused), or None once gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] == "Z" else fields[19]
 
-    def __init__(self):
+
+class Lifeline(object):
+    """The parent this process started under; die_with_parent() arms the death signal.
+
+    playbook_pid: the ansible-playbook process when it is an ancestor, not the parent (a module run as
+    its own process on a local connection: ansible-playbook > worker (own session) > sh > sh > python;
+    the worker outlives a killed playbook, so the parent's death never comes). A thread then watches it
+    and kills this process when it exits, while armed.
+    """
+
+    def __init__(self, playbook_pid=None):
         self.parent = os.getppid()
         self.armed = False
+        self.watched = None
+        if playbook_pid and int(playbook_pid) not in (self.parent, 1):
+            self.watched = (int(playbook_pid), _start_time(int(playbook_pid)))
+        self._lock = threading.Lock()
 
     def die_with_parent(self):
         # A process whose parent is already init has nobody to die with.
@@ -70,9 +97,30 @@ class Lifeline(object):
             # The parent may have died between getppid() and prctl(): the signal would never come.
             if os.getppid() != self.parent:
                 os.kill(os.getpid(), signal.SIGKILL)
+        if self.watched is not None:
+            self.armed = True
+            threading.Thread(target=self._watch, name="ledger-lifeline", daemon=True).start()
+        return self
+
+    def _watch(self):
+        pid, started = self.watched
+        while started is not None and _start_time(pid) == started:
+            time.sleep(0.2)
+        with self._lock:
+            if self.armed:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def disarm(self):
+        """No death from here on: a step that must not stop half-way (the PITR's swap) runs to its end."""
+        with self._lock:
+            if self.armed:
+                _prctl_pdeathsig(0)
+                self.armed = False
         return self
 
     def parent_alive(self):
+        if self.watched is not None and _start_time(self.watched[0]) != self.watched[1]:
+            return False
         return self.parent <= 1 or os.getppid() == self.parent
 
 

@@ -21,6 +21,7 @@ import subprocess
 import time
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, redact
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_lifeline import child_preexec
 
 MANIFEST_KIND = "ledger-pitr"
 MANIFEST_SUFFIX = ".pitr.json"
@@ -83,17 +84,33 @@ class OsUser(object):
                 "become (pgbackrest_become: true, become_user %s) or set pgbackrest_os_user"
                 % (pwd.getpwuid(me).pw_name, self.name, self.name))
 
-    def run(self, argv, timeout=None, check=True, stdin=None, on_line=None, env=None):
-        """(exit code, stdout, stderr); with on_line, stdout lines are handed over as they come."""
-        cmd = self.prefix + list(argv)
+    def spawn(self, argv, env=None, with_parent=False):
+        """(command, environment, Popen keywords) to run argv as this user.
+
+        with_parent: the command gets SIGKILL when this process dies (ledger_lifeline). As root the
+        user is then switched by the child itself, not by runuser: runuser's own child (the command)
+        would not inherit the death signal (it is cleared on fork and on a change of user).
+        """
         full_env = dict(os.environ, **(env or {}))
+        if not with_parent:
+            return self.prefix + list(argv), full_env, {}
+        kw = {"preexec_fn": child_preexec}
+        if self.prefix:
+            kw.update(user=self.pw.pw_uid, group=self.pw.pw_gid,
+                      extra_groups=os.getgrouplist(self.name, self.pw.pw_gid))
+            full_env.update(HOME=self.pw.pw_dir, USER=self.name, LOGNAME=self.name, SHELL=self.pw.pw_shell)
+        return list(argv), full_env, kw
+
+    def run(self, argv, timeout=None, check=True, stdin=None, on_line=None, env=None, with_parent=False):
+        """(exit code, stdout, stderr); with on_line, stdout lines are handed over as they come."""
+        cmd, full_env, kw = self.spawn(argv, env, with_parent)
         try:
             if on_line is None:
                 res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=stdin,
-                                     cwd="/", env=full_env, check=False)
+                                     cwd="/", env=full_env, check=False, **kw)
                 code, out, err = res.returncode, res.stdout, res.stderr
             else:
-                code, out, err = _run_streaming(cmd, timeout, on_line, full_env)
+                code, out, err = _run_streaming(cmd, timeout, on_line, full_env, kw)
         except subprocess.TimeoutExpired:
             raise LedgerError("%s did not finish within %s s" % (os.path.basename(argv[0]), timeout))
         except OSError as exc:
@@ -107,9 +124,9 @@ class OsUser(object):
         self.run(["mkdir", "-m", "%o" % mode, "-p", path])
 
 
-def _run_streaming(cmd, timeout, on_line, env):
+def _run_streaming(cmd, timeout, on_line, env, kw):
     deadline = time.time() + timeout if timeout else None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/", env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/", env=env, **kw)
     out = []
     try:
         for line in proc.stdout:

@@ -18,6 +18,11 @@ The target is never touched until the recovered copy has proven itself:
      as `<data>.pre_pitr_<stamp>`) and the target started; if that start fails, the swap is undone
      and the target started as it was.
 PITR rewinds the whole cluster (every database in it), and restarts it: the refusal says so.
+
+Stopping the playbook stops the recovery up to step 4 (ledger_lifeline: the death signal, or the watch
+of ansible-playbook when run as a module), with pgbackrest, psql, pg_ctl and the copy's postmaster
+(this process's children); right before the swap the death signal is disarmed and the playbook checked
+once more (gone: no swap, the copy removed); the swap itself then runs to a started target and its event.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import shlex
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 
@@ -51,6 +57,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
     redact,
     redact_obj,
 )
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_lifeline import Lifeline
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import extra_var, playbook_command
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest import MANIFEST_KIND, MANIFEST_SUFFIX, tail
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_lease import ClusterLock, copy_lease_sql
@@ -148,13 +155,51 @@ def postmaster_options(data_dir):
 
 
 class Instance(object):
-    """A PostgreSQL of a data directory, driven with pg_ctl and psql as the cluster's OS user."""
+    """A PostgreSQL of a data directory, driven with pg_ctl and psql as the cluster's OS user.
 
-    def __init__(self, user, bindir, data_dir, log):
+    with_parent (the recovered copy): its commands, and its postmaster, die with this process.
+    """
+
+    def __init__(self, user, bindir, data_dir, log, with_parent=False):
         self.user, self.bindir, self.data_dir, self.log = user, bindir, data_dir, log
+        self.with_parent, self.proc = with_parent, None
 
     def pg_ctl(self, *args, **kw):
-        return self.user.run([os.path.join(self.bindir, "pg_ctl"), "-D", self.data_dir] + list(args), **kw)
+        return self.user.run([os.path.join(self.bindir, "pg_ctl"), "-D", self.data_dir] + list(args),
+                             with_parent=self.with_parent, **kw)
+
+    def spawn(self, options, timeout):
+        """Start the postmaster as this process's own child (pg_ctl's would be a daemon that outlives a
+        killed run) and wait until it accepts connections (postmaster.pid says ready or standby, as pg_ctl -w).
+        """
+        cmd, env, kw = self.user.spawn([os.path.join(self.bindir, "postgres"), "-D", self.data_dir] + options,
+                                       with_parent=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd="/", env=env, **kw)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise LedgerError("the recovered copy did not start (exit %s): %s"
+                                  % (self.proc.returncode, self.log_tail()))
+            try:
+                with open(os.path.join(self.data_dir, "postmaster.pid")) as fh:
+                    lines = fh.read().splitlines()
+                if len(lines) > 7 and lines[7].strip() in ("ready", "standby"):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise LedgerError("the recovered copy did not accept connections within %s s: %s" % (timeout, self.log_tail()))
+
+    def reap(self):
+        """Wait for a spawned postmaster that was stopped (no zombie left)."""
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
     def start(self, options, timeout=120, check=True):
         return self.pg_ctl("-l", self.log, "-w", "-t", str(timeout), "-o", options, "start", check=check,
@@ -178,11 +223,11 @@ class Instance(object):
 def _psql(inst, sock, port, db, query, timeout=None):
     _code, out, _err = inst.user.run([os.path.join(inst.bindir, "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1",
                                       "-h", sock, "-p", str(port), "-U", inst.user.name, "-d", db, "-c", query],
-                                     timeout=timeout)
+                                     timeout=timeout, with_parent=inst.with_parent)
     return out.strip()
 
 
-def _recover(p, repo, manifest, server, new_dir, sock, port, progress, lease):
+def _recover(p, repo, manifest, server, inst, sock, port, progress, lease):
     """pgbackrest restore into new_dir, start it, let it pause at the restore point, check it, promote it.
 
     The copy pauses there (target-action=pause) so that it is checked exactly at the restore
@@ -190,18 +235,16 @@ def _recover(p, repo, manifest, server, new_dir, sock, port, progress, lease):
     of the same name earlier in the WAL would stop it sooner), and its history and row counts
     must be the manifest's. Only then is it promoted.
     """
-    user = repo.user
-    bindir = find_bindir(server["major"], p.get("pg_bindir"))
+    user, new_dir = repo.user, inst.data_dir
     user.makedirs(new_dir)
     progress("pgbackrest restore of %s into %s" % (manifest["backup_label"], new_dir))
     code, out, err = repo.run("--pg1-path=%s" % new_dir, "--set=%s" % manifest["backup_label"], "--type=name",
                               "--target=%s" % manifest["restore_point"], "--target-action=pause",
                               "--target-timeline=%d" % manifest["timeline"], "restore",
-                              timeout=p["recovery_timeout"], check=False)
+                              timeout=p["recovery_timeout"], check=False, with_parent=True)
     if code != 0:
         raise LedgerError("pgbackrest restore of backup %s failed (exit %d): %s"
                           % (manifest["backup_label"], code, tail(err or out)))
-    inst = Instance(user, bindir, new_dir, os.path.join(sock, "recovery.log"))
     opts = ["-p", str(port), "-c", "listen_addresses=", "-c", "unix_socket_directories=%s" % sock,
             "-c", "archive_command=", "-c", "external_pid_file=", "-c", "shared_buffers=128MB",
             "-c", "ssl=off", "-c", "logging_collector=off", "-c", "hot_standby=on"]
@@ -210,9 +253,7 @@ def _recover(p, repo, manifest, server, new_dir, sock, port, progress, lease):
         opts += ["-c", "config_file=%s" % server["config_file"], "-c", "hba_file=%s" % server["hba_file"],
                  "-c", "ident_file=%s" % server["ident_file"], "-c", "data_directory=%s" % new_dir]
     progress("recovering to %s on port %d" % (manifest["restore_point"], port))
-    code, out, err = inst.start(" ".join(shlex.quote(o) for o in opts), timeout=p["recovery_timeout"], check=False)
-    if code != 0:
-        raise LedgerError("the recovered copy did not start: %s" % (inst.log_tail() or tail(err or out)))
+    inst.spawn(opts, p["recovery_timeout"])
     deadline = time.time() + p["recovery_timeout"]
     while True:
         try:
@@ -271,12 +312,23 @@ def _recover(p, repo, manifest, server, new_dir, sock, port, progress, lease):
         _psql(inst, sock, port, db, RECORDS_DDL)
     _psql(inst, sock, port, db, copy_lease_sql(lease, SWAP_HOLD))
     inst.stop()
+    inst.reap()
     return check
 
 
-def _swap_and_start(repo, server, new_dir, pre_dir, log, bindir, lease):
-    """Stop the target, swap the data directories and start it; on failure put the old one back."""
+def _swap_and_start(repo, server, new_dir, pre_dir, log, bindir, lease, lifeline):
+    """Stop the target, swap the data directories and start it; on failure put the old one back.
+
+    The point of no return: only while the playbook that started it lives; then to its end, whoever dies.
+    """
     lease.park(SWAP_HOLD)  # no heartbeat while the server is down; the old one's row outlives the swap
+    # A stopped target with its directories renamed is the worst state a kill can leave: the swap (seconds)
+    # runs to a started target once begun. Disarmed first, then checked: a playbook that died before
+    # either killed us (armed) or is seen here.
+    lifeline.disarm()
+    if not lifeline.parent_alive():
+        raise LedgerError("the playbook that started this recovery is gone (its process exited): the swap was not "
+                          "done", refused="parent_gone")
     data_dir = server["data_directory"]
     options = postmaster_options(data_dir)
     target = Instance(repo.user, bindir, data_dir, log)
@@ -352,8 +404,10 @@ def run_restore(p, repo, target, check_mode, progress):
     finally:
         conn.close()
     if check_mode:
-        return _restore(p, repo, target, True, progress, started, manifest, server, risk, None)
+        return _restore(p, repo, target, True, progress, started, manifest, server, risk, None, None)
     label = p.get("host_label") or "<host>"
+    # The work dies with the playbook up to the swap (Ansible's worker is in its own session: see ledger_lifeline).
+    lifeline = Lifeline(p.get("playbook_pid")).die_with_parent()
     # One PITR per cluster, and the target's run lease: see ledger_pgbackrest_lease.py.
     cluster_lock = ClusterLock(server["data_directory"], run_id, target, p["lock_wait"], repo.user.pw, url).acquire()
     lease = None
@@ -366,14 +420,14 @@ def run_restore(p, repo, target, check_mode, progress):
                 risk = data_at_risk(cur, manifest)
         finally:
             conn.close()
-        return _restore(p, repo, target, False, progress, started, manifest, server, risk, lease)
+        return _restore(p, repo, target, False, progress, started, manifest, server, risk, lease, lifeline)
     finally:
         if lease is not None and lease.held:
             lease.release()
         cluster_lock.release()
 
 
-def _restore(p, repo, target, check_mode, progress, started, manifest, server, risk, lease):
+def _restore(p, repo, target, check_mode, progress, started, manifest, server, risk, lease, lifeline):
     url, run_id = p["database_url"], p["run_id"]
     rp = manifest["restore_point"]
     summary = ("point-in-time recovery of %s to %s (LSN %s, %s) rewinds the whole cluster (databases: %s) and "
@@ -416,24 +470,28 @@ def _restore(p, repo, target, check_mode, progress, started, manifest, server, r
     if check_mode:
         return dict(fields, changed=True, msg="would recover (consented): " + summary + "; into %s, %s free" %
                     (new_dir, human_bytes(free)))
-    sock = tempfile.mkdtemp(prefix="ledger-pitr-")
+    # Named after the copy: a killed run leaves it (the copy's socket and recovery.log) beside <data>.pitr_<stamp>.
+    sock = tempfile.mkdtemp(prefix="ledger-pitr-%s-" % stamp)
     os.chown(sock, repo.user.pw.pw_uid, repo.user.pw.pw_gid) if os.geteuid() == 0 else None
     bindir = find_bindir(server["major"], p.get("pg_bindir"))
     server_log = os.path.join(parent, "server.log")
     start_log = server_log if os.path.exists(server_log) else os.path.join(parent, "postgresql-pitr-start.log")
     swapped = False
+    inst = Instance(repo.user, bindir, new_dir, os.path.join(sock, "recovery.log"), with_parent=True)
     try:
         try:
-            check = _recover(p, repo, manifest, server, new_dir, sock, spare_port(), progress, lease)
+            check = _recover(p, repo, manifest, server, inst, sock, spare_port(), progress, lease)
             progress("swapping %s in and starting the target" % new_dir)
-            _swap_and_start(repo, server, new_dir, pre_dir, start_log, bindir, lease)
+            _swap_and_start(repo, server, new_dir, pre_dir, start_log, bindir, lease, lifeline)
             swapped = True
         finally:
-            inst = Instance(repo.user, bindir, new_dir, os.path.join(sock, "recovery.log"))
             if not swapped and os.path.isdir(new_dir):
                 if inst.running():
                     inst.stop(check=False)
                 shutil.rmtree(new_dir, ignore_errors=True)
+            if inst.proc is not None and inst.proc.poll() is None and not swapped:
+                inst.proc.kill()  # a copy pg_ctl could not stop
+            inst.reap()
             shutil.rmtree(sock, ignore_errors=True)
     except LedgerError as exc:
         msg = ("point-in-time recovery of %s to %s failed: %s. The target's data directory was not replaced (the "

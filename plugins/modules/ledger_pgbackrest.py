@@ -61,6 +61,7 @@ options:
   host_label: {description: The target's inventory name in messages., type: str, default: ""}
   rerun_command: {description: What the operator runs after a fix., type: str, default: the same ansible-playbook command}
   run_options: {description: The ansible-playbook options (-i -l -e vault) every next command carries; set by the action plugin., type: list, elements: str}
+  playbook_pid: {description: "Internal: the ansible-playbook a restore dies with up to its swap (set by the action plugin).", type: int}
 author: Arrakis platform team (@arrakis-platform)
 """
 
@@ -155,6 +156,7 @@ ARGUMENT_SPEC = dict(
     host_label=dict(type="str", default=""),
     rerun_command=dict(type="str", default="the same ansible-playbook command"),
     run_options=RUN_OPTIONS_SPEC,
+    playbook_pid=dict(type="int"),
 )
 SPEC_OPTIONS = {}
 

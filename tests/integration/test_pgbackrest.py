@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -395,3 +396,117 @@ def test_while_a_pitr_runs_a_second_pitr_and_a_dump_restore_refuse_naming_it(arc
     assert first.error is None and not first.result.get("failed"), first.result or first.error
     assert first.result["lease_kept_through_swap"] is True and lease_row(url) == []
     assert q(url, "SELECT outcome FROM migrations.events WHERE run_id = 'pitr-a' AND action = 'restore'") == [("ok",)]
+
+
+# --------------------------------------------------------------------------- stopping the playbook (issue 17.6)
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"])
+def test_a_killed_playbook_stops_the_pitr_before_the_swap(archived, leasedb, tmp_path, sig):
+    """`ansible-playbook rollback.yml` (PITR) in its own process group, stopped as a group (SIGKILL, SIGTERM,
+    Ctrl-C's SIGINT) while the PITR, its copy recovered, checked and stopped, waits to park its lease right
+    before the swap (the test holds the lease row FOR UPDATE): Ansible's worker (its own session) and the
+    module die with it; the target is unchanged, accepts connections, and no copy server is left running;
+    the copy's directory is left."""
+    import psycopg2
+    url = leasedb["url"]
+    data_dir = q(archived["url"], "SHOW data_directory")[0][0]
+    q(url, "CREATE TABLE IF NOT EXISTS public.kill_probe (i int)")
+    q(url, "INSERT INTO public.kill_probe VALUES (1)")
+    probes = q(url, "SELECT count(*) FROM public.kill_probe")[0][0]
+    kept = glob.glob(data_dir + ".pre_pitr_*")  # of the recoveries before this one
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(json.dumps({"all": {"hosts": {"pitrdb": {
+        "database_url": url, "backup_dir": archived["backups"], "backup_method": "pgbackrest",
+        "pgbackrest_stanza": "pytest", "pgbackrest_config": archived["config"],
+        "pgbackrest_os_user": archived["state"]["os_user"], "pgbackrest_backup_type": "none"}}}}))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_HOME=str(tmp_path / ".ansible"),
+               ANSIBLE_NOCOLOR="1", PATH=str(PLAYBOOK.parent) + os.pathsep + os.environ.get("PATH", ""))
+    # A long TTL: no heartbeat renews the row while the test holds it, so the one waiter is the park.
+    proc = subprocess.Popen([str(PLAYBOOK), "-i", str(inventory), str(ROOT / "playbooks" / "rollback.yml"),
+                             "-l", "pitrdb", "-e", "rollback_mode=restore", "-e", "rollback_allow_data_loss=true",
+                             "-e", "backup_file=%s" % leasedb["manifest"], "-e", "rollback_lock_ttl=600",
+                             "-e", "rollback_run_id=pitr-killed"],
+                            cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    hold = psycopg2.connect(url)
+    try:
+        _kill_before_the_swap(proc, hold, url, data_dir, sig)
+        # Not swapped: the same data directory, the row written after the restore point, connections accepted.
+        assert q(archived["url"], "SHOW data_directory")[0][0] == data_dir
+        assert q(url, "SELECT count(*) FROM public.kill_probe")[0][0] == probes
+        assert sorted(glob.glob(data_dir + ".pre_pitr_*")) == sorted(kept)
+        # No server of the copy runs (its postmaster was this run's child); its directory is left, as documented.
+        assert [pid for pid in os.listdir("/proc") if pid.isdigit() and ".pitr_" in _cmdline(pid)] == []
+        assert len(glob.glob(data_dir + ".pitr_*")) == 1
+        # The dead run's lease row stays until it expires; the next run's precheck names it.
+        assert lease_row(url)[0][0] == "pitr-killed"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        hold.close()
+        q(url, "DELETE FROM migrations.lock WHERE run_id = 'pitr-killed'")
+        for copy in glob.glob(data_dir + ".pitr_*"):
+            shutil.rmtree(copy)
+            stamp = copy.rsplit(".pitr_", 1)[1]
+            for sock in glob.glob(os.path.join(tempfile.gettempdir(), "ledger-pitr-%s-*" % stamp)):
+                shutil.rmtree(sock)
+
+
+def _kill_before_the_swap(proc, hold, url, data_dir, sig):
+    """Hold the PITR's lease row once its copy exists, wait for its park to wait on it, kill the playbook's
+    group; every process of its tree must be gone within 30 s."""
+    from test_rollback_interrupted import alive, descendants
+    try:
+        wait_for(lambda: proc.poll() is not None or glob.glob(data_dir + ".pitr_*"), timeout=240)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        with hold.cursor() as cur:
+            cur.execute("SELECT run_id FROM migrations.lock WHERE id = 1 FOR UPDATE")
+            assert cur.fetchone() == ("pitr-killed",)
+        wait_for(lambda: proc.poll() is not None or q(
+            url, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                 " AND query LIKE 'UPDATE migrations.lock SET renewed_at%%'")[0][0], timeout=240)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        copies = glob.glob(data_dir + ".pitr_*")
+        assert len(copies) == 1 and not os.path.exists(os.path.join(copies[0], "postmaster.pid"))
+        tree = descendants(proc.pid)
+        assert tree, "the playbook has no worker"
+        os.killpg(proc.pid, sig)
+        proc.communicate(timeout=60)
+        deadline = time.time() + 30
+        while [p for p in tree if alive(p)]:
+            assert time.time() < deadline, "left running: %s" % [(p, _cmdline(p[0])) for p in tree if alive(p)]
+            time.sleep(0.05)
+    finally:
+        hold.rollback()
+
+
+def test_a_pitr_whose_playbook_is_gone_at_the_swap_does_not_swap(archived, leasedb, monkeypatch):
+    """The check right before the swap (after the death signal is disarmed for it): a playbook that died
+    without killing the run (its death seen only there) leaves the target unchanged and running, the copy
+    removed, a failed event and the lease freed. The death itself cannot be timed into those microseconds:
+    parent_alive() answers False here."""
+    from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_lifeline
+    url = leasedb["url"]
+    data_dir = q(archived["url"], "SHOW data_directory")[0][0]
+    q(url, "CREATE TABLE IF NOT EXISTS public.kill_probe (i int)")
+    before = q(url, "SELECT count(*) FROM public.kill_probe")[0][0]
+    kept = sorted(glob.glob(data_dir + ".pre_pitr_*"))  # of the recoveries before this one
+    monkeypatch.setattr(ledger_lifeline.Lifeline, "parent_alive", lambda self: False)
+    res = archived["mod"].result_of(params(archived, "restore", database_url=url, backup_file=leasedb["manifest"],
+                                           allow_data_loss=True, run_id="pitr-orphan"))
+    assert res["failed"] and res["refused"] == "parent_gone", res
+    assert "the playbook that started this recovery is gone" in res["msg"] and "was not replaced" in res["msg"]
+    assert q(archived["url"], "SHOW data_directory")[0][0] == data_dir
+    assert q(url, "SELECT count(*) FROM public.kill_probe")[0][0] == before
+    assert not glob.glob(data_dir + ".pitr_*") and sorted(glob.glob(data_dir + ".pre_pitr_*")) == kept
+    assert q(url, "SELECT outcome FROM migrations.events WHERE run_id = 'pitr-orphan' AND action = 'restore'") == \
+        [("failed",)]
+    assert lease_row(url) == []
+
+
+def _cmdline(pid):
+    try:
+        return Path("/proc/%s/cmdline" % pid).read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
