@@ -28,13 +28,18 @@ from ansible_collections.arrakis.ledger.plugins.plugin_utils.ledger_inprocess im
 display = Display()
 
 
-def progress_line(host, progress_file, elapsed):
-    """One progress line from the module's progress file (best effort)."""
+def read_progress(progress_file):
+    """What the module last wrote to its progress file ({} until it has written, or when unreadable)."""
     try:
         with open(progress_file) as fh:
-            data = json.load(fh)
+            return json.load(fh)
     except (OSError, ValueError):
-        data = {}
+        return {}
+
+
+def progress_line(host, progress_file, elapsed):
+    """One progress line from the module's progress file (best effort)."""
+    data = read_progress(progress_file)
     size = data.get("db_size") or 0
     written = data.get("bytes") or 0
     phase = data.get("phase", "starting")

@@ -11,19 +11,14 @@ printed every `progress_interval` seconds on a local connection:
 
 from __future__ import annotations
 
-import json
 import os
 
-from ansible_collections.arrakis.ledger.plugins.action.ledger_backup import ActionModule as BackupAction
+from ansible_collections.arrakis.ledger.plugins.action.ledger_backup import ActionModule as BackupAction, read_progress
 from ansible_collections.arrakis.ledger.plugins.plugin_utils.ledger_inprocess import LOCAL_TRANSPORTS
 
 
 def progress_line(host, progress_file, elapsed):
-    try:
-        with open(progress_file) as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        data = {}
+    data = read_progress(progress_file)
     percent = data.get("percent")
     share = ", %d%% of the files" % percent if isinstance(percent, (int, float)) else ""
     return "  [%s] pgbackrest: %s%s, %d s" % (host, data.get("phase", "starting"), share, elapsed)

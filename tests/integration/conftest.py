@@ -136,6 +136,17 @@ def ledger_db(pg_cluster, ledger_template):
         pg_cluster.drop_db(name)
 
 
+@pytest.fixture
+def su(ledger_db):
+    """A superuser session on a ledger database (test_ledger_sql.Session), closed after the test."""
+    from test_ledger_sql import Session
+    s = Session(ledger_db)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
 @pytest.fixture(scope="session")
 def installed_collection(tmp_path_factory):
     """The collection as another team gets it: `ansible-galaxy collection build` of this checkout, then

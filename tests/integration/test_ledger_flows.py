@@ -13,7 +13,6 @@ import uuid
 
 import pytest
 from ledger_app import HOW, App, new_tenant
-from test_ledger_sql import Session
 
 MAX = 10**15  # the largest amount of a lot or an entry (micro-USD)
 
@@ -25,15 +24,6 @@ def app(request, ledger_db):
         yield a
     finally:
         a.close()
-
-
-@pytest.fixture
-def su(ledger_db):
-    s = Session(ledger_db)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def balance(su, lot):

@@ -15,18 +15,8 @@ import time
 import psycopg2
 import pytest
 from ledger_app import App, debit_in, new_tenant
-from test_ledger_sql import Session
 
 ENTRY = "INSERT INTO public.lot_entries (lot_id, community_id, entry_type, amount_micro) VALUES (%s, %s, %s, %s)"
-
-
-@pytest.fixture
-def su(ledger_db):
-    s = Session(ledger_db)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def wait_until_waiting(su, pids, timeout=120):
