@@ -5,9 +5,10 @@ The profile's cost is one small query per rehearsal and one per statement, and n
 else where nothing else is needed (measured: README, Performance):
 
 * as the rehearsal starts, riding on its first SAVEPOINT, one look-up of the relations the
-  pending statements name (one index probe per word of their text, bodies included; not a scan
-  of the catalog, which may hold thousands) says what they were before the migrations: oid,
-  name, kind, ``relfilenode``, ``reltuples`` and pages; and the catalog's highest oid;
+  pending statements name (by the words of their text, bodies and strings included but for
+  those no statement runs now: a COMMENT's string, a PL/pgSQL body; not a scan of the catalog,
+  which may hold thousands) says what they were before the migrations: oid, name, kind,
+  ``relfilenode``, ``reltuples`` and pages; and the catalog's highest oid;
 * after each statement, sent with it (one round trip), one read of ``pg_locks`` for this
   backend says which relations up to that oid it newly locked and in which mode, each one's
   filenode now (a rewrite changed it) and the rows this transaction has read from it;
@@ -37,6 +38,8 @@ MODE_RANK = dict((name, i) for i, name in enumerate(MODE_NAMES[m] for m in LOCK_
 # A lock stronger than this blocks the application's writes (or reads) for its whole duration.
 WEAKEST_STRONG = MODE_RANK["SHARE"]
 TABLE_KINDS = ("r", "p", "m")
+INDEX_KINDS = ("i", "I")
+KINDS = TABLE_KINDS + INDEX_KINDS
 KIND_NAMES = {"r": "table", "p": "table", "m": "materialized view", "i": "index", "I": "index"}
 
 # PostgreSQL's FirstNormalObjectId: every object created after initdb has an oid at least this
@@ -45,26 +48,39 @@ FIRST_USER_OID = 16384
 # The relations the pending statements name, as they are before the migrations (tables,
 # materialized views and indexes; not TOAST's, not temporary ones), and the highest oid in the
 # catalog. Only named ones: a catalog of thousands of relations would otherwise cost more than the
-# rehearsal. One index probe per word (OFFSET 0 keeps the planner from turning it into a scan
-# of all pg_class: an '= ANY' filter or a hash join costs as much as the whole catalog). Plain columns: the schema through regnamespace's output
-# (a cache look-up, no join to plan), the size from relpages (no file is opened). The LEFT JOIN
-# keeps the one row of the highest oid when nothing named exists.
+# rehearsal. Plain columns: the schema through regnamespace's output (a cache look-up, no join to
+# plan), the size from relpages (no file is opened). The LEFT JOIN keeps the one row of the highest
+# oid when nothing named exists. The words travel as one array literal (``name_array``): a
+# parameter of hundreds of separately quoted strings costs more to send and parse than the look-up.
 _COLUMNS = ("c.oid, c.relnamespace::regnamespace::text, c.relname, c.relkind, c.relfilenode, c.reltuples::bigint,"
             " c.relpages::bigint * current_setting('block_size')::bigint")
 _USER = ("c.oid >= %d AND c.relkind IN ('r', 'p', 'm', 'i', 'I') AND c.relpersistence <> 't'"
          " AND c.relnamespace <> 'pg_toast'::regnamespace" % FIRST_USER_OID)
-SNAPSHOT_SQL = ("SELECT m.top, r.* FROM (SELECT max(oid) AS top FROM pg_catalog.pg_class) m LEFT JOIN"
-                " (SELECT " + _COLUMNS + " FROM pg_catalog.unnest(%s::name[]) w (name), LATERAL"
-                " (SELECT * FROM pg_catalog.pg_class c WHERE c.relname = w.name AND " + _USER + " OFFSET 0) c) r ON true")
+_TOP = "SELECT m.top, r.* FROM (SELECT max(oid) AS top FROM pg_catalog.pg_class) m LEFT JOIN (%s) r ON true"
+# The look-up is by name alone: which of the few relations found are user tables and indexes
+# (``_is_user``) is decided here, which costs less than planning the filter (measured).
+_SNAPSHOT_COLUMNS = _COLUMNS + ", c.relpersistence"
+# A few words: one index scan for them all (measured: half the time of a probe per word).
+SNAPSHOT_FEW_SQL = _TOP % ("SELECT " + _SNAPSHOT_COLUMNS + " FROM pg_catalog.pg_class c WHERE c.relname = ANY(%s::name[])")
+# Many words (a set's function bodies): one index probe per word. OFFSET 0 keeps the planner from
+# turning an '= ANY' of hundreds of names into a scan of all pg_class, which in a catalog of
+# thousands of relations costs more than the rehearsal.
+SNAPSHOT_MANY_SQL = _TOP % ("SELECT " + _SNAPSHOT_COLUMNS + " FROM pg_catalog.unnest(%s::name[]) w (name), LATERAL"
+                            " (SELECT * FROM pg_catalog.pg_class c WHERE c.relname = w.name OFFSET 0) c")
+FEW_WORDS = 16
 # The one query per statement: this backend's granted locks on relations that may be
 # pre-existing (the oids above the catalog's highest are the migrations' own, unless the oid
 # counter wrapped: then the look-up after the rollback finds them gone) with each one's
 # filenode, and the rows this transaction read from it (pg_stat_xact_*: tuples returned by scans
 # and fetched through indexes): a statement that reads a table under a strong lock holds it for that work.
+# pg_lock_status() is what the pg_locks view selects from; called directly it plans in less time.
+# The kind tells an index no statement names, which matters only if rewritten (then it holds
+# ACCESS EXCLUSIVE): the others (an FK's referenced key, read under ACCESS SHARE) need no look-up.
 LOCKS_SQL = (
     "SELECT l.relation::bigint, l.mode, pg_catalog.pg_relation_filenode(l.relation),"
-    " pg_catalog.pg_stat_get_xact_tuples_returned(l.relation) + pg_catalog.pg_stat_get_xact_tuples_fetched(l.relation)"
-    " FROM pg_catalog.pg_locks l WHERE l.pid = pg_catalog.pg_backend_pid() AND l.locktype = 'relation'"
+    " pg_catalog.pg_stat_get_xact_tuples_returned(l.relation) + pg_catalog.pg_stat_get_xact_tuples_fetched(l.relation),"
+    " (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = l.relation)"
+    " FROM pg_catalog.pg_lock_status() l WHERE l.pid = pg_catalog.pg_backend_pid() AND l.locktype = 'relation'"
     " AND l.granted AND l.relation BETWEEN %d AND %%d" % FIRST_USER_OID)
 # After the rollback (the committed catalog is again what it was before the rehearsal), for the
 # few relations of the profile that need it: one no statement names (a partition rewritten
@@ -75,12 +91,14 @@ DETAILS_SQL = (
     " FROM pg_catalog.pg_class c LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid"
     " WHERE c.oid = ANY(%s) AND " + _USER)
 QUOTED = re.compile(r'"((?:[^"]|"")+)"')
+PLPGSQL = re.compile(r"\bLANGUAGE\s+plpgsql\b", re.I)
 # Statements of these kinds (and ALTER, but for ALTER TYPE/DOMAIN) lock only the objects they name: when they name no pre-existing
 # relation (not even in a function body or a string), pg_locks is not read after them. The
 # read costs ~1 ms once a big set has created hundreds of objects (pg_lock_status() copies
 # every lock), so a set of many CREATEs would otherwise pay far more than 1.2x.
 NAMED_ONLY = frozenset(("create", "comment", "grant", "revoke"))
-WORDS = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+# Matched on the lower-cased text (unquoted names fold to lower case).
+WORDS = re.compile(r"[a-z_][a-z0-9_$]*")
 # Tuples per byte when a table was never ANALYZEd (reltuples = -1): a rough 100 bytes a row, so
 # a big table that was never analyzed still counts as big.
 BYTES_PER_ROW_GUESS = 100
@@ -153,12 +171,36 @@ def statement_words(stmt):
     """The words of a statement that may name a relation: folded (as PostgreSQL folds unquoted names) and quoted ones.
 
     The whole text, function bodies and strings included: a statement can lock what its body or
-    its dynamic SQL names.
+    its dynamic SQL names. Two texts are never run by their statement, so only what surrounds
+    them counts: a COMMENT's string, and a PL/pgSQL body (its creation checks the syntax alone;
+    what it locks when a later statement runs it is read after the rollback, as any relation no
+    statement names).
     """
-    words = set(WORDS.findall(stmt.text.lower()))
-    if '"' in stmt.text:
-        words.update(q.replace('""', '"') for q in QUOTED.findall(stmt.text))
+    text = stmt.masked if _runs_no_text(stmt) else stmt.text
+    words = set(WORDS.findall(text.lower()))
+    if '"' in text:
+        words.update(q.replace('""', '"') for q in QUOTED.findall(text))
     return words
+
+
+def _runs_no_text(stmt):
+    """A COMMENT, or a CREATE FUNCTION/PROCEDURE in LANGUAGE plpgsql: its strings and body are not run now."""
+    head = stmt.masked[:80].lower().split(None, 4)
+    if head[:1] == ["comment"]:
+        return True
+    if head[:2] == ["create", "or"]:
+        head = head[:1] + head[3:]  # CREATE OR REPLACE
+    return head[:2] in (["create", "function"], ["create", "procedure"]) and bool(PLPGSQL.search(stmt.masked))
+
+
+def name_array(words):
+    """A PostgreSQL array literal of ``words`` (any characters: each element double-quoted, escaped)."""
+    if not words:
+        return "{}"
+    text = '","'.join(words)
+    if '"' in text or "\\" in text:  # only a quoted identifier can hold them
+        text = '","'.join(w.replace("\\", "\\\\").replace('"', '\\"') for w in words)
+    return '{"%s"}' % text
 
 
 def snapshot(cur, statements, run_first=None):
@@ -170,9 +212,16 @@ def snapshot(cur, statements, run_first=None):
     words = set()
     for stmt_words in statements:
         words.update(stmt_words)
-    cur.execute(SNAPSHOT_SQL if run_first is None else run_first + ";\n" + SNAPSHOT_SQL, (sorted(words),))
+    sql = SNAPSHOT_FEW_SQL if len(words) <= FEW_WORDS else SNAPSHOT_MANY_SQL
+    cur.execute(sql if run_first is None else run_first + ";\n" + sql, (name_array(words),))
     rows = cur.fetchall()
-    return dict((row[1], Relation(row[1:])) for row in rows if row[1] is not None), rows[0][0] if rows else None
+    return dict((row[1], Relation(row[1:8])) for row in rows if _is_user(row[1:])), rows[0][0] if rows else None
+
+
+def _is_user(row):
+    """A snapshot row (``_SNAPSHOT_COLUMNS``) of a user table, materialized view or index: as ``_USER`` says in SQL."""
+    oid, schema, _name, kind, _node, _rows, _size, persistence = row
+    return oid is not None and oid >= FIRST_USER_OID and kind in KINDS and persistence != "t" and schema != "pg_toast"
 
 
 class Profiler(object):
@@ -189,6 +238,7 @@ class Profiler(object):
         self.incomplete = []  # [(relation entry, Relation)] to finish after the rollback
         self.unnamed = {}  # oid -> [(entry, new modes, rows read, filenode after)]: resolved after the rollback
         self.words = {}  # id(statement) -> its words (statement_words)
+        self.kinds = {}  # oid -> relkind, of the last pg_locks read
 
     def start(self, cur, statements, run_first=None):
         """Read what the ``statements`` (all the rehearsal's) name, as it is before them."""
@@ -214,11 +264,12 @@ class Profiler(object):
         # The statement and the observation in one round trip (simple query protocol, inside the
         # rehearsal's transaction): the profile then costs one small query, not one more exchange.
         cur.execute(self.locks_sql if run_first is None else run_first + "\n;\n" + self.locks_sql)
-        held, nodes, reads = set(), {}, {}
-        for oid, mode, filenode, read in cur.fetchall():
+        held, nodes, reads, self.kinds = set(), {}, {}, {}
+        for oid, mode, filenode, read, kind in cur.fetchall():
             held.add((oid, mode))
             nodes[oid] = filenode
             reads[oid] = int(read or 0)
+            self.kinds[oid] = kind
         return held, nodes, reads
 
     def names_nothing_old(self, stmt):
@@ -270,6 +321,11 @@ class Profiler(object):
         for oid, modes in per_rel.items():
             rel = self.before.get(oid)
             if rel is None:
+                if (self.kinds.get(oid) in INDEX_KINDS and oid not in self.unnamed
+                        and MODE_NAMES["AccessExclusiveLock"] not in modes):
+                    # An index no statement names, not rewritten so far (that takes ACCESS
+                    # EXCLUSIVE): shown only once rewritten, so not looked up.
+                    continue
                 # No statement names it (a partition, an index, a table a trigger writes), or the
                 # migrations created it after an oid wrap-around: known after the rollback.
                 self.unnamed.setdefault(oid, []).append((entry, modes, read_now.get(oid, 0), nodes.get(oid)))

@@ -56,7 +56,10 @@ class Statement(object):
         return self.masked.split()[:6]
 
     def summary(self, width=160):
-        one = " ".join(self.text.split())
+        # The head alone when it already fills the width: a statement may hold a long function body.
+        one = " ".join(self.text[:2 * width].split())
+        if len(one) <= width:
+            one = " ".join(self.text.split())
         return one if len(one) <= width else one[:width - 3] + "..."
 
     def __repr__(self):

@@ -158,6 +158,45 @@ def test_what_the_snapshot_leaves_open_is_read_after_the_rollback(empty_db, tmp_
     assert set(found) == {"public.raw", "public.parted_1", "public.parted_2", 'Odd "Schema".t'}
 
 
+def test_names_no_statement_runs_now_are_read_after_the_rollback(empty_db, tmp_path, monkeypatch):
+    """What the profile's start does not look up is still profiled: a table only a PL/pgSQL body
+    names, locked when a later statement fires it, is read after the rollback; a quoted name of
+    any characters is found by the start; an index no statement names and nothing rewrites (an
+    FK's referenced key) costs no look-up at all."""
+    conn = psycopg2.connect(empty_db)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE public.audit_rows (n bigint); INSERT INTO public.audit_rows VALUES (0);"
+                    ' CREATE TABLE public."we{i}rd, ""t ab le" (id int PRIMARY KEY);'
+                    " CREATE TABLE public.orders (id int PRIMARY KEY, note text);"
+                    " INSERT INTO public.orders SELECT generate_series(1, 3000); ANALYZE")
+    conn.close()
+    looked_up = []
+    details = impact.Profiler._details
+    monkeypatch.setattr(impact.Profiler, "_details", lambda self, cur, oids: looked_up.append(set(oids)) or
+                        details(self, cur, oids))
+    _m, results = profile(empty_db, tmp_path, {
+        "0001_trigger.sql": "CREATE FUNCTION public.count_order() RETURNS trigger LANGUAGE plpgsql AS $$\n"
+                            "BEGIN UPDATE public.audit_rows SET n = n + 1; RETURN NEW; END $$;\n"
+                            "CREATE TRIGGER count_order AFTER UPDATE ON public.orders\n"
+                            "  FOR EACH ROW EXECUTE FUNCTION public.count_order();\n"
+                            "UPDATE public.orders SET note = 'seen' WHERE id = 1;\n",
+        "0002_quoted.sql": 'ALTER TABLE public."we{i}rd, ""t ab le" ADD COLUMN c int;\n',
+    })
+    fired = dict((r["relation"], r) for r in entry(results, "0001_trigger.sql", 5))
+    assert fired["public.audit_rows"]["lock"] == "ROW EXCLUSIVE" and fired["public.orders"]["rows"] == 3000
+    assert [(r["relation"], r["lock"]) for r in entry(results, "0002_quoted.sql")] == [
+        ('public.we{i}rd, "t ab le', "ACCESS EXCLUSIVE")]
+    assert len(looked_up) == 1  # audit_rows alone, after the rollback
+    assert len(looked_up[0]) == 1
+    looked_up.clear()
+    make_tables(empty_db)
+    _m, results = profile(empty_db, tmp_path / "fk", {
+        "0001_fk.sql": "CREATE TABLE public.child (id int PRIMARY KEY, big_id bigint REFERENCES public.big (id));\n"})
+    assert [(r["relation"], r["lock"]) for r in entry(results, "0001_fk.sql")] == [("public.big", "SHARE ROW EXCLUSIVE")]
+    assert looked_up == []  # big_pkey, read under ACCESS SHARE for the FK, needed no look-up
+
+
 def test_no_transaction_file_is_documented_not_observed(empty_db, tmp_path):
     make_tables(empty_db)
     _m, results = profile(empty_db, tmp_path, {

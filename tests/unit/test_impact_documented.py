@@ -38,3 +38,33 @@ def test_the_policy_counts_a_documented_strong_lock_on_a_large_table():
     found = policy.impacts([{"filename": "0001_x.sql", "version": "0001", "impact": [entry]}], 100000)
     assert [(i["table"], i["lock"], i["rewrite"], i["observed"]) for i in found] == [
         ("public.t", "ACCESS EXCLUSIVE", True, False)]
+
+
+def _words(sql):
+    [stmt] = split_sql(sql + ";\n")
+    return impact.statement_words(stmt)
+
+
+def test_words_leave_out_only_what_no_statement_runs_now():
+    """A COMMENT's string and a PL/pgSQL body are not looked up; an SQL body and a DO block are."""
+    plpgsql = ("CREATE OR REPLACE FUNCTION public.f() RETURNS trigger LANGUAGE plpgsql AS $$"
+               " BEGIN UPDATE public.audit_rows SET n = n + 1; RETURN NEW; END $$")
+    assert "audit_rows" not in _words(plpgsql) and {"public", "f"} <= _words(plpgsql)
+    sql_body = "CREATE FUNCTION public.g() RETURNS bigint LANGUAGE sql AS $$ SELECT count(*) FROM public.audit_rows $$"
+    assert "audit_rows" in _words(sql_body)  # validated at creation: it reads the table's definition
+    assert "audit_rows" in _words("DO $$ BEGIN UPDATE public.audit_rows SET n = 0; END $$")
+    assert "audit_rows" in _words("CREATE FUNCTION public.h() RETURNS void LANGUAGE 'plpgsql' AS $$"
+                                  " BEGIN DELETE FROM public.audit_rows; END $$")  # the language as a string: kept
+    comment = "COMMENT ON TABLE public.orders IS 'copied from audit_rows nightly'"
+    assert "audit_rows" not in _words(comment) and "orders" in _words(comment)
+    assert 'Odd "T"' in _words('COMMENT ON TABLE "Odd ""T""" IS \'x\'')
+
+
+@pytest.mark.parametrize("words, literal", [
+    (set(), "{}"),
+    (["a"], '{"a"}'),
+    (["a b", "c,d"], '{"a b","c,d"}'),
+    (['x"y', "back\\slash"], '{"x\\"y","back\\\\slash"}'),
+])
+def test_name_array_quotes_every_element(words, literal):
+    assert impact.name_array(words) == literal
