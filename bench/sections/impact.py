@@ -23,6 +23,7 @@ them locking credit_lots) rehearsed on that database.
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import sys
 import time
@@ -107,6 +108,39 @@ def overhead_pairs(ctx, conn, pending):
     return with_, without, results
 
 
+def overhead_pairs_apart(ctx, connect, pending):
+    """overhead_pairs in a forked child on a connection of its own.
+
+    The Workload's client threads live in this process: sharing its interpreter lock with them
+    would charge the profile's Python work with their waits (measured: twice the profile's
+    cost). The child gets no threads (fork copies only the calling one) and leaves through
+    os._exit, so the connections it inherited are never closed from it.
+    """
+    receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+
+    def child():
+        conn = connect()
+        try:
+            with_, without, _results = overhead_pairs(ctx, conn, pending)
+            send.send((with_, without, None))
+        except Exception as exc:  # noqa: BLE001 - reported by the parent
+            send.send((None, None, f"{type(exc).__name__}: {exc}"))
+        finally:
+            conn.close()
+
+    proc = multiprocessing.get_context("fork").Process(target=child, daemon=True)
+    proc.start()
+    send.close()
+    try:
+        with_, without, error = receive.recv()
+    except EOFError:
+        with_, without, error = None, None, f"the child died (exit code {proc.exitcode})"
+    proc.join()
+    if error:
+        raise BenchError(f"impact: the rehearsal pairs under the inserts failed: {error}")
+    return with_, without
+
+
 def overhead_row(res, label, with_, without):
     ratio = median(with_) / median(without) if median(without) else None
     res.row(f"{label}: rehearsal with profile / without ({fmt_s(median(with_))} / {fmt_s(median(without))},"
@@ -153,7 +187,7 @@ def run(ctx, res):
                 with Workload(cl.url(base, "arrakis_app"),
                               "impact-" + "".join(c for c in name.lower() if c.isalnum())) as wl:
                     time.sleep(phase)
-                    busy_with, busy_without, _busy = overhead_pairs(ctx, conn, pending)
+                    busy_with, busy_without = overhead_pairs_apart(ctx, lambda: cl.connect(base), pending)
                     total_busy_with += median(busy_with)
                     total_busy_without += median(busy_without)
                     ta0 = time.monotonic()

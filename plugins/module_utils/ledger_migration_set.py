@@ -159,6 +159,18 @@ def header_directives(text, filename):
 
 # Bytes that must not reach libpq: it ends a query string at a NUL (running half a statement), and
 # the other control characters are invisible in an editor and in a review. Tab, LF and CR are text.
+# A quoted identifier in a masked statement (its strings, comments and bodies are blanked, so
+# every double quote left delimits one).
+QUOTED_IDENT = re.compile(r'"(?:[^"]|"")*"')
+
+
+def _meta_command_at(st):
+    """Offset of a psql meta-command's backslash in a statement, or -1 (one inside "a quoted name" is a name)."""
+    if "\\" not in st.masked:
+        return -1
+    return QUOTED_IDENT.sub(lambda m: " " * len(m.group(0)), st.masked).find("\\")
+
+
 CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufeff]")
 
 
@@ -200,8 +212,9 @@ def _parse_file(path, filename):
     if not statements:
         raise LedgerError("%s contains no SQL statement" % filename, file=filename)
     for st in statements:
-        if "\\" in st.masked:
-            ln = st.line_at(st.masked.index("\\") + 1)
+        meta = _meta_command_at(st)
+        if meta >= 0:
+            ln = st.line_at(meta + 1)
             raise LedgerError("%s line %d: psql meta-commands (\\...) are not SQL; the engine runs SQL only"
                               % (filename, ln), file=filename, line=ln)
         if TX_CONTROL.match(st.masked):

@@ -167,7 +167,7 @@ def test_names_no_statement_runs_now_are_read_after_the_rollback(empty_db, tmp_p
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute("CREATE TABLE public.audit_rows (n bigint); INSERT INTO public.audit_rows VALUES (0);"
-                    ' CREATE TABLE public."we{i}rd, ""t ab le" (id int PRIMARY KEY);'
+                    ' CREATE TABLE public."we{i}rd, ""t\\ab le" (id int PRIMARY KEY);'
                     " CREATE TABLE public.orders (id int PRIMARY KEY, note text);"
                     " INSERT INTO public.orders SELECT generate_series(1, 3000); ANALYZE")
     conn.close()
@@ -181,12 +181,12 @@ def test_names_no_statement_runs_now_are_read_after_the_rollback(empty_db, tmp_p
                             "CREATE TRIGGER count_order AFTER UPDATE ON public.orders\n"
                             "  FOR EACH ROW EXECUTE FUNCTION public.count_order();\n"
                             "UPDATE public.orders SET note = 'seen' WHERE id = 1;\n",
-        "0002_quoted.sql": 'ALTER TABLE public."we{i}rd, ""t ab le" ADD COLUMN c int;\n',
+        "0002_quoted.sql": 'ALTER TABLE public."we{i}rd, ""t\\ab le" ADD COLUMN c int;\n',
     })
     fired = dict((r["relation"], r) for r in entry(results, "0001_trigger.sql", 5))
     assert fired["public.audit_rows"]["lock"] == "ROW EXCLUSIVE" and fired["public.orders"]["rows"] == 3000
     assert [(r["relation"], r["lock"]) for r in entry(results, "0002_quoted.sql")] == [
-        ('public.we{i}rd, "t ab le', "ACCESS EXCLUSIVE")]
+        ('public.we{i}rd, "t\\ab le', "ACCESS EXCLUSIVE")]
     assert len(looked_up) == 1  # audit_rows alone, after the rollback
     assert len(looked_up[0]) == 1
     looked_up.clear()

@@ -43,6 +43,7 @@ def test_load_migration_set_orders_checksums_and_pairs_down_scripts(tmp_path):
     ({"0001_a.sql": "SELECT 1;\n-- ledger:no-transaction\nSELECT 2;"}, "must be in the header"),
     ({"0001_a.sql": "BEGIN;\nCREATE TABLE t (i int);\nCOMMIT;"}, "line 1: transaction control (BEGIN)"),
     ({"0001_a.sql": "CREATE TABLE t (i int);\n\\echo hi\n"}, "line 2: psql meta-commands"),
+    ({"0001_a.sql": 'CREATE TABLE "a\\b" (i int);\nSELECT 1 \\gset\n'}, "line 2: psql meta-commands"),
     ({"0001_a.sql": "CREATE TABLE t (i int);\nCREATE INDEX CONCURRENTLY t_i ON t (i);"},
      "line 2: CONCURRENTLY can't run inside a transaction block"),
     ({"0001_a.sql": "VACUUM;"}, "VACUUM can't run inside a transaction block"),
@@ -54,6 +55,13 @@ def test_load_migration_set_refuses_a_bad_set(tmp_path, files, needle):
     with pytest.raises(LedgerError) as exc:
         load(d)
     assert needle in exc.value.msg
+
+
+def test_a_backslash_in_a_quoted_name_or_a_string_is_sql(tmp_path):
+    d = write_set(tmp_path / "m", {"0001_a.sql": 'CREATE TABLE "back\\slash ""t""" (i int);\n'
+                                                 "COMMENT ON TABLE \"back\\slash \"\"t\"\"\" IS E'a\\\\b';\n"})
+    [m] = load(d)
+    assert [s.line for s in m.statements] == [1, 2]
 
 
 def test_down_scripts_are_never_up_migrations_and_the_directive_is_read(tmp_path):
