@@ -521,6 +521,14 @@ def test_a_killed_playbook_stops_the_pitr_before_the_swap(archived, leasedb, tmp
         assert len(glob.glob(data_dir + ".pitr_*")) == 1
         # The dead run's lease row stays until it expires; the next run's precheck names it.
         assert lease_row(url)[0][0] == "pitr-killed"
+        # The next precheck lists the copy the killed run left, by the name the run gave it: an interrupted
+        # recovery's, not in use (the kernel released the dead run's PITR lock), removed with its socket directory.
+        res = archived["mod"].result_of(params(archived, "check"))
+        copy = glob.glob(data_dir + ".pitr_*")[0]
+        listed = [d for d in res["pitr_leftovers"] if d["path"] == copy]
+        assert listed and listed[0]["kind"] == "interrupted" and listed[0]["in_use"] is False, res["msg"]
+        assert listed[0]["sockets"] and listed[0]["remove_command"] == \
+            "rm -rf %s %s   # as root on the database host, no recovery uses it" % (copy, listed[0]["sockets"][0])
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
