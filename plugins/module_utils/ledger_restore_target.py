@@ -161,7 +161,7 @@ def copies_advice(copies, how, dbname, host_label=None):
     if len(copies) > 5:
         names += " and %d more" % (len(copies) - 5)
     return ("%d database(s) kept by earlier restores hold %s: %s. Each is kept on purpose: %s. Drop those whose rows "
-            "are no longer wanted, one: %s; or every kept database of %s: %s" % (
+            "are no longer wanted, one by one, e.g.: %s; or every kept database of %s at once: %s" % (
                 len(copies), human_bytes(total), names, kept_loss(dbname), drop_command(how, copies[0]["name"]),
                 dbname, drop_command_of("kept", host_label)))
 

@@ -263,7 +263,8 @@ def _restore(p, check_mode, started, lease, lifeline):
             "refusing to restore %s: the copy needs about %s free (%s database x %s) where the server keeps it (%s), "
             "which has %s free. Nothing was changed. %s" % (
                 target, human_bytes(space["needed_bytes"]), human_bytes(props["size"]), space["margin"],
-                space["path"], human_bytes(space["free_bytes"]), copies_advice(space["previous_copies"], drop_how, dbname, host)),
+                space["path"], human_bytes(space["free_bytes"]),
+                copies_advice(space["previous_copies"], drop_how, dbname, host)),
             **dict(base, refused="space"))
     if clients and not p.get("terminate_connections"):
         raise LedgerError(

@@ -330,8 +330,8 @@ def test_room_for_the_copy_is_checked_and_kept_copies_are_named_with_a_drop_comm
     assert "refusing to restore" in msg and "the copy needs about" in msg and "Nothing was changed" in msg
     assert result["previous_database"] in msg and result["drop_previous"] in msg
     assert ("Each is kept on purpose: it holds the rows written to %s after the backup its restore used, which no "
-            "other database holds: dropping it loses them. Drop those whose rows are no longer wanted, one: %s; or "
-            "every kept database of %s: ansible-playbook playbooks/rollback.yml -l testhost -e rollback_drop_kept=true"
+            "other database holds: dropping it loses them. Drop those whose rows are no longer wanted, one by one, e.g.: "
+            "%s; or every kept database of %s at once: ansible-playbook playbooks/rollback.yml -l testhost -e rollback_drop_kept=true"
             % (target.name, result["drop_previous"], target.name)) in msg
     assert err.value.fields["refused"] == "space"
     assert schema_dump(target.cluster, target.url) == schema_before
