@@ -378,13 +378,20 @@ def test_the_cleanup_keeps_the_scratch_copy_of_the_lease_it_took_over(target):
     mine, other = target.name + "_restore_20260101000000_0a1b2c", target.name + "_restore_20260101000000_999999"
     for name in (mine, other):
         q(target.cluster.url(), 'CREATE DATABASE "%s"' % name)
-    planned = cleanup(target, check_mode=True)
-    assert [d["name"] for d in planned["dropped"]] == [other] and [d["name"] for d in planned["in_use"]] == [mine]
-    assert "kept %s" % mine in planned["msg"] and "slow-restore" in planned["msg"]
+    # That run may have swapped already: the database it kept is its own too, whichever consent is given.
+    mine_kept = target.name + "_pre_restore_20260101000000_0a1b2c"
+    q(target.cluster.url(), 'CREATE DATABASE "%s"' % mine_kept)
+    planned = cleanup(target, check_mode=True, drop_kept=True)
+    assert [d["name"] for d in planned["dropped"]] == [other]
+    assert sorted(d["name"] for d in planned["in_use"]) == sorted([mine, mine_kept])
+    assert "kept %s: the scratch copy of run slow-restore" % mine in planned["msg"]
+    assert "kept %s: the database kept by the restore of run slow-restore" % mine_kept in planned["msg"]
     q(target.url, "UPDATE migrations.lock SET expires_at = now() - interval '1 second'")
-    done = cleanup(target)
-    assert [d["name"] for d in done["dropped"]] == [other] and [d["name"] for d in done["in_use"]] == [mine]
+    done = cleanup(target, drop_kept=True)
+    assert [d["name"] for d in done["dropped"]] == [other]
+    assert sorted(d["name"] for d in done["in_use"]) == sorted([mine, mine_kept])
     assert databases(target.cluster, target.name + "\\_restore\\_%") == [mine]
+    assert databases(target.cluster, target.name + "\\_pre\\_restore\\_%") == [mine_kept]
     assert q(target.url, "SELECT count(*) FROM migrations.lock")[0][0] == 0
 
 
