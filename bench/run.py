@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -119,8 +120,15 @@ def write_results(path: Path, args, machine: dict, results: dict, started: float
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def _interrupted(signum, _frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # A SIGTERM (kill, make interrupted, a CI timeout) stops the run as Ctrl-C does, so the
+    # throwaway cluster is destroyed instead of left running on its port.
+    signal.signal(signal.SIGTERM, _interrupted)
     started = time.time()
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,18 @@
 """1. overhead: the whole pipeline against the runbook as a plain script, on an empty database.
 
-Alternating runs (pipeline, script, script, pipeline, ...), a fresh database for each,
-medians and their ratio (goal <= 4). Also the floor under any playbook (ansible-playbook
-on an empty play, and the cost of one module task), and the per-task profile of one
-pipeline run (ansible.posix.profile_tasks plus the bench_timings callback).
+Alternating runs (pipeline, four stage tasks, script, then script, four stage tasks, pipeline,
+...), a fresh database for each, medians and their ratio (goal <= 4). Also the floor under any
+playbook (ansible-playbook on an empty play, and the cost of one module task), the floor
+under any pipeline of this project (the four stage modules as four bare tasks: no roles, so
+no argument validation, guards or promotion), and the per-task profile of one pipeline run
+(ansible.posix.profile_tasks plus the bench_timings callback).
 """
 
 from __future__ import annotations
 
 import os
 
-from lib import log, median, profile_table, run_runbook
+from lib import MIGRATIONS, log, median, profile_table, run_runbook
 
 GOAL_RATIO = 4.0
 
@@ -32,6 +34,38 @@ PING_PLAY = """---
   tasks:
 """ + "".join(f"    - name: Ping {i}\n      ansible.builtin.ping:\n" for i in range(10))
 
+# The least any playbook of this project can be: the four stages' modules as four tasks, no
+# roles (so no argument validation, guards, shows or promotion), the same work in each.
+STAGES_PLAY = f"""---
+- name: The four stages as four module tasks (no roles)
+  hosts: all
+  gather_facts: false
+  connection: local
+  vars:
+    ansible_python_interpreter: "{{{{ ansible_playbook_python }}}}"
+  tasks:
+    - name: Precheck
+      arrakis.ledger.ledger_precheck:
+        database_url: "{{{{ database_url }}}}"
+        migrations_dir: "{MIGRATIONS}"
+        run_id: bench-stages
+    - name: Backup
+      arrakis.ledger.ledger_backup:
+        database_url: "{{{{ database_url }}}}"
+        backup_dir: "{{{{ backup_dir }}}}"
+        run_id: bench-stages
+    - name: Migrate
+      arrakis.ledger.ledger_migrate:
+        database_url: "{{{{ database_url }}}}"
+        migrations_dir: "{MIGRATIONS}"
+        run_id: bench-stages
+    - name: Verify
+      arrakis.ledger.ledger_verify:
+        database_url: "{{{{ database_url }}}}"
+        migrations_dir: "{MIGRATIONS}"
+        run_id: bench-stages
+"""
+
 
 def run(ctx, res):
     cl, runs = ctx.cluster, ctx.args.runs
@@ -39,6 +73,7 @@ def run(ctx, res):
     floor_dir.mkdir(parents=True, exist_ok=True)
     (floor_dir / "empty.yml").write_text(EMPTY_PLAY)
     (floor_dir / "ping10.yml").write_text(PING_PLAY)
+    (floor_dir / "stages.yml").write_text(STAGES_PLAY)
 
     # The floor: what any playbook costs before it does anything.
     empty, ping = [], []
@@ -52,9 +87,9 @@ def run(ctx, res):
     res.details["floor"] = {"empty_play_s": empty, "ping10_s": ping}
 
     # Alternating runs on fresh empty databases.
-    pipe, script, script_steps, pipe_cpu, script_cpu = [], [], [], [], []
+    pipe, script, script_steps, pipe_cpu, script_cpu, stages = [], [], [], [], [], []
     for i in range(runs):
-        order = ("pipeline", "script") if i % 2 == 0 else ("script", "pipeline")
+        order = ("pipeline", "stages", "script") if i % 2 == 0 else ("script", "stages", "pipeline")
         for kind in order:
             db = cl.create_db(f"bench_ovh_{kind}_{i}")
             try:
@@ -64,6 +99,11 @@ def run(ctx, res):
                     pipe.append(pr.seconds)
                     pipe_cpu.append(pr.cpu_seconds)
                     log(f"run {i + 1}/{runs}: pipeline {pr.seconds:.2f} s (CPU {pr.cpu_seconds:.2f} s)")
+                elif kind == "stages":
+                    pr = ctx.pipeline(str(floor_dir / "stages.yml"), {"t1": db}, "t1", timings=False,
+                                      what="the four stage modules on an empty database")
+                    stages.append(pr.seconds)
+                    log(f"run {i + 1}/{runs}: four stage tasks {pr.seconds:.2f} s (CPU {pr.cpu_seconds:.2f} s)")
                 else:
                     sr = run_runbook(cl, db, ctx.workdir)
                     script.append(sr.seconds)
@@ -76,13 +116,17 @@ def run(ctx, res):
     res.row(f"pipeline migrate.yml, empty db (median of {runs})", median(pipe), "s")
     res.row(f"runbook script bench/runbook.sh (median of {runs})", median(script), "s")
     res.row("ratio pipeline / script", ratio, "x", f"<= {GOAL_RATIO:g}x", ratio <= GOAL_RATIO)
+    # What no arrangement of roles and tasks can go below: the stages' own work plus Ansible.
+    res.row(f"the four stage modules as four tasks, no roles (median of {runs})", median(stages), "s")
+    res.row("ratio four stage tasks / script", median(stages) / median(script), "x")
+    res.row("ratio empty play / script", floor / median(script), "x")
     # CPU (user+sys of the client side: ansible-playbook and its workers, or bash and its psql,
     # pg_dump, pg_restore) moves little with the load of a shared machine, unlike wall time.
     res.row(f"pipeline CPU, client side (median of {runs})", median(pipe_cpu), "s")
     res.row(f"script CPU, client side (median of {runs})", median(script_cpu), "s")
     load = os.getloadavg()[0]
     res.row("load average (1 min) after the runs", round(load, 2), "")
-    res.details.update({"pipeline_s": pipe, "script_s": script, "script_steps": script_steps,
+    res.details.update({"pipeline_s": pipe, "script_s": script, "script_steps": script_steps, "stages_s": stages,
                         "pipeline_cpu_s": pipe_cpu, "script_cpu_s": script_cpu, "loadavg_1min": load})
 
     # One profiled run: where the pipeline's time goes.
