@@ -75,7 +75,7 @@ def _extra_keys(tokens):
     return keys
 
 
-def _without(options, keys, drop_check=True):
+def _without(options, keys):
     """The run's options minus each `-e k=...` that the command sets itself."""
     out, i = [], 0
     while i < len(options):
