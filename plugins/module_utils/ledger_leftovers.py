@@ -4,9 +4,11 @@
 A restore creates ``<db>_restore_<stamp>_<tag>`` (the scratch copy it restores into) and, at the
 swap, renames the target to ``<db>_pre_restore_<stamp>_<tag>`` (the database as it was, kept on
 purpose). A restore that fails and survives drops its own scratch copy; one that was killed (or
-lost its server) can't, so its scratch copy stays: a "leftover". Kept databases are the
-operator's to drop. The precheck lists both kinds with their size and age; the rollback
-playbook drops them with ``rollback_drop_leftovers=true``.
+lost its server) can't, so its scratch copy stays: a "leftover". A kept database holds the rows
+written to the target after the backup its restore used, which no other database holds: the
+operator's to drop, by a consent of its own. The precheck lists both kinds with their size and age;
+the rollback playbook drops the scratch copies with ``rollback_drop_leftovers=true`` and the kept
+databases with ``rollback_drop_kept=true`` only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import re
 import time
 import uuid
 
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import playbook_command, psql_command
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import (
+    cleanup_command, psql_command)
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 
 try:
@@ -28,6 +31,8 @@ except ImportError:  # pragma: no cover - reported by connect()
 
 SCRATCH = "_restore_"
 KEPT = "_pre_restore_"
+# The rollback playbook's consent to drop each kind (role variables; the module's drop_leftovers / drop_kept).
+DROP_FLAG = {"scratch": "rollback_drop_leftovers", "kept": "rollback_drop_kept"}
 _STAMP = re.compile(r"_(\d{14})(?:_[0-9a-z]+)?$")
 
 
@@ -121,6 +126,29 @@ def describe(items, limit=6):
     return "; ".join(out)
 
 
+def kept_loss(dbname, backup="the backup its restore used"):
+    """What dropping a kept database loses: said wherever its drop is offered, before the command."""
+    return ("it holds the rows written to %s after %s, which no other database holds: dropping it loses them"
+            % (dbname, backup))
+
+
+def drop_command_of(kind, host_label=None):
+    """The rollback playbook's command that drops every database of this kind of the target, and nothing else."""
+    return cleanup_command(host_label, "-e %s=true" % DROP_FLAG[kind])
+
+
+def drop_advice(items, dbname, host_label=None):
+    """How to drop the databases found and left, kind by kind: a kept one says what it holds first."""
+    kinds = set(d["kind"] for d in items)
+    out = []
+    if "scratch" in kinds:
+        out.append("drop the scratch copies (nothing uses them): %s" % drop_command_of("scratch", host_label))
+    if "kept" in kinds:
+        out.append("each kept database is kept on purpose: %s; drop the kept databases only once none of those "
+                   "rows is wanted: %s" % (kept_loss(dbname), drop_command_of("kept", host_label)))
+    return "; ".join(out)
+
+
 def leftovers_check(cur, dbname, host_label=None):
     """The precheck's restore_leftovers check: informational (never fails the run), naming each with size and age."""
     found = leftover_databases(cur, dbname)
@@ -132,8 +160,7 @@ def leftovers_check(cur, dbname, host_label=None):
             "message": "%d database(s) of %s left by earlier restores: %s%s" % (
                 len(found), dbname, describe(found),
                 "; the scratch copies are of restores that were interrupted (nothing uses them)" if scratch else ""),
-            "next": "drop them when nothing in them is wanted: %s" % playbook_command(
-                "rollback", host_label, "-e rollback_drop_leftovers=true")}
+            "next": drop_advice(found, dbname, host_label)}
 
 
 def lease_check(cur, dbname):
@@ -195,7 +222,7 @@ def diagnose_refused(url, maintenance_db, connect_timeout, host_label=None):
                 return ("the database %s refuses every connection: its datallowconn is false (left by an interrupted "
                         "restore of an older version of this project, or set by hand)" % dbname,
                         "allow connections again: %s (or: ALTER DATABASE \"%s\" ALLOW_CONNECTIONS true)" % (
-                            playbook_command("rollback", host_label, "-e rollback_allow_connections=true"),
+                            cleanup_command(host_label, "-e rollback_allow_connections=true"),
                             dbname.replace('"', '""')))
             if limit == 0:
                 return ("the database %s refuses every connection: its CONNECTION LIMIT is 0" % dbname,
@@ -220,13 +247,15 @@ def _live_holder(url, connect_timeout):
 
 
 def run_cleanup(p, check_mode=False):
-    """mode=cleanup: allow connections again (with consent) and drop the leftovers (with consent).
+    """mode=cleanup: allow connections again (with consent) and drop the leftovers (each kind with its consent).
 
-    Runs on the maintenance database; a database is said dropped only once DROP DATABASE returned. The
-    drop runs under the target's run lease (the one restore, migrate and revert take): a restore in
-    progress holds it, so the cleanup waits for it (or refuses naming it) and never drops its scratch
-    copy. A scratch copy tagged with the lease's previous holder (a lease taken over on expiry, whose
-    run may still be alive) is kept all the same.
+    drop_leftovers drops the scratch copies, drop_kept the kept databases; a database found and not asked
+    for is listed as left, with the command that drops it (a kept one: what it holds first). Runs on the
+    maintenance database; a database is said dropped only once DROP DATABASE returned. The drop runs
+    under the target's run lease (the one restore, migrate and revert take): a restore in progress holds
+    it, so the cleanup waits for it (or refuses naming it) and never drops its scratch copy. A database
+    tagged with the lease's previous holder (a lease taken over on expiry, whose run may still be alive)
+    is kept all the same.
     """
     from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import (
         LedgerError, connect, describe_target, url_with_database)
@@ -239,9 +268,10 @@ def run_cleanup(p, check_mode=False):
                           "another one (e.g. template1). Nothing was changed" % dbname)
     admin_url = url_with_database(url, p["maintenance_db"])
     how = drop_how(admin_url)
+    asked = {"scratch": bool(p.get("drop_leftovers")), "kept": bool(p.get("drop_kept"))}
     conn = connect(admin_url, autocommit=True, connect_timeout=p["connect_timeout"])
     out = {"target": describe_target(url), "changed": False, "dropped": [], "not_dropped": [], "leftovers": [],
-           "in_use": [], "connections_allowed": None}
+           "left": [], "in_use": [], "connections_allowed": None}
     said = []
     lease = None
     try:
@@ -260,30 +290,30 @@ def run_cleanup(p, check_mode=False):
                     said.append("%s refuses connections (datallowconn false): -e rollback_allow_connections=true "
                                 "allows them again" % dbname)
             live = None
-            if p.get("drop_leftovers"):
+            if any(asked.values()):
                 if check_mode:
                     live = _live_holder(url, p["connect_timeout"])
                 else:
                     # Before listing: a restore in progress is waited for (or named), never dropped under.
-                    lease = take_restore_lease(p, "cleanup", "-e rollback_drop_leftovers=true")
+                    lease = take_restore_lease(p, "cleanup", " ".join(
+                        "-e %s=true" % DROP_FLAG[kind] for kind in ("scratch", "kept") if asked[kind]))
                     live = lease.takeover
             tag = lease_tag(live["holder"]) if live else None
             found = leftover_databases(cur, dbname)
             out["leftovers"] = found
-            if found and not p.get("drop_leftovers"):
-                said.append("left by earlier restores (kept): %s" % describe(found))
-            for d in found if p.get("drop_leftovers") else []:
-                if tag and d["kind"] == "scratch" and d["name"].endswith("_" + tag):
+            for d in found:
+                if not asked[d["kind"]]:
+                    out["left"].append(d)
+                elif tag and d["name"].endswith("_" + tag):
                     out["in_use"].append(dict(d, run_id=live["run_id"], holder=live["holder"]))
-                    continue
-                if check_mode:
-                    out["dropped"].append(d)
-                    continue
-                ok, error = drop_database(cur, d["name"])
-                if ok:
+                elif check_mode:
                     out["dropped"].append(d)
                 else:
-                    out["not_dropped"].append(dict(d, error=error, command=drop_command(how, d["name"])))
+                    ok, error = drop_database(cur, d["name"])
+                    if ok:
+                        out["dropped"].append(d)
+                    else:
+                        out["not_dropped"].append(dict(d, error=error, command=drop_command(how, d["name"])))
             out["changed"] = out["changed"] or bool(out["dropped"])
     finally:
         if lease is not None and lease.held:
@@ -291,10 +321,13 @@ def run_cleanup(p, check_mode=False):
         conn.close()
     if out["dropped"]:
         said.append("%s: %s" % ("would drop" if check_mode else "dropped", describe(out["dropped"], limit=20)))
+    if out["left"]:
+        said.append("left as they are (not asked to drop): %s; %s" % (
+            describe(out["left"], limit=20), drop_advice(out["left"], dbname, p.get("host_label"))))
     for d in out["in_use"]:
-        said.append("kept %s: the scratch copy of run %s (%s), which %s the run lease; run the cleanup again "
-                    "once it is done" % (d["name"], d["run_id"], d["holder"],
-                                         "holds" if check_mode else "held until it expired"))
+        said.append("kept %s: the %s of run %s (%s), which %s the run lease; run the cleanup again once it is done"
+                    % (d["name"], "scratch copy" if d["kind"] == "scratch" else "database kept by the restore",
+                       d["run_id"], d["holder"], "holds" if check_mode else "held until it expired"))
     if out["not_dropped"]:
         said.append("could NOT drop: %s" % "; ".join("%s (%s): %s" % (d["name"], d["error"], d["command"])
                                                      for d in out["not_dropped"]))

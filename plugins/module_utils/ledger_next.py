@@ -26,6 +26,10 @@ PLACEHOLDER = re.compile(r"<[a-z_ ]+>|[a-z_]+=VERSION\|base")
 # The options of the current module call (set by use_run_options; one module call per process).
 _RUN = {"options": None}
 
+# The rollback playbook's variables that choose what it does (cleanup_command carries none of the run's).
+_ROLLBACK_CHOICES = ("rollback_mode", "rollback_to", "rollback_drop_leftovers", "rollback_drop_kept",
+                     "rollback_allow_connections")
+
 # run_options: the module argument every ledger_* module with next commands takes.
 RUN_OPTIONS_SPEC = dict(type="list", elements="str", default=None)
 
@@ -71,7 +75,7 @@ def _extra_keys(tokens):
     return keys
 
 
-def _without(options, keys, drop_check=True):
+def _without(options, keys):
     """The run's options minus each `-e k=...` that the command sets itself."""
     out, i = [], 0
     while i < len(options):
@@ -94,12 +98,13 @@ def extra_var(name, value):
     return "-e " + shlex.quote("%s=%s" % (name, value))
 
 
-def playbook_command(playbook, limit=None, extra="", carry=True):
+def playbook_command(playbook, limit=None, extra="", carry=True, without=()):
     """`ansible-playbook playbooks/<playbook>.yml <the run's options> <extra>`, shell-quoted.
 
     extra is written as on a command line (`-e rollback_to=0009`, extra_var for a value that needs
     quoting); it wins over the run's -e of the same variable. carry=False words a command for
     another environment than this run's (`-l staging` from a production run): only `-l limit`.
+    without names the run's `-e` variables the command must not carry.
     """
     extra_tokens = shlex.split(extra) if extra else []
     options = _RUN["options"] if carry else None
@@ -107,8 +112,19 @@ def playbook_command(playbook, limit=None, extra="", carry=True):
         options = ["-l", limit or "<limit>"]
     elif "-l" not in options and limit:
         options = ["-l", limit] + list(options)
-    options = _without(options, _extra_keys(extra_tokens))
+    options = _without(options, _extra_keys(extra_tokens) | set(without))
     return " ".join(_quote(t) for t in ["ansible-playbook", "playbooks/%s.yml" % playbook] + options + extra_tokens)
+
+
+def cleanup_command(limit, extra):
+    """The rollback playbook as a cleanup only: `extra` (its -e rollback_drop_leftovers / rollback_drop_kept /
+    rollback_allow_connections) and the run's options without the run's own choices of the rollback playbook.
+
+    Said by a restore (-e rollback_mode=restore) or by a revert's precheck (-e rollback_to=...), a command
+    carrying those would restore or revert again; carrying the run's other cleanup flags, it would drop more
+    than it names.
+    """
+    return playbook_command("rollback", limit, extra, without=_ROLLBACK_CHOICES)
 
 
 def psql_command(host, port, user, dbname, statement):

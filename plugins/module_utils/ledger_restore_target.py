@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LEASE_APPLICATION
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_leftovers import drop_command
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_leftovers import (
+    drop_command, drop_command_of, kept_loss)
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import human_bytes
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 
@@ -151,16 +152,18 @@ def restore_space(cur, url, props, margin):
     return out
 
 
-def copies_advice(copies, how):
+def copies_advice(copies, how, dbname, host_label=None):
+    """The databases kept by earlier restores, what each holds, and how to drop one or all of them."""
     if not copies:
         return "Free space on the server (or restore on another one), then re-run"
     total = sum(c["size_bytes"] or 0 for c in copies)
     names = ", ".join("%s (%s)" % (c["name"], human_bytes(c["size_bytes"])) for c in copies[:5])
     if len(copies) > 5:
         names += " and %d more" % (len(copies) - 5)
-    return ("%d database(s) kept by earlier restores hold %s: %s. Drop those no longer needed (after checking "
-            "that nothing written to them is still wanted), e.g.: %s" % (
-                len(copies), human_bytes(total), names, drop_command(how, copies[0]["name"])))
+    return ("%d database(s) kept by earlier restores hold %s: %s. Each is kept on purpose: %s. Drop those whose rows "
+            "are no longer wanted, one by one, e.g.: %s; or every kept database of %s at once: %s" % (
+                len(copies), human_bytes(total), names, kept_loss(dbname), drop_command(how, copies[0]["name"]),
+                dbname, drop_command_of("kept", host_label)))
 
 
 def describe_space(space, props):

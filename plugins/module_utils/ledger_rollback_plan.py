@@ -47,6 +47,7 @@ ARGUMENT_SPEC = dict(
     backup_other_target=dict(type="bool", default=False),
     terminate_connections=dict(type="bool", default=False),
     drop_leftovers=dict(type="bool", default=False),
+    drop_kept=dict(type="bool", default=False),
     allow_connections=dict(type="bool", default=False),
     maintenance_db=dict(type="str", default="postgres"),
     restore_jobs=dict(type="int", default=1),

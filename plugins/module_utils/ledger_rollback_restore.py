@@ -18,7 +18,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
     url_with_database,
 )
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_leftovers import (
-    drop_command, drop_database, drop_how as _drop_how, leftover_databases, restore_names,
+    drop_command, drop_command_of, drop_database, drop_how as _drop_how, kept_loss, leftover_databases, restore_names,
 )
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_lifeline import (
     Lifeline, child_preexec, interruptible_waits,
@@ -130,9 +130,9 @@ def _drop_scratch(cur, admin_url, name, how, p, what="The partial copy"):
                 conn.close()
     if ok:
         return "%s %s was dropped" % (what, name), True
-    return ("%s %s could NOT be dropped (%s): it is still on the server; drop it with: %s, or with the rollback "
-            "playbook and -e rollback_drop_leftovers=true"
-            % (what, name, redact(error or "no connection"), drop_command(how, name))), False
+    return ("%s %s could NOT be dropped (%s): it is still on the server; drop it with: %s, or with: %s"
+            % (what, name, redact(error or "no connection"), drop_command(how, name),
+               drop_command_of("scratch", p.get("host_label")))), False
 
 
 def _log_if_recorded(url, p, outcome, version, duration_ms, detail):
@@ -263,7 +263,8 @@ def _restore(p, check_mode, started, lease, lifeline):
             "refusing to restore %s: the copy needs about %s free (%s database x %s) where the server keeps it (%s), "
             "which has %s free. Nothing was changed. %s" % (
                 target, human_bytes(space["needed_bytes"]), human_bytes(props["size"]), space["margin"],
-                space["path"], human_bytes(space["free_bytes"]), copies_advice(space["previous_copies"], drop_how)),
+                space["path"], human_bytes(space["free_bytes"]),
+                copies_advice(space["previous_copies"], drop_how, dbname, host)),
             **dict(base, refused="space"))
     if clients and not p.get("terminate_connections"):
         raise LedgerError(
@@ -370,14 +371,15 @@ def _restore(p, check_mode, started, lease, lifeline):
     warnings = [] if logged else ["the restore could not be logged in migrations.events: %s" % log_error]
     if space["previous_copies"]:
         warnings.append("%d earlier copies kept by restores are still on the server: %s" % (
-            len(space["previous_copies"]), copies_advice(space["previous_copies"], drop_how)))
+            len(space["previous_copies"]), copies_advice(space["previous_copies"], drop_how, dbname, host)))
     return dict(base, changed=swapped, terminated=terminated, event_logged=logged, row_counts=counts,
                 warnings=warnings,
                 duration_s=round(duration_ms / 1000.0, 3), drop_previous=drop_cmd,
                 msg="restored %s into %s (version %s, taken %s; sha256 verified); the database as it was is kept as "
-                    "%s (drop it when no longer needed: %s)%s" % (
+                    "%s: %s; drop it only once none of them is wanted: %s%s" % (
                         path, target, manifest.get("schema_version") or "base", manifest.get("started_at"), old_db,
-                        drop_cmd, "; terminated %d session(s)" % len(terminated) if terminated else ""))
+                        kept_loss(dbname, "this backup was taken"), drop_cmd,
+                        "; terminated %d session(s)" % len(terminated) if terminated else ""))
 
 
 def _check_copy(copy_url, manifest, bindir, path, p):

@@ -43,8 +43,8 @@ description:
     restore, naming it."
 options:
   database_url: {description: libpq URI of the target database., type: str, required: true}
-  mode: {description: "revert (down scripts), restore (a backup), or cleanup (what interrupted restores left: see
-    O(drop_leftovers) and O(allow_connections))", type: str, choices: [revert, restore, cleanup], default: revert}
+  mode: {description: "revert (down scripts), restore (a backup), or cleanup (what restores left: see
+    O(drop_leftovers), O(drop_kept) and O(allow_connections))", type: str, choices: [revert, restore, cleanup], default: revert}
   step: {description: "plan: read-only checks (revert only); run: do it (or rehearse it in check mode).", type: str, choices: [plan, run], default: run}
   migrations_dir: {description: The migration set (NNNN_name.sql and NNNN_name.down.sql)., type: path}
   rollback_to: {description: "Revert the applied migrations above this version; C(base) reverts all.", type: str}
@@ -61,9 +61,13 @@ options:
     description: Terminate the sessions connected to the target so that the restored database can be swapped in.
     type: bool
     default: false
-  drop_leftovers: {description: "cleanup - drop the target's C(<db>_restore_*) scratch copies of interrupted restores and the
-    C(<db>_pre_restore_*) databases kept by restores (each with its size and age in the result), under the target's run
-    lease (it waits for a restore in progress within O(lock_wait), or refuses naming it).", type: bool, default: false}
+  drop_leftovers: {description: "cleanup - drop the target's C(<db>_restore_*) scratch copies of interrupted restores
+    (each with its size and age in the result), under the target's run lease (it waits for a restore in progress within
+    O(lock_wait), or refuses naming it). The C(<db>_pre_restore_*) databases kept by restores are listed, not dropped
+    (see O(drop_kept)).", type: bool, default: false}
+  drop_kept: {description: "cleanup - drop the target's C(<db>_pre_restore_*) databases kept by restores, under the run
+    lease as O(drop_leftovers) (alone, or with it). Each holds the rows written to the target after the backup its
+    restore used, which no other database holds: dropping it loses them.", type: bool, default: false}
   allow_connections: {description: "cleanup - set ALLOW_CONNECTIONS true on the target when it refuses connections
     (datallowconn false, left by an interrupted restore of an older version).", type: bool, default: false}
   maintenance_db: {description: Database to connect to for CREATE/ALTER DATABASE during a restore., type: str, default: postgres}
@@ -122,6 +126,18 @@ space:
   returned: restore
 guarded: {description: Versions whose revert transaction locked and re-counted what they drop., type: list, returned: revert run}
 blocking_sessions: {description: Sessions connected to the target (they block the swap)., type: list, returned: restore}
+leftovers: {description: "The target's databases left by restores, oldest first: {name, kind (scratch or kept), size_bytes,
+  age_s, allows_connections}.", type: list, returned: cleanup}
+dropped: {description: "Those dropped (in check mode: that would be), each only once DROP DATABASE returned.", type: list,
+  returned: cleanup}
+left: {description: "Those not asked to drop (a kept one without O(drop_kept), a scratch copy without O(drop_leftovers));
+  the message gives the command that drops them.", type: list, returned: cleanup}
+in_use: {description: "Those kept because tagged with the run lease's holder (a restore that may still run), with its
+  run_id and holder.", type: list, returned: cleanup}
+not_dropped: {description: "Those whose DROP DATABASE failed, with its error and the psql command that drops it.", type: list,
+  returned: cleanup}
+connections_allowed: {description: "True when connections were allowed again, false when the target refuses them and
+  O(allow_connections) was not given, null when it accepts them.", type: bool, returned: cleanup}
 """
 
 

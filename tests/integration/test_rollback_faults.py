@@ -24,7 +24,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_leftovers import leftover_databases
 from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_rollback_restore as restore_mod
 from pghelpers import history, load_module, q
-from test_rollback_restore import databases, revert_0011, target  # noqa: F401 - the shared fixture
+from test_rollback_restore import databases, revert_0011, rollback, target  # noqa: F401 - the shared fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -229,7 +229,6 @@ def test_a_migrate_waiting_for_the_lease_does_not_block_the_restores_swap(target
 
 
 def cleanup(target, check_mode=False, **params):
-    from test_rollback_restore import rollback
     args = {"database_url": target.url, "mode": "cleanup", "drop_leftovers": True, "run_id": "run-cleanup",
             "host_label": "testhost"}
     args.update(params)
@@ -277,11 +276,98 @@ def test_the_leftovers_cleanup_waits_for_a_restore_in_progress_and_never_drops_i
     assert r["changed"] is True and r["staging_database"] == live[0]
     assert history(target.url) == ["0008", "0009", "0010", "0011"]
     assert not isinstance(c, Exception), c
-    # After the restore: the killed run's scratch copy and the database this restore kept are dropped.
-    assert sorted(d["name"] for d in c["dropped"]) == sorted([leftover, r["previous_database"]])
+    # After the restore: the killed run's scratch copy is dropped; the database this restore kept is not
+    # (it holds what was written after the backup): it is listed, and dropped only by its own consent.
+    assert [d["name"] for d in c["dropped"]] == [leftover]
+    assert [(d["name"], d["kind"]) for d in c["left"]] == [(r["previous_database"], "kept")]
     assert c["in_use"] == [] and c["failed"] is False
+    assert databases(target.cluster, target.name + "\\_%restore\\_%") == [r["previous_database"]]
+    kept = cleanup(target, drop_leftovers=False, drop_kept=True)
+    assert [d["name"] for d in kept["dropped"]] == [r["previous_database"]] and kept["left"] == []
     assert databases(target.cluster, target.name + "\\_%restore\\_%") == []
     assert q(target.url, "SELECT count(*) FROM migrations.lock")[0][0] == 0
+
+
+KEPT_LOSS = "the rows written to %s after the backup its restore used, which no other database holds"
+
+
+def make_leftovers(target):
+    """A killed restore's scratch copy and a database kept by a restore (holding a row written after its backup)."""
+    scratch = target.name + "_restore_20260101000000_abcdef"
+    kept = target.name + "_pre_restore_20260101000000_abcdef"
+    for name in (scratch, kept):
+        q(target.cluster.url(), 'CREATE DATABASE "%s"' % name)
+    q(target.cluster.url(kept), "CREATE TABLE late_payment (amount_micro bigint); INSERT INTO late_payment VALUES (42)")
+    return scratch, kept
+
+
+def test_drop_leftovers_drops_scratch_copies_and_keeps_the_kept_databases_naming_their_command(target):
+    scratch, kept = make_leftovers(target)
+    planned = cleanup(target, check_mode=True)
+    assert [d["name"] for d in planned["dropped"]] == [scratch] and [d["name"] for d in planned["left"]] == [kept]
+    assert databases(target.cluster, target.name + "\\_%restore\\_%") == sorted([kept, scratch])
+
+    done = cleanup(target)
+    assert done["failed"] is False and done["changed"] is True
+    assert [d["name"] for d in done["dropped"]] == [scratch]
+    assert [(d["name"], d["kind"]) for d in done["left"]] == [(kept, "kept")]
+    # The kept database and its row are there; the scratch copy is gone.
+    assert databases(target.cluster, target.name + "\\_%restore\\_%") == [kept]
+    assert q(target.cluster.url(kept), "SELECT amount_micro FROM late_payment") == [(42,)]
+    # Listed as kept (name, size, age), with what it holds, then the exact command that would drop it: that
+    # command alone (no rollback_drop_leftovers), for this target.
+    msg = done["msg"]
+    assert "dropped: %s (scratch copy of a restore that did not finish, " % scratch in msg
+    assert "left as they are (not asked to drop): %s (kept by a restore, " % kept in msg
+    assert " old)" in msg.split(kept, 1)[1] and "size unknown" not in msg and "age unknown" not in msg
+    assert KEPT_LOSS % target.name in msg
+    assert msg.endswith("drop the kept databases only once none of those rows is wanted: "
+                        "ansible-playbook playbooks/rollback.yml -l testhost -e rollback_drop_kept=true")
+    assert msg.index(KEPT_LOSS % target.name) < msg.index("rollback_drop_kept=true")
+
+    # Through the module tail with a restore run's options: the command restores nothing and drops only those.
+    result = rollback.result_of({"database_url": target.url, "mode": "cleanup", "drop_leftovers": True,
+                                 "host_label": "testhost", "run_options": [
+                                     "-l", "testhost", "-e", "rollback_mode=restore", "-e", "backup_file=/b/x.dump",
+                                     "-e", "rollback_drop_leftovers=true"]})
+    assert result["dropped"] == [] and [d["name"] for d in result["left"]] == [kept]
+    assert result["msg"].endswith(": ansible-playbook playbooks/rollback.yml -l testhost -e backup_file=/b/x.dump "
+                                  "-e rollback_drop_kept=true")
+    assert databases(target.cluster, target.name + "\\_%restore\\_%") == [kept]
+
+
+def test_drop_kept_drops_the_kept_databases_only_and_says_dropped_only_once_drop_database_returned(target):
+    scratch, kept = make_leftovers(target)
+    other = target.name + "_pre_restore_20260102000000_fedcba"
+    q(target.cluster.url(), 'CREATE DATABASE "%s"' % other)
+    planned = cleanup(target, check_mode=True, drop_leftovers=False, drop_kept=True)
+    assert sorted(d["name"] for d in planned["dropped"]) == sorted([kept, other])
+    assert "would drop: " in planned["msg"]
+    assert databases(target.cluster, target.name + "\\_%restore\\_%") == sorted([kept, other, scratch])
+
+    # A database DROP DATABASE refuses (a template database can't be dropped) is not said dropped.
+    q(target.cluster.url(), 'ALTER DATABASE "%s" IS_TEMPLATE true' % other)
+    try:
+        done = cleanup(target, drop_leftovers=False, drop_kept=True)
+    finally:
+        q(target.cluster.url(), 'ALTER DATABASE "%s" IS_TEMPLATE false' % other)
+    assert [d["name"] for d in done["dropped"]] == [kept]
+    (refused,) = done["not_dropped"]
+    assert refused["name"] == other and "cannot drop a template database" in refused["error"]
+    assert refused["command"].startswith("psql ") and 'DROP DATABASE' in refused["command"]
+    assert done["failed"] is True and "could NOT drop: %s" % other in done["msg"]
+    assert "dropped: %s" % kept in done["msg"] and "dropped: %s" % other not in done["msg"]
+    # Alone, it leaves the scratch copy, naming the command that drops that (and only that).
+    assert [(d["name"], d["kind"]) for d in done["left"]] == [(scratch, "scratch")]
+    assert ("drop the scratch copies (nothing uses them): "
+            "ansible-playbook playbooks/rollback.yml -l testhost -e rollback_drop_leftovers=true") in done["msg"]
+    assert "rollback_drop_kept" not in done["msg"] and KEPT_LOSS % target.name not in done["msg"]
+    assert databases(target.cluster, target.name + "\\_%restore\\_%") == sorted([other, scratch])
+
+    # Both consents together: every leftover goes.
+    both = cleanup(target, drop_kept=True)
+    assert sorted(d["name"] for d in both["dropped"]) == sorted([other, scratch]) and both["left"] == []
+    assert databases(target.cluster, target.name + "\\_%restore\\_%") == []
 
 
 def test_the_cleanup_keeps_the_scratch_copy_of_the_lease_it_took_over(target):
@@ -292,13 +378,20 @@ def test_the_cleanup_keeps_the_scratch_copy_of_the_lease_it_took_over(target):
     mine, other = target.name + "_restore_20260101000000_0a1b2c", target.name + "_restore_20260101000000_999999"
     for name in (mine, other):
         q(target.cluster.url(), 'CREATE DATABASE "%s"' % name)
-    planned = cleanup(target, check_mode=True)
-    assert [d["name"] for d in planned["dropped"]] == [other] and [d["name"] for d in planned["in_use"]] == [mine]
-    assert "kept %s" % mine in planned["msg"] and "slow-restore" in planned["msg"]
+    # That run may have swapped already: the database it kept is its own too, whichever consent is given.
+    mine_kept = target.name + "_pre_restore_20260101000000_0a1b2c"
+    q(target.cluster.url(), 'CREATE DATABASE "%s"' % mine_kept)
+    planned = cleanup(target, check_mode=True, drop_kept=True)
+    assert [d["name"] for d in planned["dropped"]] == [other]
+    assert sorted(d["name"] for d in planned["in_use"]) == sorted([mine, mine_kept])
+    assert "kept %s: the scratch copy of run slow-restore" % mine in planned["msg"]
+    assert "kept %s: the database kept by the restore of run slow-restore" % mine_kept in planned["msg"]
     q(target.url, "UPDATE migrations.lock SET expires_at = now() - interval '1 second'")
-    done = cleanup(target)
-    assert [d["name"] for d in done["dropped"]] == [other] and [d["name"] for d in done["in_use"]] == [mine]
+    done = cleanup(target, drop_kept=True)
+    assert [d["name"] for d in done["dropped"]] == [other]
+    assert sorted(d["name"] for d in done["in_use"]) == sorted([mine, mine_kept])
     assert databases(target.cluster, target.name + "\\_restore\\_%") == [mine]
+    assert databases(target.cluster, target.name + "\\_pre\\_restore\\_%") == [mine_kept]
     assert q(target.url, "SELECT count(*) FROM migrations.lock")[0][0] == 0
 
 
@@ -421,7 +514,27 @@ def test_the_precheck_lists_leftovers_and_says_why_a_target_refuses_connections(
         assert found["passed"] is True
         assert sorted((d["name"], d["kind"]) for d in found["observed"]) == [(kept, "kept"), (scratch, "scratch")]
         assert all(d["size_bytes"] > 0 and d["age_s"] > 0 for d in found["observed"])
-        assert scratch in found["message"] and "rollback_drop_leftovers=true" in found["next"]
+        assert scratch in found["message"] and kept in found["message"]
+        # Each kind with its own command; the kept one after what dropping it loses.
+        drop_scratch = "ansible-playbook playbooks/rollback.yml -l <limit> -e rollback_drop_leftovers=true"
+        drop_kept = "ansible-playbook playbooks/rollback.yml -l <limit> -e rollback_drop_kept=true"
+        assert found["next"] == (
+            "drop the scratch copies (nothing uses them): %s; each kept database is kept on purpose: it holds %s: "
+            "dropping it loses them; drop the kept databases only once none of those rows is wanted: %s"
+            % (drop_scratch, KEPT_LOSS % target.name, drop_kept))
+        # Kept databases alone: only their command; scratch copies alone: only theirs.
+        target.cluster.drop_db(scratch)
+        found = next(c for c in precheck.run_precheck({"database_url": target.url})["checks"]
+                     if c["name"] == "restore_leftovers")
+        assert [d["name"] for d in found["observed"]] == [kept] and "kept by a restore" in found["message"]
+        assert found["next"].endswith(drop_kept) and KEPT_LOSS % target.name in found["next"]
+        assert "rollback_drop_leftovers" not in found["next"]
+        target.cluster.drop_db(kept)
+        q(target.cluster.url(), 'CREATE DATABASE "%s"' % scratch)
+        found = next(c for c in precheck.run_precheck({"database_url": target.url})["checks"]
+                     if c["name"] == "restore_leftovers")
+        assert [d["name"] for d in found["observed"]] == [scratch]
+        assert found["next"] == "drop the scratch copies (nothing uses them): %s" % drop_scratch
 
         q(target.cluster.url(), 'ALTER DATABASE "%s" ALLOW_CONNECTIONS false' % target.name)
         result = precheck.run_precheck({"database_url": target.url})

@@ -155,6 +155,6 @@ def test_stopping_the_playbook_during_a_restore_leaves_a_usable_target_and_the_n
     assert rc == 0, out
     assert "left by earlier restores: %s (scratch copy of a restore that did not finish" % scratch[0] in out, out
     assert "the scratch copies are of restores that were interrupted" in out
-    assert "rollback_drop_leftovers=true" in out
+    assert "rollback_drop_leftovers=true" in out and "rollback_drop_kept" not in out
     assert "the run lease of %s is held by run %s (%s)" % (target.name, run_id, holder) in out
     assert history(target.url) == before and q(target.url, SEED)[0][0] == 1

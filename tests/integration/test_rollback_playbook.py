@@ -192,8 +192,22 @@ def test_rollback_drops_leftovers_and_allows_connections_with_consent(runner, pg
         rc, out = runner.run("rollback.yml", "-e", "rollback_drop_leftovers=true", "-e",
                              "rollback_allow_connections=true")
         assert rc == 0, out
-        assert "dropped: " + left[0] in out or "dropped: " + left[1] in out
+        assert "dropped: " + left[0] in out
         assert q(pg_cluster.url(), "SELECT datallowconn FROM pg_database WHERE datname = %s", (name,))[0][0] is True
+        # The scratch copy is gone; the kept database stays, listed with the command that drops it: the
+        # run's options without its cleanup flags, plus rollback_drop_kept.
+        assert q(pg_cluster.url(), "SELECT datname FROM pg_database WHERE datname = ANY(%s)", (left,)) == [(left[1],)]
+        assert "left as they are (not asked to drop): %s (kept by a restore, " % left[1] in out
+        drop_kept = shlex.join(["ansible-playbook", "playbooks/rollback.yml", *runner.options(),
+                                "-e", "rollback_drop_kept=true"])
+        assert "which no other database holds: dropping it loses them; drop the kept databases only once none of " \
+               "those rows is wanted: %s" % drop_kept in out, out
+        assert "rollback_drop_leftovers=true -e rollback_drop_kept" not in out
+
+        # That command (runner.run adds the same playbook and options): alone it only cleans up, and drops it.
+        rc, out = runner.run("rollback.yml", "-e", "rollback_drop_kept=true")
+        assert rc == 0, out
+        assert "dropped: " + left[1] in out and "Say which way back" not in out
         assert q(pg_cluster.url(), "SELECT count(*) FROM pg_database WHERE datname = ANY(%s)", (left,))[0][0] == 0
     finally:
         q(pg_cluster.url(), 'ALTER DATABASE "%s" ALLOW_CONNECTIONS true' % name)

@@ -160,6 +160,10 @@ def test_restore_brings_back_the_schema_rows_and_history_of_backup_time(target):
     oid_after = q(target.cluster.url(), "SELECT oid FROM pg_database WHERE datname = %s", (target.name,))[0][0]
     assert oid_after != oid_before
     assert "DROP DATABASE" in result["msg"] and result["previous_database"] in result["msg"]
+    # Its drop command comes after what dropping it loses.
+    assert ("the database as it was is kept as %s: it holds the rows written to %s after this backup was taken, "
+            "which no other database holds: dropping it loses them; drop it only once none of them is wanted: %s"
+            % (result["previous_database"], target.name, result["drop_previous"])) in result["msg"]
 
 
 def test_restore_keeps_database_grants_and_settings(target):
@@ -325,6 +329,10 @@ def test_room_for_the_copy_is_checked_and_kept_copies_are_named_with_a_drop_comm
     msg = err.value.msg
     assert "refusing to restore" in msg and "the copy needs about" in msg and "Nothing was changed" in msg
     assert result["previous_database"] in msg and result["drop_previous"] in msg
+    assert ("Each is kept on purpose: it holds the rows written to %s after the backup its restore used, which no "
+            "other database holds: dropping it loses them. Drop those whose rows are no longer wanted, one by one, e.g.: "
+            "%s; or every kept database of %s at once: ansible-playbook playbooks/rollback.yml -l testhost -e rollback_drop_kept=true"
+            % (target.name, result["drop_previous"], target.name)) in msg
     assert err.value.fields["refused"] == "space"
     assert schema_dump(target.cluster, target.url) == schema_before
     assert databases(target.cluster, target.name + "\\_restore\\_%") == []

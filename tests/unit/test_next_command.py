@@ -64,3 +64,19 @@ def test_a_value_with_a_space_stays_one_argument_and_a_psql_command_quotes_each_
     psql = ledger_next.psql_command("db 1", 5432, "mig", "postgres", 'DROP DATABASE "l""x" WITH (FORCE)')
     assert shlex.split(psql) == ["psql", "-h", "db 1", "-p", "5432", "-U", "mig", "-d", "postgres",
                                  "-c", 'DROP DATABASE "l""x" WITH (FORCE)']
+
+
+def test_a_cleanup_command_carries_the_run_options_but_none_of_its_rollback_choices():
+    """Said by a restore run, a cleanup command that carried -e rollback_mode=restore would restore again;
+    one that carried the run's other cleanup flags would drop more than it names."""
+    use_run_options(["-i", "inv", "-l", "prod", "-e", "rollback_mode=restore", "-e", "backup_file=/b/x.dump",
+                     "-e", "rollback_to=0009", "-e", "rollback_drop_leftovers=true", "-e", "rollback_drop_kept=true",
+                     "-e", "rollback_allow_connections=true", "-e", "database_url=postgresql://u:********@db/l"])
+    try:
+        assert shlex.split(ledger_next.cleanup_command("ignored", "-e rollback_drop_kept=true")) == [
+            "ansible-playbook", "playbooks/rollback.yml", "-i", "inv", "-l", "prod", "-e", "backup_file=/b/x.dump",
+            "-e", "database_url=postgresql://u:********@db/l", "-e", "rollback_drop_kept=true"]
+    finally:
+        use_run_options(None)
+    assert ledger_next.cleanup_command(None, "-e rollback_drop_leftovers=true") == \
+        "ansible-playbook playbooks/rollback.yml -l <limit> -e rollback_drop_leftovers=true"
