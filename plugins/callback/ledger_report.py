@@ -19,8 +19,9 @@ description:
     and a Markdown summary beside it.
   - Per target it records each stage (precheck, backup, migrate, verify, rollback,
     promotion) with its duration and outcome, the migrations applied, the backup
-    file and its sha256, the verify checks, and the failure with its SQLSTATE,
-    file and line; and which targets are done, failed, interrupted or untouched.
+    file and its sha256, the verify checks, what point-in-time recoveries left
+    beside the data directory, and the failure with its SQLSTATE, file and line;
+    and which targets are done, failed, interrupted or untouched.
   - A stage is recognised by the module (ledger_precheck, ledger_backup,
     ledger_migrate, ledger_verify, ledger_rollback, ledger_promotion) or by the role
     the task belongs to.
@@ -59,7 +60,7 @@ KEEP_KEYS = (
     "backup_file", "backup", "path", "manifest", "manifest_file", "sha256", "size", "size_bytes", "format",
     "verified", "verification", "checks", "failed_checks", "passed", "reverted", "restored", "mode",
     "stamp", "stamp_file", "set_checksum", "override", "refused", "taken", "duration_ms", "elapsed", "impact",
-    "method", "restore_point", "lsn", "timeline", "backup_label",  # backup_method=pgbackrest
+    "method", "restore_point", "lsn", "timeline", "backup_label", "pitr_leftovers",  # backup_method=pgbackrest
 )
 FAILURE_KEYS = ("msg", "sqlstate", "file", "line", "version", "hint", "detail", "next_command", "failed_checks")
 
@@ -426,6 +427,8 @@ class CallbackModule(CallbackBase):
             "backup": self._backup(stages),
             "verify": self._verify(stages),
             "impact": self._impact(stages),
+            # What point-in-time recoveries left beside the data directory (the pgBackRest precheck's list).
+            "pitr_leftovers": stages.get("precheck", {}).get("details", {}).get("pitr_leftovers") or [],
             "failure": self._failure(rec),
         }
         return out

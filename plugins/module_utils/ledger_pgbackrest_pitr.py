@@ -61,6 +61,12 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_lifeline imp
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import extra_var, playbook_command
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest import MANIFEST_KIND, MANIFEST_SUFFIX, tail
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_lease import ClusterLock, copy_lease_sql
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_leftovers import (
+    CLUSTER_SIZE_SQL,
+    pitr_directories,
+    remove_command,
+    room_beside,
+)
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_restore_lease import RestoreLease
 
 # Seconds the lease outlives the swap (stop, rename, start: pg_ctl waits at most 120 s each way).
@@ -99,7 +105,7 @@ def _server(cur):
     cur.execute("SELECT current_setting('data_directory'), current_setting('port')::int,"
                 " current_setting('config_file'), current_setting('hba_file'), current_setting('ident_file'),"
                 " current_setting('server_version_num')::int / 10000,"
-                " (SELECT sum(pg_database_size(oid)) FROM pg_database)::bigint,"
+                " " + CLUSTER_SIZE_SQL + ","
                 " (SELECT array_agg(datname ORDER BY datname) FROM pg_database WHERE NOT datistemplate),"
                 " (SELECT array_agg(spcname) FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')),"
                 " pg_walfile_name(pg_current_wal_lsn())")
@@ -316,8 +322,9 @@ def _recover(p, repo, manifest, server, inst, sock, port, progress, lease):
     return check
 
 
-def _swap_and_start(repo, server, new_dir, pre_dir, log, bindir, lease, lifeline):
-    """Stop the target, swap the data directories and start it; on failure put the old one back.
+def _swap_and_start(repo, server, names, log, bindir, lease, lifeline):
+    """Stop the target, swap the data directories (pitr_directories' names) and start it; on failure put the old
+    one back.
 
     The point of no return: only while the playbook that started it lives; then to its end, whoever dies.
     """
@@ -330,6 +337,7 @@ def _swap_and_start(repo, server, new_dir, pre_dir, log, bindir, lease, lifeline
         raise LedgerError("the playbook that started this recovery is gone (its process exited): the swap was not "
                           "done", refused="parent_gone")
     data_dir = server["data_directory"]
+    new_dir, pre_dir = names["copy"], names["kept"]
     options = postmaster_options(data_dir)
     target = Instance(repo.user, bindir, data_dir, log)
 
@@ -354,7 +362,7 @@ def _swap_and_start(repo, server, new_dir, pre_dir, log, bindir, lease, lifeline
     code, out, err = target.start(options, check=False)
     if code == 0:
         return
-    failed_dir = new_dir + ".failed"
+    failed_dir = names["failed"]
     if target.running():
         target.stop(check=False)
     os.rename(data_dir, failed_dir)
@@ -455,14 +463,11 @@ def _restore(p, repo, target, check_mode, progress, started, manifest, server, r
                 "-e rollback_allow_data_loss=true" % extra_var("backup_file", manifest["manifest_path"]))), **fields)
     stamp = utc_stamp()
     data_dir = server["data_directory"].rstrip("/")
-    new_dir, pre_dir = "%s.pitr_%s" % (data_dir, stamp), "%s.pre_pitr_%s" % (data_dir, stamp)
-    parent = os.path.dirname(data_dir)
-    needed = int(server["cluster_size"] * p["space_margin"])
-    try:
-        free = os.statvfs(parent).f_bavail * os.statvfs(parent).f_frsize
-    except OSError:
-        free = None
-    fields.update(space={"needed_bytes": needed, "free_bytes": free, "path": parent}, new_data_directory=new_dir)
+    names = pitr_directories(data_dir, stamp)
+    new_dir, pre_dir = names["copy"], names["kept"]
+    room = room_beside(data_dir, server["cluster_size"], p["space_margin"])
+    parent, free, needed = room["path"], room["free_bytes"], room["needed_bytes"]
+    fields.update(space=room, new_data_directory=new_dir)
     if free is not None and free < needed:
         raise LedgerError("not enough room beside %s for the recovered copy: %s free, %s needed (cluster size x %s). "
                           "Nothing was changed." % (data_dir, human_bytes(free), human_bytes(needed),
@@ -471,7 +476,7 @@ def _restore(p, repo, target, check_mode, progress, started, manifest, server, r
         return dict(fields, changed=True, msg="would recover (consented): " + summary + "; into %s, %s free" %
                     (new_dir, human_bytes(free)))
     # Named after the copy: a killed run leaves it (the copy's socket and recovery.log) beside <data>.pitr_<stamp>.
-    sock = tempfile.mkdtemp(prefix="ledger-pitr-%s-" % stamp)
+    sock = tempfile.mkdtemp(prefix=names["socket_prefix"])
     os.chown(sock, repo.user.pw.pw_uid, repo.user.pw.pw_gid) if os.geteuid() == 0 else None
     bindir = find_bindir(server["major"], p.get("pg_bindir"))
     server_log = os.path.join(parent, "server.log")
@@ -482,7 +487,7 @@ def _restore(p, repo, target, check_mode, progress, started, manifest, server, r
         try:
             check = _recover(p, repo, manifest, server, inst, sock, spare_port(), progress, lease)
             progress("swapping %s in and starting the target" % new_dir)
-            _swap_and_start(repo, server, new_dir, pre_dir, start_log, bindir, lease, lifeline)
+            _swap_and_start(repo, server, names, start_log, bindir, lease, lifeline)
             swapped = True
         finally:
             if not swapped and os.path.isdir(new_dir):
@@ -532,7 +537,7 @@ def _restore(p, repo, target, check_mode, progress, started, manifest, server, r
                           "manifest's %s" % (history, manifest.get("applied")), **fields)
     return dict(fields, changed=True, history=history, check=check, previous_data_directory=pre_dir,
                 duration_s=round(duration, 3),
-                drop_previous="rm -rf %s   # as root on the database host, once nothing in it is wanted" % pre_dir,
+                drop_previous=remove_command([pre_dir]),
                 msg="recovered %s to %s in %.1f s: history %s, %s; %s. The data directory as it was is kept in %s "
                     "(remove it once nothing in it is wanted)."
                     % (target, rp, duration, ",".join(history) or "base",

@@ -16,6 +16,12 @@ description:
   - "O(action=check): the precheck's refusals: C(archive_mode) on, no C(pg_stat_archiver) failure since
     the last success, C(pgbackrest check) passes for the stanza, and the newest full or diff backup
     is younger than O(max_age). Each refusal says what to run."
+  - "O(action=check) also lists what point-in-time recoveries left beside the data directory
+    (C(<data>.pitr_<stamp>): a copy of an interrupted recovery, C(<data>.pitr_<stamp>.failed): a copy that did not
+    start, C(<data>.pre_pitr_<stamp>): the cluster as it was before a finished one) with size (measured for at most
+    O(leftovers_size_timeout) seconds), age, whether the recovery running now (its PITR lock) uses it, and the
+    command that removes it; never removes anything. A warning, except when copies no recovery uses leave less
+    free space than the next recovery's copy needs (the cluster's size x O(space_margin)): then it refuses."
   - "O(action=backup): takes a backup of O(backup_type) (C(none) takes none), creates the restore
     point C(ledger-<run_id>) with exact row counts at that point (the tables are locked in SHARE mode
     for milliseconds, bounded by O(lock_timeout)), switches the WAL, waits until the restore point's
@@ -50,7 +56,14 @@ options:
   archive_timeout: {description: "backup: seconds to wait for the restore point's segment in the archive.", type: int, default: 120}
   allow_data_loss: {description: "restore: consent to lose everything committed after the restore point.", type: bool, default: false}
   recovery_timeout: {description: "restore: seconds for the recovery to reach the restore point.", type: int, default: 3600}
-  space_margin: {description: "restore: free space needed beside the data directory, times the cluster's size.", type: float, default: 1.2}
+  space_margin:
+    description: "restore (and check's leftovers): free space needed beside the data directory, times the cluster's size."
+    type: float
+    default: 1.2
+  leftovers_size_timeout:
+    description: "check: seconds measuring the sizes of the recoveries' leftovers may take in all (then: size not measured)."
+    type: float
+    default: 10
   lock_wait: {description: "restore: seconds to wait for another run's lease (or another PITR of the cluster) before refusing.", type: float, default: 90}
   lock_ttl: {description: "restore: seconds the run lease lives without renewal (a killed run's lease expires after it).", type: float, default: 60}
   connect_timeout: {description: "restore: seconds to wait for a connection.", type: int, default: 10}
@@ -83,6 +96,12 @@ restore_point: {description: "backup/restore: the restore point's name.", return
 lsn: {description: "backup: the restore point's LSN.", returned: success, type: str}
 data_at_risk: {description: "restore: what the recovery discards (WAL bytes, transactions, events, versions).", returned: restore, type: dict}
 previous_data_directory: {description: "restore: where the data directory as it was is kept.", returned: success, type: str}
+pitr_leftovers:
+  description: "check: directories left by point-in-time recoveries beside the data directory: path, kind (interrupted,
+    failed, kept), stamp, age_s, size_bytes (null when not measured), size_note, in_use, sockets, advice, remove_command."
+  returned: check
+  type: list
+  elements: dict
 """
 
 import datetime
@@ -125,6 +144,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest i
     restore_point_name,
     wait_archived,
 )
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_leftovers import CLUSTER_SIZE_SQL, leftovers_check
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_pitr import run_restore
 
 ARGUMENT_SPEC = dict(
@@ -146,6 +166,7 @@ ARGUMENT_SPEC = dict(
     allow_data_loss=dict(type="bool", default=False),
     recovery_timeout=dict(type="int", default=3600),
     space_margin=dict(type="float", default=1.2),
+    leftovers_size_timeout=dict(type="float", default=10.0),
     lock_wait=dict(type="float", default=90.0),
     lock_ttl=dict(type="float", default=60.0),
     connect_timeout=dict(type="int", default=10),
@@ -184,12 +205,26 @@ def _check(name, ok, observed, message, next_step=None):
     return {"name": name, "ok": bool(ok), "observed": observed, "message": message, "next": next_step}
 
 
+def _data_directory(cur):
+    """{data_directory, cluster_size} of the target's server, or {data_directory: None, error}: reading it needs
+    superuser or pg_read_all_settings (and the size CONNECT on every database), which the PITR needs anyway."""
+    import psycopg2
+    try:
+        cur.execute("SELECT current_setting('data_directory'), " + CLUSTER_SIZE_SQL)
+    except psycopg2.Error as exc:  # autocommit: nothing to roll back
+        return {"data_directory": None, "error": "cannot read the data directory and the cluster's size as this role "
+                "(%s): the leftovers of point-in-time recoveries were not listed" % redact(str(exc)).strip()}
+    data_directory, size = cur.fetchone()
+    return {"data_directory": data_directory.rstrip("/"), "cluster_size": size}
+
+
 def run_check(p, repo, target):
     checks = []
     conn = connect(p["database_url"])
     try:
         with conn.cursor() as cur:
             state = archiver_state(cur)
+            where = _data_directory(cur)
     finally:
         conn.close()
     push = repo.command_line("archive-push", "%p").replace("sudo -u %s " % repo.user.name, "")
@@ -237,6 +272,13 @@ def run_check(p, repo, target):
             "backup_age", False, {"error": info_error} if info_error else "no full or diff backup",
             "no full or diff backup in stanza %s%s" % (repo.stanza, (": " + info_error) if info_error else ""),
             "take one: %s" % repo.command_line("--type=full", "backup")))
+    leftovers = []  # what point-in-time recoveries left beside the data directory
+    if where["data_directory"] is None:
+        checks.append(_check("pitr_leftovers", True, None, "not checked: %s" % where["error"]))
+    else:
+        check, leftovers = leftovers_check(where["data_directory"], where["cluster_size"], p["space_margin"],
+                                           p["leftovers_size_timeout"])
+        checks.append(check)
     try:
         block = "on" if repo.block_options() else "off (pgbackrest.conf decides)" if repo.block_incremental in (
             "false", "no", "off", "0") else "off (needs pgBackRest >= 2.46)"
@@ -255,7 +297,7 @@ def run_check(p, repo, target):
     if failed:
         lines.append("nothing was changed; after the fix re-run: %s" % p["rerun_command"])
     result = {"changed": False, "checks": checks, "failed_checks": [c["name"] for c in failed], "msg": "\n".join(lines),
-              "pgbackrest_version": version, "block_incremental": block}
+              "pgbackrest_version": version, "block_incremental": block, "pitr_leftovers": leftovers}
     if failed:
         result["failed"] = True
     return result

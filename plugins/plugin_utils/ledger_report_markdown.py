@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import human_bytes
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest import human_age
+
 # The outcome groups of a report's summary, in the order they are shown.
 SUMMARY_KEYS = ("done", "failed", "interrupted", "untouched")
 
@@ -36,6 +39,17 @@ def _impact_lines(impact):
         out.append("- size differs from staging >10x: `%s` %s rows here, %s on staging" % (
             d["table"], d["rows"], d["staging_rows"]))
     out.append("")
+    return out
+
+
+def _pitr_leftover_lines(leftovers):
+    """Each directory a point-in-time recovery left beside the data directory, with what to do about it."""
+    out = []
+    for d in leftovers or []:
+        size = human_bytes(d["size_bytes"]) if d.get("size_bytes") is not None else d.get("size_note")
+        out.append("- Left by a point-in-time recovery (%s, %s, %s old): `%s`: %s%s" % (
+            d.get("kind"), size, human_age(d.get("age_s") or 0), d.get("path"), _cell(d.get("advice")),
+            ("; `%s`" % d["remove_command"]) if d.get("remove_command") else ""))
     return out
 
 
@@ -106,6 +120,7 @@ def render_markdown(report):
                     lines.append("  - failed check `%s`%s: %s" % (
                         c.get("name"), (" on %s" % c["relation"]) if c.get("relation") else "",
                         _cell(c.get("observed") or c.get("message") or c.get("msg"))))
+        lines.extend(_pitr_leftover_lines(tgt.get("pitr_leftovers")))
         lines.extend(_impact_lines(tgt.get("impact")))
         failure = tgt.get("failure")
         if failure:

@@ -9,6 +9,7 @@ and the rollback playbook's PITR. The tests run in file order and share the clus
 
 from __future__ import annotations
 
+import datetime
 import glob
 import json
 import os
@@ -70,7 +71,7 @@ def params(env, action, **kw):
              row_counts=True, lock_timeout="10s", archive_timeout=60, allow_data_loss=False, recovery_timeout=300,
              space_margin=1.2, pg_bindir=None, progress_file=None, progress_interval=10, run_id="pytest",
              host_label="pitrdb", rerun_command="re-run", binary="pgbackrest", block_incremental="auto",
-             lock_wait=90.0, lock_ttl=60.0, connect_timeout=10)
+             lock_wait=90.0, lock_ttl=60.0, connect_timeout=10, leftovers_size_timeout=10.0)
     p.update(kw)
     return p
 
@@ -96,7 +97,9 @@ def wait_archiver_failure(env, timeout=60):
 def test_precheck_passes_on_a_healthy_archive(archived):
     res = archived["mod"].result_of(params(archived, "check"))
     assert not res.get("failed"), res["msg"]
-    assert [c["name"] for c in res["checks"]] == ["archive_mode", "archiver", "pgbackrest_check", "backup_age"]
+    assert [c["name"] for c in res["checks"]] == ["archive_mode", "archiver", "pgbackrest_check", "backup_age",
+                                                  "pitr_leftovers"]
+    assert res["pitr_leftovers"] == [] and "nothing left by point-in-time recoveries beside" in res["msg"]
     assert all(c["ok"] for c in res["checks"])
 
 
@@ -214,12 +217,83 @@ def test_recovery_with_consent_rewinds_to_the_restore_point(archived):
     assert history(archived["url"]) == ["0008", "0009", "0010", "0011"]
     assert res["check"]["row_counts_differ"] == {} and res["check"]["history_ok"]
     assert os.path.isdir(res["previous_data_directory"]) and res["previous_data_directory"].startswith(data_dir)
+    archived["pre_pitr"] = res["previous_data_directory"]
     events = q(archived["url"], "SELECT action, outcome, detail->>'restore_point' FROM migrations.events"
                                 " WHERE run_id = 'pitr1'")
     assert events == [("restore", "ok", "ledger-run1")]
     # The recovered cluster archives again (a new timeline), so the next run's precheck passes.
     res = archived["mod"].result_of(params(archived, "check"))
     assert not res.get("failed"), res["msg"]
+
+
+def test_the_precheck_lists_what_recoveries_left_beside_the_data_directory(archived):
+    """The real `pre_pitr` of the recovery above and the copy of a recovery killed two hours ago (its directory, as
+    a killed run leaves it): both listed with kind, size, age and the command that removes each, as a warning.
+    Copies no recovery uses that leave too little room for the next recovery's copy (here: a margin no disk
+    meets) refuse, with the numbers. A recovery running now (the test holds the cluster's PITR lock) makes its own
+    copy "in use, do not remove", and only its own. The sizes are measured within a time limit."""
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import human_bytes, utc_stamp
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_lease import ClusterLock
+    data_dir = q(archived["url"], "SHOW data_directory")[0][0]
+    kept = archived["pre_pitr"]
+    killed = data_dir + ".pitr_" + utc_stamp(datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=2))
+    made = [killed]
+    try:
+        os.makedirs(os.path.join(killed, "base"))
+        Path(killed, "base", "1").write_bytes(os.urandom(1 << 20))
+        res = archived["mod"].result_of(params(archived, "check"))
+        assert not res.get("failed"), res["msg"]
+        check = [c for c in res["checks"] if c["name"] == "pitr_leftovers"][0]
+        assert check["ok"] and check["observed"]["pitr_lock"]["state"] == "free"
+        found = {d["path"]: d for d in res["pitr_leftovers"]}
+        assert found[killed]["kind"] == "interrupted" and found[killed]["in_use"] is False
+        assert 7200 <= found[killed]["age_s"] < 7200 + 600 and found[killed]["size_bytes"] >= 1 << 20
+        assert found[killed]["advice"] == "safe to remove: no recovery runs now"
+        assert found[killed]["remove_command"] == \
+            "rm -rf %s   # as root on the database host, no recovery uses it" % killed
+        assert found[kept]["kind"] == "kept" and found[kept]["size_bytes"] > 10 << 20  # a whole cluster
+        assert found[kept]["remove_command"] == \
+            "rm -rf %s   # as root on the database host, once nothing in it is wanted" % kept
+        assert "the copy of a point-in-time recovery that was interrupted" in res["msg"]
+        assert "the cluster as it was before a finished point-in-time recovery" in res["msg"]
+        assert found[killed]["remove_command"] in res["msg"] and found[kept]["remove_command"] in res["msg"]
+
+        res = archived["mod"].result_of(params(archived, "check", space_margin=1e9))
+        assert res["failed"] and res["failed_checks"] == ["pitr_leftovers"], res["msg"]
+        check = [c for c in res["checks"] if c["name"] == "pitr_leftovers"][0]
+        seen = check["observed"]
+        assert seen["needed_bytes"] == int(seen["cluster_size_bytes"] * 1e9) and seen["free_bytes"] < seen["needed_bytes"]
+        assert "TOO LITTLE ROOM for the next point-in-time recovery" in check["message"]
+        for figure in (human_bytes(seen["free_bytes"]), human_bytes(seen["needed_bytes"]),
+                       human_bytes(seen["cluster_size_bytes"]), "the margin 1000000000.0"):
+            assert figure in check["message"], figure
+        assert "FAILED pitr_leftovers" in res["msg"] and found[killed]["remove_command"] in res["msg"]
+
+        res = archived["mod"].result_of(params(archived, "check", leftovers_size_timeout=0))
+        assert {d["size_note"] for d in res["pitr_leftovers"]} == {"size not measured (still counting when the time "
+                                                                   "limit was up)"}
+        assert "size not measured" in res["msg"]
+
+        lock = ClusterLock(data_dir, "pitr-now", "pitrdb", wait=1).acquire()
+        try:
+            time.sleep(1.1)  # a real PITR stamps its copy after it took the lock
+            running = data_dir + ".pitr_" + utc_stamp()
+            made.append(running)
+            os.mkdir(running)
+            res = archived["mod"].result_of(params(archived, "check"))
+        finally:
+            lock.release()
+        assert not res.get("failed"), res["msg"]
+        found = {d["path"]: d for d in res["pitr_leftovers"]}
+        assert found[running]["in_use"] is True and found[running]["remove_command"] is None
+        assert found[running]["advice"].startswith("in use, do not remove: the point-in-time recovery running now "
+                                                   "(run pitr-now by ")
+        assert "rm -rf %s " % running not in res["msg"]
+        assert found[killed]["in_use"] is False and found[killed]["remove_command"]
+        assert found[killed]["advice"].startswith("safe to remove: the recovery running now (run pitr-now by ")
+    finally:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def test_rollback_playbook_recovers_with_consent(archived, tmp_path):
@@ -261,6 +335,8 @@ def test_on_failure_rollback_recovers_the_run_restore_point_with_consent(archive
     base = archived["url"].rsplit("/", 1)[0]
     q(base + "/postgres", "CREATE DATABASE onfail")
     url = base + "/onfail"
+    kept = glob.glob(q(base + "/postgres", "SHOW data_directory")[0][0] + ".pre_pitr_*")  # of the recoveries above
+    assert kept
     migrations = tmp_path / "migrations"
     shutil.copytree(RUNBOOK_SET, migrations)  # the runbook's 0008-0011, whatever else files/migrations holds
     for down in migrations.glob("0011_*.down.sql"):
@@ -280,6 +356,11 @@ def test_on_failure_rollback_recovers_the_run_restore_point_with_consent(archive
     text = " ".join(out.stdout.split())
     assert out.returncode != 0, text[-3000:]
     assert "0012_fails_on_purpose.sql line 2: SQLSTATE 22012" in text
+    # The precheck listed what the recoveries before this run left, and the run report records it.
+    assert "pitr_leftovers: " in text and "the cluster as it was before a finished point-in-time recovery" in text
+    report = json.loads(Path(text.split("Run report: ")[1].split(" ")[0][:-len(".md")] + ".json").read_text())
+    listed = report["targets"]["onfail"]["pitr_leftovers"]
+    assert set(kept) <= {d["path"] for d in listed if d["kind"] == "kept"}, listed
     assert "on_failure=rollback: recovered postgres@" in text, text[-3000:]
     assert history(url) == []
     assert q(url, "SELECT action, outcome FROM migrations.events WHERE action = 'restore'") == [("restore", "ok")]
@@ -440,6 +521,14 @@ def test_a_killed_playbook_stops_the_pitr_before_the_swap(archived, leasedb, tmp
         assert len(glob.glob(data_dir + ".pitr_*")) == 1
         # The dead run's lease row stays until it expires; the next run's precheck names it.
         assert lease_row(url)[0][0] == "pitr-killed"
+        # The next precheck lists the copy the killed run left, by the name the run gave it: an interrupted
+        # recovery's, not in use (the kernel released the dead run's PITR lock), removed with its socket directory.
+        res = archived["mod"].result_of(params(archived, "check"))
+        copy = glob.glob(data_dir + ".pitr_*")[0]
+        listed = [d for d in res["pitr_leftovers"] if d["path"] == copy]
+        assert listed and listed[0]["kind"] == "interrupted" and listed[0]["in_use"] is False, res["msg"]
+        assert listed[0]["sockets"] and listed[0]["remove_command"] == \
+            "rm -rf %s %s   # as root on the database host, no recovery uses it" % (copy, listed[0]["sockets"][0])
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -114,5 +114,13 @@ def test_backup_stage_and_pitr_through_ssh_as_the_clusters_os_user(remote):
              (remote["owner"].pw_name + "@%",)) == [("ok", True)]
     assert q(remote["url"], "SELECT count(*) FROM migrations.lock")[0][0] == 0
     data_dir = q(remote["url"], "SHOW data_directory")[0][0]
-    for kept in Path(data_dir).parent.glob(Path(data_dir).name + ".pre_pitr_*"):
-        shutil.rmtree(kept, ignore_errors=True)
+    kept = sorted(Path(data_dir).parent.glob(Path(data_dir).name + ".pre_pitr_*"))
+    assert len(kept) == 1
+    # The precheck's pgBackRest task, through the same SSH and become, lists it as the cluster's OS user sees it.
+    out = run(remote, "precheck.yml", "--tags", "precheck_pgbackrest")
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0, out.stdout[-4000:]
+    assert "pitr_leftovers: 1 directory left by point-in-time recoveries beside %s" % data_dir in text, text[-3000:]
+    assert "rm -rf %s # as root on the database host, once nothing in it is wanted" % kept[0] in text
+    for path in kept:
+        shutil.rmtree(path, ignore_errors=True)

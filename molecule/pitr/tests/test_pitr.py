@@ -1,11 +1,14 @@
 """After converge: recovered to the restore point taken before 0010, then migrated again."""
 
+import json
 import os
+from pathlib import Path
 
 from ledgertest import shipped_versions
 
 PORT_BASE = int(os.environ.get("LEDGER_MOLECULE_PORT_BASE", "55600"))
 URL = f"postgresql://postgres@127.0.0.1:{PORT_BASE + 61}/ledger"
+REPORTS = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent")) / "reports"
 
 
 def sql(host, query):
@@ -41,3 +44,17 @@ def test_each_migrate_run_took_a_restore_point(host):
     points = sql(host, "SELECT count(*) FROM migrations.events WHERE action = 'backup' AND outcome = 'ok'"
                        " AND detail->>'method' = 'pgbackrest'")
     assert int(points) == 2
+
+
+def test_the_last_precheck_listed_the_data_directory_kept_by_the_recovery(host):
+    """The migrate run after the recovery: its pgBackRest precheck listed <data>.pre_pitr_<stamp> (a warning, with
+    the command that removes it), and the converge's run report records it."""
+    data_dir = sql(host, "SHOW data_directory")
+    converge = [r for r in (json.loads(p.read_text()) for p in REPORTS.glob("*.json"))
+                if str(r.get("playbook", "")).endswith("converge.yml")]
+    assert len(converge) == 1, f"expected the converge's report in {REPORTS}"
+    listed = converge[0]["targets"]["ledger-pitr"]["pitr_leftovers"]
+    assert [d["kind"] for d in listed] == ["kept"], listed
+    assert listed[0]["path"].startswith(data_dir + ".pre_pitr_") and host.file(listed[0]["path"]).is_directory
+    assert listed[0]["remove_command"] == \
+        "rm -rf %s   # as root on the database host, once nothing in it is wanted" % listed[0]["path"]
