@@ -62,6 +62,8 @@ KEEP_KEYS = (
     "stamp", "stamp_file", "set_checksum", "override", "refused", "taken", "duration_ms", "elapsed", "impact",
     "method", "restore_point", "lsn", "timeline", "backup_label", "pitr_leftovers",  # backup_method=pgbackrest
 )
+# Keys that more than one task of a stage return: their lists add up instead of replacing each other.
+LIST_KEYS = ("checks", "failed_checks")
 FAILURE_KEYS = ("msg", "sqlstate", "file", "line", "version", "hint", "detail", "next_command", "failed_checks")
 
 
@@ -234,7 +236,13 @@ class CallbackModule(CallbackBase):
                     if key in data and key not in ("changed",) and data[key] not in (None, "", [], {}):
                         if key == "msg" and outcome not in ("failed", "unreachable"):
                             continue
-                        st["details"][key] = data[key]
+                        before = st["details"].get(key)
+                        if key in LIST_KEYS and isinstance(before, list) and isinstance(data[key], list):
+                            # Two tasks of one stage (the precheck's checklist, then its pgBackRest
+                            # checks): the stage holds both lists, not only the last.
+                            st["details"][key] = before + data[key]
+                        else:
+                            st["details"][key] = data[key]
         if outcome in ("failed", "unreachable"):
             failure = {"stage": stage, "task": result.task_name, "at": _iso(end)}
             if data.get("censored"):

@@ -361,6 +361,9 @@ def test_on_failure_rollback_recovers_the_run_restore_point_with_consent(archive
     report = json.loads(Path(text.split("Run report: ")[1].split(" ")[0][:-len(".md")] + ".json").read_text())
     listed = report["targets"]["onfail"]["pitr_leftovers"]
     assert set(kept) <= {d["path"] for d in listed if d["kind"] == "kept"}, listed
+    # The precheck stage keeps the checklist's checks and the pgBackRest checks, one after the other.
+    names = [c["name"] for c in report["targets"]["onfail"]["stages"]["precheck"]["details"]["checks"]]
+    assert {"pitr_leftovers", "server_version", "archive_mode"} <= set(names) and len(names) == len(set(names)), names
     assert "on_failure=rollback: recovered postgres@" in text, text[-3000:]
     assert history(url) == []
     assert q(url, "SELECT action, outcome FROM migrations.events WHERE action = 'restore'") == [("restore", "ok")]
