@@ -580,7 +580,7 @@ def test_a_killed_playbook_stops_the_pitr_before_the_swap(archived, leasedb, tmp
         assert q(url, "SELECT count(*) FROM public.kill_probe")[0][0] == probes
         assert sorted(glob.glob(data_dir + ".pre_pitr_*")) == sorted(kept)
         # No server of the copy runs (its postmaster was this run's child); its directory is left, as documented.
-        # This cluster's copies only: other checkouts on the machine run recoveries of their own clusters.
+        # This cluster's copy only: another xdist worker may be recovering a cluster of its own meanwhile.
         assert [pid for pid in os.listdir("/proc") if pid.isdigit() and data_dir + ".pitr_" in _cmdline(pid)] == []
         assert len(glob.glob(data_dir + ".pitr_*")) == 1
         # The dead run's lease row stays until it expires; the next run's precheck names it.
