@@ -38,8 +38,16 @@ SOCKET_PREFIX = "ledger-pitr-"
 # utc_stamp()'s form (ledger_backup_utils): 20261201T012345Z.
 _STAMP = r"\d{8}T\d{6}Z"
 _STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
-# The size of the cluster a recovery copies: what the PITR's room is measured against.
-CLUSTER_SIZE_SQL = "(SELECT sum(pg_database_size(oid)) FROM pg_database)::bigint"
+# What a recovered copy holds besides its databases and pg_wal: pg_xact, pg_multixact, pg_subtrans, pg_stat, the
+# configuration and label files. A fresh initdb holds about 1 MiB of it; pg_xact grows 2 bits a transaction, about
+# 50 MiB at autovacuum_freeze_max_age's 200 million. None of it is measurable without superuser (pg_ls_dir): a fixed
+# allowance, named in the message.
+REST_ALLOWANCE = 64 << 20
+# The settings that bound the copy's pg_wal, in bytes (current_setting's units, e.g. '1GB', read by any role).
+_WAL_SETTINGS = ("max_wal_size", "min_wal_size", "wal_keep_size", "wal_segment_size")
+_ESTIMATE_SQL = ("SELECT (SELECT sum(pg_database_size(oid)) FROM pg_database)::bigint, "
+                 + ", ".join("pg_size_bytes(current_setting('%s'))" % s for s in _WAL_SETTINGS)
+                 + ", has_function_privilege('pg_ls_waldir()', 'EXECUTE')")
 
 KIND_TEXT = {
     "interrupted": "the copy of a point-in-time recovery that was interrupted (killed before its swap)",
@@ -62,16 +70,65 @@ def remove_command(paths, why="once nothing in it is wanted"):
     return "rm -rf %s   # as root on the database host, %s" % (" ".join(shlex.quote(p) for p in paths), why)
 
 
-def room_beside(data_directory, cluster_size, margin):
-    """{path, free_bytes, needed_bytes}: the room a recovery's copy needs beside the data directory (cluster size x
-    margin) and what the file system has (free_bytes None when it cannot be read)."""
+def estimate_copy(databases, settings, pg_wal):
+    """{databases_bytes, wal_bytes, wal_note, rest_bytes, total_bytes}: what a recovered copy of the cluster holds.
+
+    databases: the sum of pg_database_size; settings: _WAL_SETTINGS in bytes; pg_wal: the live pg_wal's size, None
+    when this role may not call pg_ls_waldir().
+
+    The WAL part, after PostgreSQL 15's "WAL Configuration": the copy replays WAL restored from the archive into its
+    pg_wal, and its restartpoints (like the checkpoints after the swap, when the copy is the live cluster) trim pg_wal
+    to about max_wal_size, never below min_wal_size, keeping the newest wal_keep_size plus one more segment; one
+    segment more is the one being restored. max_wal_size is a soft limit: heavy load or a lagging archive take pg_wal
+    past it, and the live pg_wal shows how far this cluster's workload does, which the copy serves after the swap. So
+    the larger of the two; without pg_ls_waldir() the settings' bound alone, and the note says so.
+    """
+    by_settings = (max(settings["max_wal_size"], settings["min_wal_size"], settings["wal_keep_size"])
+                   + 2 * settings["wal_segment_size"])
+    setting_text = "max(max_wal_size %s, min_wal_size %s, wal_keep_size %s) + 2 segments of %s" % tuple(
+        human_bytes(settings[s]) for s in _WAL_SETTINGS)
+    if pg_wal is None:
+        wal, note = by_settings, ("WAL %s by the settings, %s; pg_wal NOT measured (this role may not call "
+                                  "pg_ls_waldir(): grant it pg_monitor to count a pg_wal past max_wal_size)"
+                                  % (human_bytes(by_settings), setting_text))
+    else:
+        wal = max(by_settings, pg_wal)
+        note = "WAL %s, the larger of pg_wal now %s and the settings' %s (%s)" % (
+            human_bytes(wal), human_bytes(pg_wal), human_bytes(by_settings), setting_text)
+    databases = databases or 0
+    return {"databases_bytes": databases, "wal_bytes": wal, "pg_wal_bytes": pg_wal, "wal_settings_bytes": by_settings,
+            "wal_note": note, "rest_bytes": REST_ALLOWANCE, "total_bytes": databases + wal + REST_ALLOWANCE}
+
+
+def copy_estimate(cur):
+    """estimate_copy() of the server `cur` is connected to. pg_database_size needs CONNECT on every database (or
+    pg_read_all_stats); pg_ls_waldir() superuser or pg_monitor, asked first, so a role without it is no error."""
+    cur.execute(_ESTIMATE_SQL)
+    row = cur.fetchone()
+    pg_wal = None
+    if row[-1]:
+        cur.execute("SELECT coalesce(sum(size), 0)::bigint FROM pg_ls_waldir()")
+        pg_wal = cur.fetchone()[0]
+    return estimate_copy(row[0], dict(zip(_WAL_SETTINGS, row[1:-1])), pg_wal)
+
+
+def room_beside(data_directory, estimate, margin):
+    """{path, free_bytes, needed_bytes, estimate, margin, text}: the room a recovery's copy needs beside the data
+    directory (estimate_copy()'s total x margin) and what the file system has (free_bytes None when it cannot be
+    read). text: the numbers, parts and all, as the PITR's refusal and the precheck both print them."""
     parent = os.path.dirname(data_directory.rstrip("/"))
     try:
         st = os.statvfs(parent)
         free = st.f_bavail * st.f_frsize
     except OSError:
         free = None
-    return {"path": parent, "free_bytes": free, "needed_bytes": int((cluster_size or 0) * margin)}
+    needed = int(estimate["total_bytes"] * margin)
+    text = ("%s free in %s; the recovered copy needs %s: (databases %s + %s + the rest of a data directory %s) x the "
+            "margin %s" % ("(not measurable)" if free is None else human_bytes(free), parent, human_bytes(needed),
+                           human_bytes(estimate["databases_bytes"]), estimate["wal_note"],
+                           human_bytes(estimate["rest_bytes"]), margin))
+    return {"path": parent, "free_bytes": free, "needed_bytes": needed, "estimate": estimate, "margin": margin,
+            "text": text}
 
 
 def _pattern(data_directory):
@@ -204,22 +261,20 @@ def describe(item):
                                        item["advice"])
 
 
-def leftovers_check(data_directory, cluster_size, margin, size_timeout, now=None):
+def leftovers_check(data_directory, estimate, margin, size_timeout, now=None):
     """The pgBackRest precheck's pitr_leftovers check (name, ok, observed, message, next) and the list.
 
     A warning (ok) except one case: copies no recovery uses would leave too little room for the next recovery's
     copy. That next recovery is this run's safety net, and removing them is safe: refused, with the numbers.
     """
     found, state, holder = list_leftovers(data_directory, size_timeout, now)
-    room = room_beside(data_directory, cluster_size, margin)
+    room = room_beside(data_directory, estimate, margin)
     lock = {"path": lock_path(data_directory), "state": state}
     lock.update({"held": {"holder": holder}, "unknown": {"error": holder}}.get(state, {}))
-    observed = dict(room, data_directory=data_directory, cluster_size_bytes=cluster_size, space_margin=margin,
-                    pitr_lock=lock)
+    observed = dict(room, data_directory=data_directory, pitr_lock=lock)
     free, needed = room["free_bytes"], room["needed_bytes"]
     short = free is not None and free < needed
-    numbers = ("%s free in %s; the next recovery's copy needs %s (the cluster's %s x the margin %s)"
-               % (human_bytes(free), room["path"], human_bytes(needed), human_bytes(cluster_size), margin))
+    numbers = room["text"]
     if not found:
         message = "nothing left by point-in-time recoveries beside %s; %s" % (data_directory, numbers)
         if short:

@@ -62,7 +62,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest import MANIFEST_KIND, MANIFEST_SUFFIX, tail
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_lease import ClusterLock, copy_lease_sql
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_leftovers import (
-    CLUSTER_SIZE_SQL,
+    copy_estimate,
     pitr_directories,
     remove_command,
     room_beside,
@@ -105,13 +105,12 @@ def _server(cur):
     cur.execute("SELECT current_setting('data_directory'), current_setting('port')::int,"
                 " current_setting('config_file'), current_setting('hba_file'), current_setting('ident_file'),"
                 " current_setting('server_version_num')::int / 10000,"
-                " " + CLUSTER_SIZE_SQL + ","
                 " (SELECT array_agg(datname ORDER BY datname) FROM pg_database WHERE NOT datistemplate),"
                 " (SELECT array_agg(spcname) FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')),"
                 " pg_walfile_name(pg_current_wal_lsn())")
-    keys = ("data_directory", "port", "config_file", "hba_file", "ident_file", "major", "cluster_size", "databases",
-            "tablespaces", "walfile")
-    return dict(zip(keys, cur.fetchone()))
+    keys = ("data_directory", "port", "config_file", "hba_file", "ident_file", "major", "databases", "tablespaces",
+            "walfile")
+    return dict(zip(keys, cur.fetchone()), copy_estimate=copy_estimate(cur))
 
 
 def data_at_risk(cur, manifest):
@@ -465,13 +464,12 @@ def _restore(p, repo, target, check_mode, progress, started, manifest, server, r
     data_dir = server["data_directory"].rstrip("/")
     names = pitr_directories(data_dir, stamp)
     new_dir, pre_dir = names["copy"], names["kept"]
-    room = room_beside(data_dir, server["cluster_size"], p["space_margin"])
+    room = room_beside(data_dir, server["copy_estimate"], p["space_margin"])
     parent, free, needed = room["path"], room["free_bytes"], room["needed_bytes"]
     fields.update(space=room, new_data_directory=new_dir)
     if free is not None and free < needed:
-        raise LedgerError("not enough room beside %s for the recovered copy: %s free, %s needed (cluster size x %s). "
-                          "Nothing was changed." % (data_dir, human_bytes(free), human_bytes(needed),
-                                                    p["space_margin"]), **fields)
+        raise LedgerError("not enough room beside %s for the recovered copy: %s. Nothing was changed."
+                          % (data_dir, room["text"]), **fields)
     if check_mode:
         return dict(fields, changed=True, msg="would recover (consented): " + summary + "; into %s, %s free" %
                     (new_dir, human_bytes(free)))

@@ -21,7 +21,8 @@ description:
     start, C(<data>.pre_pitr_<stamp>): the cluster as it was before a finished one) with size (measured for at most
     O(leftovers_size_timeout) seconds), age, whether the recovery running now (its PITR lock) uses it, and the
     command that removes it; never removes anything. A warning, except when copies no recovery uses leave less
-    free space than the next recovery's copy needs (the cluster's size x O(space_margin)): then it refuses."
+    free space than the next recovery's copy needs (its databases + its WAL + an allowance for the rest of a data
+    directory, x O(space_margin)): then it refuses."
   - "O(action=backup): takes a backup of O(backup_type) (C(none) takes none), creates the restore
     point C(ledger-<run_id>) with exact row counts at that point (the tables are locked in SHARE mode
     for milliseconds, bounded by O(lock_timeout)), switches the WAL, waits until the restore point's
@@ -57,7 +58,8 @@ options:
   allow_data_loss: {description: "restore: consent to lose everything committed after the restore point.", type: bool, default: false}
   recovery_timeout: {description: "restore: seconds for the recovery to reach the restore point.", type: int, default: 3600}
   space_margin:
-    description: "restore (and check's leftovers): free space needed beside the data directory, times the cluster's size."
+    description: "restore (and check's leftovers): free space needed beside the data directory, times the recovered
+      copy's estimated size (databases + WAL + the rest of a data directory)."
     type: float
     default: 1.2
   leftovers_size_timeout:
@@ -144,7 +146,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest i
     restore_point_name,
     wait_archived,
 )
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_leftovers import CLUSTER_SIZE_SQL, leftovers_check
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_leftovers import copy_estimate, leftovers_check
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_pitr import run_restore
 
 ARGUMENT_SPEC = dict(
@@ -206,16 +208,17 @@ def _check(name, ok, observed, message, next_step=None):
 
 
 def _data_directory(cur):
-    """{data_directory, cluster_size} of the target's server, or {data_directory: None, error}: reading it needs
-    superuser or pg_read_all_settings (and the size CONNECT on every database), which the PITR needs anyway."""
+    """{data_directory, copy_estimate} of the target's server, or {data_directory: None, error}: reading it needs
+    superuser or pg_read_all_settings (and the sizes CONNECT on every database), which the PITR needs anyway."""
     import psycopg2
     try:
-        cur.execute("SELECT current_setting('data_directory'), " + CLUSTER_SIZE_SQL)
+        cur.execute("SELECT current_setting('data_directory')")
+        data_directory = cur.fetchone()[0]
+        estimate = copy_estimate(cur)
     except psycopg2.Error as exc:  # autocommit: nothing to roll back
         return {"data_directory": None, "error": "cannot read the data directory and the cluster's size as this role "
                 "(%s): the leftovers of point-in-time recoveries were not listed" % redact(str(exc)).strip()}
-    data_directory, size = cur.fetchone()
-    return {"data_directory": data_directory.rstrip("/"), "cluster_size": size}
+    return {"data_directory": data_directory.rstrip("/"), "copy_estimate": estimate}
 
 
 def run_check(p, repo, target):
@@ -276,7 +279,7 @@ def run_check(p, repo, target):
     if where["data_directory"] is None:
         checks.append(_check("pitr_leftovers", True, None, "not checked: %s" % where["error"]))
     else:
-        check, leftovers = leftovers_check(where["data_directory"], where["cluster_size"], p["space_margin"],
+        check, leftovers = leftovers_check(where["data_directory"], where["copy_estimate"], p["space_margin"],
                                            p["leftovers_size_timeout"])
         checks.append(check)
     try:

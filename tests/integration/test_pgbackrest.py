@@ -232,7 +232,8 @@ def test_the_precheck_lists_what_recoveries_left_beside_the_data_directory(archi
     Copies no recovery uses that leave too little room for the next recovery's copy (here: a margin no disk
     meets) refuse, with the numbers. A recovery running now (the test holds the cluster's PITR lock) makes its own
     copy "in use, do not remove", and only its own. The sizes are measured within a time limit."""
-    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import human_bytes, utc_stamp
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import utc_stamp
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_leftovers import disk_usage
     from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_lease import ClusterLock
     data_dir = q(archived["url"], "SHOW data_directory")[0][0]
     kept = archived["pre_pitr"]
@@ -252,6 +253,14 @@ def test_the_precheck_lists_what_recoveries_left_beside_the_data_directory(archi
         assert found[killed]["remove_command"] == \
             "rm -rf %s   # as root on the database host, no recovery uses it" % killed
         assert found[kept]["kind"] == "kept" and found[kept]["size_bytes"] > 10 << 20  # a whole cluster
+        # The estimate holds what a real copy holds: the kept directory of the recovery above (its pg_wal included,
+        # which the databases' sizes leave out), and the recovered data directory serving now.
+        estimate = check["observed"]["estimate"]
+        assert estimate["pg_wal_bytes"] is not None  # a superuser may call pg_ls_waldir()
+        assert estimate["total_bytes"] >= found[kept]["size_bytes"] > estimate["databases_bytes"]
+        live, note = disk_usage(data_dir, time.monotonic() + 60)
+        assert note is None and estimate["total_bytes"] >= live
+        assert check["observed"]["needed_bytes"] == int(estimate["total_bytes"] * 1.2)
         assert found[kept]["remove_command"] == \
             "rm -rf %s   # as root on the database host, once nothing in it is wanted" % kept
         assert "the copy of a point-in-time recovery that was interrupted" in res["msg"]
@@ -262,10 +271,10 @@ def test_the_precheck_lists_what_recoveries_left_beside_the_data_directory(archi
         assert res["failed"] and res["failed_checks"] == ["pitr_leftovers"], res["msg"]
         check = [c for c in res["checks"] if c["name"] == "pitr_leftovers"][0]
         seen = check["observed"]
-        assert seen["needed_bytes"] == int(seen["cluster_size_bytes"] * 1e9) and seen["free_bytes"] < seen["needed_bytes"]
+        assert seen["needed_bytes"] == int(seen["estimate"]["total_bytes"] * 1e9)
+        assert seen["free_bytes"] < seen["needed_bytes"]
         assert "TOO LITTLE ROOM for the next point-in-time recovery" in check["message"]
-        for figure in (human_bytes(seen["free_bytes"]), human_bytes(seen["needed_bytes"]),
-                       human_bytes(seen["cluster_size_bytes"]), "the margin 1000000000.0"):
+        for figure in room_figures(seen):
             assert figure in check["message"], figure
         assert "FAILED pitr_leftovers" in res["msg"] and found[killed]["remove_command"] in res["msg"]
 
@@ -294,6 +303,57 @@ def test_the_precheck_lists_what_recoveries_left_beside_the_data_directory(archi
     finally:
         for path in made:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def room_figures(room):
+    """What the room's message must show so the numbers add up: free, needed and each part with the margin."""
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import human_bytes
+    estimate = room["estimate"]
+    return (human_bytes(room["free_bytes"]), human_bytes(room["needed_bytes"]),
+            "databases %s" % human_bytes(estimate["databases_bytes"]), estimate["wal_note"],
+            "the rest of a data directory %s" % human_bytes(estimate["rest_bytes"]), "the margin %s" % room["margin"])
+
+
+def test_a_recovery_without_room_for_its_copy_refuses_with_the_parts(archived):
+    """The same rule as the precheck's: a margin no disk meets refuses before anything is restored."""
+    data_dir = q(archived["url"], "SHOW data_directory")[0][0]
+    before = sorted(glob.glob(data_dir + ".*"))
+    rows = q(archived["url"], "SELECT count(*) FROM public.pitr_probe")[0][0]
+    res = archived["mod"].result_of(params(archived, "restore", backup_file=archived["manifest"], allow_data_loss=True,
+                                           space_margin=1e9, run_id="noroom"))
+    assert res["failed"] and res["msg"].startswith("not enough room beside %s for the recovered copy" % data_dir)
+    assert "Nothing was changed" in res["msg"]
+    assert res["space"]["needed_bytes"] == int(res["space"]["estimate"]["total_bytes"] * 1e9)
+    for figure in room_figures(res["space"]):
+        assert figure in res["msg"], figure
+    assert sorted(glob.glob(data_dir + ".*")) == before
+    assert q(archived["url"], "SELECT count(*) FROM public.pitr_probe")[0][0] == rows
+
+
+def test_a_role_that_may_not_list_pg_wal_counts_the_wal_settings_and_says_so(archived):
+    """pg_ls_waldir() needs superuser or pg_monitor: without it the WAL part is the settings' bound, never less."""
+    import psycopg2
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_leftovers import copy_estimate
+    q(archived["url"], "CREATE ROLE pitr_nomonitor LOGIN PASSWORD 'pitr-nomonitor'")
+    try:
+        seen = {}
+        for monitor in (False, True):
+            if monitor:
+                q(archived["url"], "GRANT pg_monitor TO pitr_nomonitor")
+            conn = psycopg2.connect(archived["url"], user="pitr_nomonitor", password="pitr-nomonitor")
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cur:
+                    seen[monitor] = copy_estimate(cur)
+            finally:
+                conn.close()
+        assert seen[False]["pg_wal_bytes"] is None and "pg_wal NOT measured" in seen[False]["wal_note"]
+        assert seen[False]["wal_bytes"] == seen[False]["wal_settings_bytes"] >= 1 << 20
+        assert seen[True]["pg_wal_bytes"] > 0 and "pg_wal now" in seen[True]["wal_note"]
+        assert seen[True]["wal_bytes"] == max(seen[True]["pg_wal_bytes"], seen[True]["wal_settings_bytes"])
+        assert seen[True]["wal_settings_bytes"] == seen[False]["wal_settings_bytes"]
+    finally:
+        q(archived["url"], "DROP ROLE pitr_nomonitor")
 
 
 def test_rollback_playbook_recovers_with_consent(archived, tmp_path):
