@@ -3,7 +3,7 @@
 recovery needs, and what the precheck says about them.
 
 A PITR (ledger_pgbackrest_pitr.py) restores into ``<data>.pitr_<stamp>`` (with its socket and recovery.log in
-``<tmp>/ledger-pitr-<stamp>-*``), and at the swap keeps the data directory as it was as ``<data>.pre_pitr_<stamp>``;
+``<tmp>/ledger-pitr-<stamp>-<cluster mark>-*``), and at the swap keeps the data directory as it was as ``<data>.pre_pitr_<stamp>``;
 a copy that did not start as the target is moved to ``<data>.pitr_<stamp>.failed``. Each is the size of the whole
 cluster. A failed PITR that survives removes its copy; a killed one (a reboot, SIGKILL) cannot, and every finished
 one keeps ``pre_pitr`` on purpose (rows written after the restore point live only there). The precheck of
@@ -19,6 +19,7 @@ import calendar
 import errno
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import re
@@ -58,11 +59,20 @@ KIND_TEXT = {
 
 
 def pitr_directories(data_directory, stamp):
-    """{copy, kept, failed, socket_prefix}: the paths one PITR stamped `stamp` creates (the only place they are named)."""
+    """{copy, kept, failed, socket_prefix}: the paths one PITR stamped `stamp` creates (the only place they are named).
+
+    The socket directory (in the shared temporary directory) carries the cluster's mark as well as the stamp: two
+    clusters of one host recovered in the same second (a fleet's rollback) each find only their own.
+    """
     base = data_directory.rstrip("/")
     copy = base + COPY + stamp
     return {"copy": copy, "kept": base + KEPT + stamp, "failed": copy + FAILED,
-            "socket_prefix": SOCKET_PREFIX + stamp + "-"}
+            "socket_prefix": "%s%s-%s-" % (SOCKET_PREFIX, stamp, cluster_mark(base))}
+
+
+def cluster_mark(data_directory):
+    """A short mark of a data directory for names outside it (8 hex digits of its path's sha256)."""
+    return hashlib.sha256(data_directory.rstrip("/").encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
 def remove_command(paths, why="once nothing in it is wanted"):

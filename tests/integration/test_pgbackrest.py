@@ -28,6 +28,7 @@ from pghelpers import history, load_module, q
 from test_engine_locks import Bg, wait_for
 
 import pgclusters
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_leftovers import pitr_directories
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
@@ -591,7 +592,9 @@ def test_a_killed_playbook_stops_the_pitr_before_the_swap(archived, leasedb, tmp
         copy = glob.glob(data_dir + ".pitr_*")[0]
         listed = [d for d in res["pitr_leftovers"] if d["path"] == copy]
         assert listed and listed[0]["kind"] == "interrupted" and listed[0]["in_use"] is False, res["msg"]
-        assert listed[0]["sockets"] and listed[0]["remove_command"] == \
+        [sock] = listed[0]["sockets"]  # its own: named with this cluster's mark
+        assert os.path.basename(sock).startswith(pitr_directories(data_dir, copy.rsplit(".pitr_", 1)[1])["socket_prefix"])
+        assert listed[0]["remove_command"] == \
             "rm -rf %s %s   # as root on the database host, no recovery uses it" % (copy, listed[0]["sockets"][0])
     finally:
         if proc.poll() is None:
@@ -602,7 +605,8 @@ def test_a_killed_playbook_stops_the_pitr_before_the_swap(archived, leasedb, tmp
         for copy in glob.glob(data_dir + ".pitr_*"):
             shutil.rmtree(copy)
             stamp = copy.rsplit(".pitr_", 1)[1]
-            for sock in glob.glob(os.path.join(tempfile.gettempdir(), "ledger-pitr-%s-*" % stamp)):
+            prefix = pitr_directories(data_dir, stamp)["socket_prefix"]
+            for sock in glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(prefix) + "*")):
                 shutil.rmtree(sock)
 
 

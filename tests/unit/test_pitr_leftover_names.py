@@ -5,6 +5,7 @@ as in use. The cluster-level listing is tested on a real PITR in tests/integrati
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils import utc_stamp
@@ -31,6 +32,25 @@ def test_the_names_a_pitr_creates_are_the_names_found(tmp_path):
     found = find_directories(str(data))
     assert [(d["path"], d["kind"]) for d in found] == sorted(
         [(names["copy"], "interrupted"), (names["failed"], "failed"), (names["kept"], "kept")])
+
+
+def test_two_clusters_recovered_in_the_same_second_each_find_only_their_own_socket_directory(tmp_path):
+    """The copy's socket directory lives in the shared temporary directory: the cluster's mark keeps a fleet's
+    recoveries of two clusters on one host from advising the removal of each other's."""
+    stamp = "20200101T000000Z"
+    mine, other = str(tmp_path / "main"), str(tmp_path / "other")
+    for data in (mine, other):
+        os.mkdir(data)
+        os.mkdir(pitr_directories(data, stamp)["copy"])
+    socks = [tempfile.mkdtemp(prefix=pitr_directories(data, stamp)["socket_prefix"]) for data in (mine, other)]
+    try:
+        assert pitr_directories(mine, stamp)["socket_prefix"] != pitr_directories(other, stamp)["socket_prefix"]
+        found, _state, _holder = list_leftovers(mine, size_timeout=10)
+        assert [d["sockets"] for d in found] == [[socks[0]]]
+        assert socks[1] not in found[0]["remove_command"]
+    finally:
+        for sock in socks:
+            os.rmdir(sock)
 
 
 def test_a_held_lock_marks_only_the_running_recoverys_copy_in_use(tmp_path):
