@@ -13,6 +13,7 @@ fixtures) is in tests/README.md.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import subprocess
@@ -116,6 +117,20 @@ def apply_sql_files(url: str, up_to: str | None = None) -> None:
                 cur.execute(path.read_text())
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def archiving_cluster(prefix: str, stanza: str):
+    """(base, state) of a PostgreSQL 15 at 0011 archiving to a pgBackRest repository of its own (stanza
+    `stanza`), in a temporary directory named `prefix...`; destroyed with the directory afterwards."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        state = pgclusters.start(base / "pg", tmpdir=base, archive="pgbackrest", stanza=stanza)
+        apply_sql_files(state["url"])
+        yield base, state
+    finally:
+        pgclusters.destroy(base / "pg")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

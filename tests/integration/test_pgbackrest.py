@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import apply_sql_files
+from conftest import archiving_cluster
 from ledgertest import RUNBOOK_SET
 from pghelpers import history, load_module, q
 from test_engine_locks import Bg, wait_for
 
-import pgclusters
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_pgbackrest_leftovers import pitr_directories
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,10 +39,13 @@ pytestmark = pytest.mark.skipif(shutil.which("pgbackrest") is None and os.geteui
 @pytest.fixture(scope="module")
 def archived():
     """A PostgreSQL 15 archiving to a pgBackRest repository (stanza `pytest`), at 0011 with records."""
-    base = Path(tempfile.mkdtemp(prefix="ledger-pgbackrest-"))
-    state = pgclusters.start(base / "pg", tmpdir=base, archive="pgbackrest", stanza="pytest")
+    with archiving_cluster("ledger-pgbackrest-", "pytest") as (base, state):
+        yield _seeded(base, state)
+
+
+def _seeded(base, state):
+    """The archiving cluster's environment, its records seeded at 0011 and a probe table of 100 rows."""
     url = state["url"]
-    apply_sql_files(url)
     mod = load_module("ledger_pgbackrest")
     from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_common as common
     import psycopg2
@@ -57,13 +59,8 @@ def archived():
         cur.execute("CREATE TABLE public.pitr_probe (id int PRIMARY KEY)")
         cur.execute("INSERT INTO public.pitr_probe SELECT generate_series(1, 100)")
     conn.close()
-    env = {"url": url, "state": state, "base": base, "mod": mod, "backups": str(base / "backups"),
-           "config": state["pgbackrest"]["config"], "home": Path(state["home"])}
-    try:
-        yield env
-    finally:
-        pgclusters.destroy(base / "pg")
-        shutil.rmtree(base, ignore_errors=True)
+    return {"url": url, "state": state, "base": base, "mod": mod, "backups": str(base / "backups"),
+            "config": state["pgbackrest"]["config"], "home": Path(state["home"])}
 
 
 def params(env, action, **kw):

@@ -21,11 +21,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import apply_sql_files
+from conftest import archiving_cluster
 from pghelpers import history, q
 
 import pgcluster
-import pgclusters
 import sshd_ctl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,10 +41,14 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def remote():
     """An archiving cluster at 0011, an sshd in front of this host, and an inventory that uses both."""
-    base = Path(tempfile.mkdtemp(prefix="ledger-pgbackrest-remote-"))
-    state = pgclusters.start(base / "pg", tmpdir=base, archive="pgbackrest", stanza="remote")
+    with archiving_cluster("ledger-pgbackrest-remote-", "remote") as (base, state):
+        yield from _behind_sshd(base, state)
+
+
+def _behind_sshd(base, state):
+    """The remote fixture's environment: a probe table, a backup directory of the cluster's OS user, a private
+    sshd on a free port and the inventory that reaches the database host through it (stopped afterwards)."""
     url = state["url"]
-    apply_sql_files(url)
     q(url, "CREATE TABLE public.remote_probe (id int PRIMARY KEY)")
     q(url, "INSERT INTO public.remote_probe SELECT generate_series(1, 50)")
     owner = pwd.getpwnam(state["os_user"])
@@ -76,8 +79,6 @@ def remote():
         yield {"url": url, "inventory": inventory, "backups": backups, "owner": owner, "base": base}
     finally:
         sshd_ctl.stop(ssh_dir / "server")
-        pgclusters.destroy(base / "pg")
-        shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(backups, ignore_errors=True)
 
 

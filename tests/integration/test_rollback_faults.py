@@ -95,11 +95,7 @@ def test_two_restores_exclude_each_other_and_each_names_its_own_databases(target
         assert "b" not in results
     finally:
         blocker.release()
-    first.join(120)
-    second.join(120)
-    a, b = results["a"], results["b"]
-    assert not isinstance(a, Exception), a
-    assert not isinstance(b, Exception), b
+    a, b = finished(results, (first, "a"), (second, "b"))
     # Unique names per run; each message names the databases of its own run.
     assert len({a["staging_database"], b["staging_database"], a["previous_database"], b["previous_database"]}) == 4
     assert a["previous_database"] in a["msg"] and b["previous_database"] in b["msg"]
@@ -170,6 +166,17 @@ def in_thread(results, key, call, **kwargs):
     return thread
 
 
+def finished(results, *threads):
+    """The results of (thread, key) pairs once each thread has ended (120 s at most): none a LedgerError."""
+    for thread, _key in threads:
+        if thread is not None:
+            thread.join(120)
+    out = [results[key] for _thread, key in threads]
+    for result in out:
+        assert not isinstance(result, Exception), result
+    return out
+
+
 # A restore that LeaseParker holds at its park(). terminate_connections: the parker's session is connected
 # when the restore looks; it is gone before the swap. A run waiting for the lease must be neither
 # terminated nor in the way.
@@ -215,12 +222,8 @@ def test_a_migrate_waiting_for_the_lease_does_not_block_the_restores_swap(target
             time.sleep(0.01)
     finally:
         parker.release()
-    first.join(120)
-    waiting.join(120)
-    r, m = results["restore"], results["migrate"]
-    assert not isinstance(r, Exception), r
+    r, m = finished(results, (first, "restore"), (waiting, "migrate"))
     assert r["changed"] is True and r["terminated"] == []
-    assert not isinstance(m, Exception), m
     # The waiter took the lease on the restored database (at 0011): nothing left to apply there.
     assert m["version_before"] == "0011" and m["applied"] == [] and m["lock"]["waited_s"] > 0
     assert history(target.url) == ["0008", "0009", "0010", "0011"]
@@ -268,14 +271,9 @@ def test_the_leftovers_cleanup_waits_for_a_restore_in_progress_and_never_drops_i
         assert databases(target.cluster, live[0]) == live
     finally:
         parker.release()
-    first.join(120)
-    if second is not None:
-        second.join(120)
-    r, c = results["restore"], results["cleanup"]
-    assert not isinstance(r, Exception), r
+    r, c = finished(results, (first, "restore"), (second, "cleanup"))
     assert r["changed"] is True and r["staging_database"] == live[0]
     assert history(target.url) == ["0008", "0009", "0010", "0011"]
-    assert not isinstance(c, Exception), c
     # After the restore: the killed run's scratch copy is dropped; the database this restore kept is not
     # (it holds what was written after the backup): it is listed, and dropped only by its own consent.
     assert [d["name"] for d in c["dropped"]] == [leftover]
