@@ -44,6 +44,7 @@ import sys
 import time
 from pathlib import Path
 
+import debian_packages  # the one home of installing what is missing
 from port_block import free_port, port_in_use  # the one home of the free-port rule
 
 RUN_AS = "postgres"
@@ -61,12 +62,10 @@ def find_binary(install: bool = False) -> str:
         if cand and os.access(cand, os.X_OK):
             return cand
     if install and os.geteuid() == 0 and shutil.which("apt-get"):
-        print("pgbouncer not found; installing the Debian package with apt-get", file=sys.stderr)
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "pgbouncer"]):
-            res = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise BouncerError(f"'{' '.join(cmd)}' failed ({res.returncode}): {(res.stderr or res.stdout).strip()[-400:]}")
+        try:
+            debian_packages.install(["pgbouncer"], " (pgbouncer not found)")
+        except debian_packages.PackageError as exc:
+            raise BouncerError(str(exc)) from None
         if os.access("/usr/sbin/pgbouncer", os.X_OK):
             return "/usr/sbin/pgbouncer"
     raise BouncerError("pgbouncer is not installed: run 'apt-get update && apt-get install -y pgbouncer' as root "

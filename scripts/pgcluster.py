@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import debian_packages  # the one home of installing what is missing
 from port_block import free_port, port_in_use  # the one home of the free-port rule
 
 PG_MAJOR = "15"
@@ -62,12 +63,10 @@ def find_bindir() -> Path:
             return bindir
     if os.geteuid() == 0 and shutil.which("apt-get"):
         # The contract: where no binaries are found, install the Debian package as root.
-        print(f"PostgreSQL {PG_MAJOR} binaries not found; installing postgresql-{PG_MAJOR} with apt-get", file=sys.stderr)
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", f"postgresql-{PG_MAJOR}"]):
-            res = subprocess.run(cmd, env=env, check=False)
-            if res.returncode != 0:
-                raise ClusterError(f"'{' '.join(cmd)}' failed (exit {res.returncode}); install postgresql-{PG_MAJOR} by hand")
+        try:
+            debian_packages.install([f"postgresql-{PG_MAJOR}"], f" (PostgreSQL {PG_MAJOR} binaries not found)")
+        except debian_packages.PackageError as exc:
+            raise ClusterError(str(exc)) from None
         if (Path(DEFAULT_BINDIR) / "initdb").is_file():
             return Path(DEFAULT_BINDIR)
     raise ClusterError(
@@ -204,12 +203,10 @@ def find_pgbackrest() -> str:
     if found:
         return found
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        print("pgbackrest not found; installing the Debian package pgbackrest with apt-get", file=sys.stderr)
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", PGBACKREST]):
-            res = subprocess.run(cmd, env=env, check=False)
-            if res.returncode != 0:
-                raise ClusterError(f"'{' '.join(cmd)}' failed (exit {res.returncode}); install pgbackrest by hand")
+        try:
+            debian_packages.install([PGBACKREST], " (pgbackrest not found)")
+        except debian_packages.PackageError as exc:
+            raise ClusterError(str(exc)) from None
         found = shutil.which(PGBACKREST)
         if found:
             return found

@@ -12,8 +12,8 @@ throwaway pair) and no password login; it runs in the foreground of its own proc
 stopping it is killing that one pid (D/sshd.pid). The module runs there with the host's
 /usr/bin/python3, which needs psycopg2: a database host has python3-psycopg2 (Debian), as
 `install` sets up here. Nothing in /etc/ssh is changed and no system sshd is started
-(Debian's package starts none where policy-rc.d forbids it, as in containers; `start` never
-uses /etc/ssh/sshd_config).
+(`install` holds the package's services: scripts/debian_packages.py; `start` never uses
+/etc/ssh/sshd_config).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import debian_packages  # the one home of installing what is missing
 
 SSHD = "/usr/sbin/sshd"
 PACKAGES = {"openssh-server": lambda: os.access(SSHD, os.X_OK),
@@ -47,14 +49,10 @@ def install() -> None:
     need = missing()
     if not need:
         return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise SshdError(f"missing {', '.join(need)}: install as root with 'apt-get install -y {' '.join(need)}'")
-    print(f"installing the Debian packages {', '.join(need)} with apt-get", file=sys.stderr)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *need]):
-        res = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise SshdError(f"'{' '.join(cmd)}' failed ({res.returncode}): {(res.stderr or res.stdout).strip()[-400:]}")
+    try:
+        debian_packages.install(need)
+    except debian_packages.PackageError as exc:
+        raise SshdError(str(exc)) from None
     if missing():
         raise SshdError(f"still missing after apt-get: {', '.join(missing())}")
 

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Debian packages the project's tools need, installed with apt-get as root: the one home of that step.
+
+    debian_packages.py install PACKAGE [PACKAGE ...]
+
+Used by `.ci/run` and by the tools that install what they miss (pgcluster.py: postgresql-15 and
+pgbackrest; pgbouncer_ctl.py: pgbouncer; sshd_ctl.py: openssh-server and python3-psycopg2).
+The packages' services are not started: on a machine with systemd, installing openssh-server
+would start (and enable) the system's sshd on port 22, postgresql-15 a cluster on 5432 and
+pgbouncer a pooler on 6432, none of which the project uses. While apt-get runs, a policy-rc.d
+that denies every start (exit 101, the Debian policy interface that invoke-rc.d and
+deb-systemd-invoke consult) is in place, unless the machine already has a policy-rc.d of its own
+(a container's, an administrator's): that one is left alone. Standard library only: it runs before
+the virtualenv exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+# The first lines of the policy this script writes: a file that starts so is ours to remove (also when a
+# killed install left it behind); any other policy-rc.d is the machine's.
+POLICY = "#!/bin/sh\n# arrakis-ledger: no service starts while its packages install (scripts/debian_packages.py)\nexit 101\n"
+
+
+class PackageError(Exception):
+    """apt-get is not usable here or failed: the message says what to run by hand."""
+
+
+@contextmanager
+def services_held(policy: Path = POLICY_RC_D):
+    """No package service starts inside this block: a deny-all policy-rc.d unless the machine has one."""
+    ours = not policy.exists() or policy.read_text(errors="replace").startswith(POLICY)
+    if ours:
+        tmp = policy.with_name(policy.name + ".arrakis-ledger")
+        tmp.write_text(POLICY)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, policy)
+    try:
+        yield ours
+    finally:
+        if ours:
+            try:
+                policy.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def install(packages: list[str], what: str = "", policy: Path = POLICY_RC_D) -> None:
+    """apt-get update and install ``packages`` (root only), their services not started; PackageError if not."""
+    names = " ".join(packages)
+    by_hand = f"install them as root: apt-get update && apt-get install -y {names}"
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise PackageError(f"missing {names}{what}: {by_hand}")
+    print(f"installing the Debian package(s) {names}{what} with apt-get (their services are not started)",
+          file=sys.stderr)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    with services_held(policy):
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
+            res = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise PackageError(f"'{' '.join(cmd)}' failed (exit {res.returncode}): "
+                                   f"{(res.stderr or res.stdout).strip()[-400:]}; {by_hand}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_install = sub.add_parser("install", help="apt-get install the packages (root), their services not started")
+    p_install.add_argument("packages", nargs="+")
+    args = parser.parse_args(argv)
+    try:
+        install(args.packages)
+    except PackageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
