@@ -392,9 +392,9 @@ def _apply_nontx(r, m):
                 new = [i for i in invalid_indexes(r.conn) if (i["schema"], i["index"]) not in before] \
                     if not r.conn.closed else []
                 cleanup = "\n".join(i["cleanup"] for i in new)
-                advice = ("%s runs outside a transaction (-- ledger:no-transaction): the statement(s) before"
-                          " it (line(s) %s) were applied and stay" % (
-                              m.filename, ", ".join(str(x) for x in done_lines) or "none"))
+                advice = "%s runs outside a transaction (-- ledger:no-transaction): %s" % (
+                    m.filename, "the statement(s) before it (line(s) %s) were applied and stay" % ", ".join(
+                        str(x) for x in done_lines) if done_lines else "no statement of it ran before this one")
                 if new:
                     advice += ("\n  it left INVALID index(es) %s; clean up with:\n    %s" % (
                         ", ".join("%s.%s" % (i["schema"], i["index"]) for i in new),

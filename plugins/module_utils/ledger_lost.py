@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, lost_connection_text
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import concurrent_index
 
 try:
     import psycopg2
@@ -66,6 +67,50 @@ def find_out(reconnect, pid, started_before, settle_s, wait_gone):
     return facts
 
 
+# What a lost CREATE/DROP INDEX CONCURRENTLY left, by (action, state of the index found after reconnecting).
+_EFFECT = {
+    ("create", "valid"): "it completed: the index %s exists and is valid",
+    ("create", "invalid"): "it did not complete: it left the index %s INVALID (unused by queries: the cleanup above)",
+    ("create", "absent"): "it did not complete: there is no index %s",
+    ("drop", "absent"): "it completed: the index %s is gone",
+    ("drop", "valid"): "it did not complete: the index %s is still there and valid",
+    ("drop", "invalid"): "it did not complete: it left the index %s INVALID (unused by queries: the cleanup above)",
+}
+
+
+def effect(conn, stmt):
+    """What a lost no-transaction statement did, read once its session has ended: for a named CREATE or
+    DROP INDEX CONCURRENTLY, {"index", "state": valid|invalid|absent, "said"}; None for any other
+    statement (its effect is not inspected) or when the catalog can't be read."""
+    target = concurrent_index(stmt)
+    if target is None:
+        return None
+    try:
+        with conn.cursor() as cur:
+            if target["table"] is not None:
+                # The index lives in its table's schema; no table, no index.
+                cur.execute("SELECT n.nspname, i.indisvalid FROM pg_catalog.pg_class t"
+                            " JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace"
+                            " LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = t.relnamespace AND c.relname = %s"
+                            "      AND c.relkind IN ('i', 'I')"
+                            " LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid"
+                            " WHERE t.oid = pg_catalog.to_regclass(%s)", (target["index"], target["table"]))
+            else:
+                cur.execute("SELECT n.nspname, i.indisvalid FROM pg_catalog.pg_class c"
+                            " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+                            " JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid"
+                            " WHERE c.oid = pg_catalog.to_regclass(CASE WHEN %s::text IS NULL THEN quote_ident(%s)"
+                            "       ELSE quote_ident(%s) || '.' || quote_ident(%s) END)",
+                            (target["schema"], target["index"], target["schema"], target["index"]))
+            row = cur.fetchone()
+    except psycopg2.Error:
+        return None
+    schema = row[0] if row else target["schema"]
+    name = "%s.%s" % (schema, target["index"]) if schema else target["index"]
+    state = "absent" if row is None or row[1] is None else ("valid" if row[1] else "invalid")
+    return {"index": name, "state": state, "said": _EFFECT[(target["action"], state)] % name}
+
+
 def header(message):
     """The failure's first line instead of `SQLSTATE ?: ...`."""
     return lost_connection_text(message)
@@ -79,8 +124,8 @@ def cause(facts):
     if facts["cause"] == "terminated":
         return ("its server session (pid %s) had already ended when the engine reconnected and the server did not "
                 "restart: the session was terminated (pg_terminate_backend or an administrator's command; "
-                "PostgreSQL sends SQLSTATE 57P01 then, but libpq does not pass it on through the closed connection)"
-                % pid)
+                "PostgreSQL sends SQLSTATE 57P01 then, but libpq does not pass it on through the closed connection), "
+                "or the connection was cut and the session ended when it next wrote to its client" % pid)
     if facts["cause"] == "dropped":
         state = ("it ended %ss later" % facts["waited_s"] if facts["ended"] else
                  "it is still running after %ss" % facts["waited_s"])
@@ -101,7 +146,9 @@ def state(facts, advice, transactional, filename, line=None):
         return ("no COMMIT was sent: nothing of it is committed and it never will be (%s), but its session (pid %s) "
                 "still holds its locks until it ends: `SELECT pg_terminate_backend(%s)`" % (advice, pid, pid))
     where = "line %s of %s" % (line, filename) if line else filename
-    if facts["ended"]:
+    if facts["ended"] and facts.get("effect"):
+        said = "found after reconnecting: %s" % facts["effect"]["said"]
+    elif facts["ended"]:
         said = "it may have completed on the server before its session ended; check its effect before re-running"
     else:
         said = ("its session (pid %s) %s: it may still complete; check its effect once it has ended"

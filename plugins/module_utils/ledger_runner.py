@@ -549,7 +549,11 @@ class Runner(object):
         elif err.get("sqlstate") == "57014":
             msg += "\n  the statement ran longer than statement_timeout=%s" % self.s["statement_timeout_sql"]
         if found is not None:
-            advice = ledger_lost.state(found, advice, (extra or {}).get("transactional", True), filename, line)
+            transactional = (extra or {}).get("transactional", True)
+            if not transactional and found["ended"] and stmt is not None and not self.conn.closed:
+                # Outside a transaction the statement may have done its work: read what it left, once.
+                found.setdefault("effect", ledger_lost.effect(self.conn, stmt))
+            advice = ledger_lost.state(found, advice, transactional, filename, line)
         if advice:
             msg += "\n  " + advice
         fields["next_command"] = next_command

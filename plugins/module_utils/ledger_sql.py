@@ -356,3 +356,46 @@ def rehearsal_form(stmt):
     if reason:
         return None, "%s can't run in a transaction: not rehearsed" % reason
     return stmt.text, None
+
+
+_NAME = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
+_QUALIFIED = r"%s(?:\s*\.\s*%s)?" % (_NAME, _NAME)
+_CREATE_INDEX_CONCURRENTLY = re.compile(
+    r"^\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?(?!ON\b)(?P<index>%s)\s+ON\s+"
+    r"(?:ONLY\s+)?(?P<table>%s)" % (_NAME, _QUALIFIED), re.IGNORECASE | re.DOTALL)
+_DROP_INDEX_CONCURRENTLY = re.compile(
+    r"^\s*DROP\s+INDEX\s+CONCURRENTLY\s+(?:IF\s+EXISTS\s+)?(?P<index>%s)\s*(?:CASCADE|RESTRICT)?\s*$" % _QUALIFIED,
+    re.IGNORECASE | re.DOTALL)
+
+
+def unquote_name(name):
+    """An identifier as written to its catalog name: "Quoted" kept as is, a bare one folded to lower case."""
+    name = name.strip()
+    if name.startswith('"'):
+        return name[1:-1].replace('""', '"')
+    return name.lower()
+
+
+def split_qualified(name):
+    """(schema or None, name) of a possibly schema-qualified name as written, each as in the catalog."""
+    parts = re.findall(_NAME, name)
+    return (unquote_name(parts[0]), unquote_name(parts[1])) if len(parts) == 2 else (None, unquote_name(parts[0]))
+
+
+def concurrent_index(stmt):
+    """What a named CREATE/DROP INDEX CONCURRENTLY works on: {action, index, table}, else None.
+
+    For finding out, after its connection was lost, whether it completed: the index's name (as in the
+    catalog) and, for CREATE, the table it is on as written (the index lives in that table's schema);
+    for DROP, the schema when the name is qualified (``table`` None). An unnamed CREATE INDEX gets a
+    name the server picks: None then.
+    """
+    m = _CREATE_INDEX_CONCURRENTLY.match(stmt.masked)
+    if m:
+        return {"action": "create", "index": unquote_name(m.group("index")), "schema": None,
+                "table": m.group("table").strip()}
+    m = _DROP_INDEX_CONCURRENTLY.match(stmt.masked)
+    if m:
+        schema, index = split_qualified(m.group("index"))
+        return {"action": "drop", "index": index, "schema": schema, "table": None}
+    return None

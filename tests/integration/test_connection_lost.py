@@ -19,6 +19,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_runne
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import PlaybookAdvice
 
+import psycopg2
 import pytest
 from dropping_proxy import MARKER, DroppingProxy
 from ledgertest import load, write_set
@@ -36,11 +37,20 @@ def _set(tmp_path, seconds):
     })
 
 
-def _terminate_when_running(admin_url, stop):
-    """pg_terminate_backend on the session running the marked statement, as soon as it runs."""
+def _through(proxy, url):
+    """The database URL through the proxy (no TLS or GSS negotiation for it to parse)."""
+    head, db = url.rsplit("/", 1)
+    return "%s:%d/%s?sslmode=disable&gssencmode=disable" % (head.rsplit(":", 1)[0], proxy.port, db)
+
+
+def _terminate_when_running(admin_url, stop, waiting=False):
+    """pg_terminate_backend on the session running the marked statement, as soon as it runs (waiting: once it
+    waits for a lock)."""
     while not stop.is_set():
         rows = q(admin_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE state = 'active'"
-                            " AND query LIKE %s AND pid <> pg_backend_pid()", ("%" + MARKER.decode() + "%",))
+                            " AND query LIKE %s AND pid <> pg_backend_pid()" + (" AND wait_event_type = 'Lock'"
+                                                                               if waiting else ""),
+                 ("%" + MARKER.decode() + "%",))
         if rows:
             return
         time.sleep(0.05)
@@ -92,8 +102,7 @@ def test_a_terminated_session_says_no_sqlstate_why_and_what_is_left(tmp_path, pg
 def test_a_dropped_connection_waits_for_the_old_session_then_says_what_is_true(tmp_path, pg_cluster, empty_db):
     proxy = DroppingProxy(pg_cluster.port, drop="marked")
     try:
-        head, db = empty_db.rsplit("/", 1)
-        via = "%s:%d/%s?sslmode=disable&gssencmode=disable" % (head.rsplit(":", 1)[0], proxy.port, db)
+        via = _through(proxy, empty_db)
         d = _set(tmp_path, 2)
         started = time.monotonic()
         with pytest.raises(LedgerError) as exc:
@@ -115,8 +124,7 @@ def test_a_session_still_running_is_named_with_the_command_that_ends_it(tmp_path
     monkeypatch.setitem(ledger_runner.DEFAULTS, "commit_settle_s", 1.0)  # not the 120 s an operator waits
     proxy = DroppingProxy(pg_cluster.port, drop="marked")
     try:
-        head, db = empty_db.rsplit("/", 1)
-        via = "%s:%d/%s?sslmode=disable&gssencmode=disable" % (head.rsplit(":", 1)[0], proxy.port, db)
+        via = _through(proxy, empty_db)
         d = _set(tmp_path, 60)
         with pytest.raises(LedgerError) as exc:
             engine.apply(via, load(d), advice=PlaybookAdvice("testenv"))
@@ -134,3 +142,85 @@ def test_a_session_still_running_is_named_with_the_command_that_ends_it(tmp_path
     # It is true: the old session is there; ending it leaves nothing of 0002.
     assert q(pg_cluster.url(), "SELECT pg_terminate_backend(%s)", (pid,)) == [(True,)]
     assert history(empty_db) == ["0001"]
+
+
+# A no-transaction file whose CREATE INDEX CONCURRENTLY may finish on the server after its connection is lost:
+# what it left is read once its session has ended, not guessed ("it may have completed").
+def _index_set(tmp_path):
+    return write_set(tmp_path / "m", {
+        "0001_t.sql": "CREATE TABLE public.lost_t (a int);\nINSERT INTO public.lost_t SELECT generate_series(1, 100);\n",
+        "0002_idx.sql": "-- ledger:no-transaction\nCREATE INDEX CONCURRENTLY IF NOT EXISTS %s_idx ON public.lost_t (a);\n"
+                        % MARKER.decode(),
+    })
+
+
+def test_a_lost_concurrent_index_build_that_finished_says_so(tmp_path, pg_cluster, empty_db):
+    """The client side is cut right after the CREATE INDEX CONCURRENTLY is sent (no-transaction files run on
+    migrate_direct_url, here the proxy); the server builds the index, then finds its client gone."""
+    proxy = DroppingProxy(pg_cluster.port, drop="marked")
+    try:
+        via = _through(proxy, empty_db)
+        with pytest.raises(LedgerError) as exc:
+            engine.apply(empty_db, load(_index_set(tmp_path)), advice=PlaybookAdvice("testenv"), direct_url=via)
+        assert proxy.fired.is_set()
+    finally:
+        proxy.close()
+    msg, index = exc.value.msg, "public.%s_idx" % MARKER.decode()
+    found = exc.value.fields["connection_lost"]
+    assert found["ended"] is True and found["effect"] == {
+        "index": index, "state": "valid", "said": "it completed: the index %s exists and is valid" % index}, found
+    assert ("the statement at line 2 of 0002_idx.sql ran outside a transaction: found after reconnecting: it "
+            "completed: the index %s exists and is valid" % index) in msg, msg
+    assert "may have completed" not in msg and msg.count("no SQLSTATE") == 1
+    assert q(empty_db, "SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (index,)) == [(True,)]
+    assert history(empty_db) == ["0001"]  # no history row: the re-run below finds the index there
+    assert [a["version"] for a in engine.apply(empty_db, load(tmp_path / "m"))["applied"]] == ["0002"]
+
+
+def test_a_lost_concurrent_index_drop_that_finished_says_so(tmp_path, pg_cluster, empty_db):
+    index = "public.%s_idx" % MARKER.decode()
+    d = write_set(tmp_path / "m", {
+        "0001_t.sql": "CREATE TABLE public.lost_t (a int);\nCREATE INDEX %s_idx ON public.lost_t (a);\n" % MARKER.decode(),
+        "0002_drop.sql": "-- ledger:no-transaction\nDROP INDEX CONCURRENTLY IF EXISTS %s;\n" % index,
+    })
+    engine.apply(empty_db, load(d), target="0001")
+    proxy = DroppingProxy(pg_cluster.port, drop="marked")
+    try:
+        via = _through(proxy, empty_db)
+        with pytest.raises(LedgerError) as exc:
+            engine.apply(empty_db, load(d), advice=PlaybookAdvice("testenv"), direct_url=via)
+    finally:
+        proxy.close()
+    assert exc.value.fields["connection_lost"]["effect"]["state"] == "absent"
+    assert "found after reconnecting: it completed: the index %s is gone" % index in exc.value.msg, exc.value.msg
+    assert q(empty_db, "SELECT to_regclass(%s)", (index,)) == [(None,)]
+
+
+def test_a_concurrent_index_build_terminated_while_it_waits_says_the_index_is_left_invalid(
+        tmp_path, pg_cluster, empty_db):
+    """A transaction that wrote to the table keeps the build waiting (its first phase is committed: the index
+    exists, INVALID); the build's session is then terminated."""
+    d = _index_set(tmp_path)
+    engine.apply(empty_db, load(d), target="0001")
+    writer = psycopg2.connect(empty_db)
+    stop = threading.Event()
+    killer = threading.Thread(target=_terminate_when_running, args=(pg_cluster.url(), stop, True), daemon=True)
+    try:
+        with writer.cursor() as cur:
+            cur.execute("INSERT INTO public.lost_t VALUES (0)")  # open: the build waits for it to end
+        killer.start()
+        with pytest.raises(LedgerError) as exc:
+            engine.apply(empty_db, load(d), advice=PlaybookAdvice("testenv"))
+    finally:
+        stop.set()
+        killer.join(10)
+        writer.rollback()
+        writer.close()
+    msg, index = exc.value.msg, "public.%s_idx" % MARKER.decode()
+    found = exc.value.fields["connection_lost"]
+    assert found["cause"] == "terminated" and found["effect"]["state"] == "invalid", found
+    assert ("found after reconnecting: it did not complete: it left the index %s INVALID (unused by queries: the "
+            "cleanup above)" % index) in msg, msg
+    assert "DROP INDEX CONCURRENTLY IF EXISTS %s;" % index in msg
+    assert exc.value.fields["cleanup_sql"] == "DROP INDEX CONCURRENTLY IF EXISTS %s;" % index
+    assert q(empty_db, "SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (index,)) == [(False,)]

@@ -83,3 +83,21 @@ def test_a_session_level_setting_is_refused_when_the_set_is_read(tmp_path, files
         load(d)
     assert needle in exc.value.msg
     assert "SET LOCAL" in exc.value.msg and exc.value.fields["line"] == int(needle.split("line ")[1].split(":")[0])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('CREATE INDEX CONCURRENTLY IF NOT EXISTS "My ""Idx""" ON ONLY public."T x" (a)',
+     {"action": "create", "index": 'My "Idx"', "schema": None, "table": 'public."T x"'}),
+    ("create unique index concurrently Ix_A /* the key */ on ledger.entries using btree (a) where b > 1",
+     {"action": "create", "index": "ix_a", "schema": None, "table": "ledger.entries"}),
+    ("CREATE INDEX CONCURRENTLY on_x ON t(a)", {"action": "create", "index": "on_x", "schema": None, "table": "t"}),
+    ('DROP INDEX CONCURRENTLY IF EXISTS "S"."a.b"', {"action": "drop", "index": "a.b", "schema": "S", "table": None}),
+    ("drop index concurrently foo cascade", {"action": "drop", "index": "foo", "schema": None, "table": None}),
+    ("CREATE INDEX CONCURRENTLY ON t (a)", None),  # the server picks the name
+    ("CREATE INDEX ix ON t (a)", None),  # not concurrent: it runs in a transaction
+    ("REINDEX INDEX CONCURRENTLY ix", None),  # what it leaves is INVALID _ccnew/_ccold indexes, listed anyway
+])
+def test_a_concurrent_index_statement_names_what_it_works_on(text, expected):
+    """What a lost no-transaction statement is checked against once its session has ended (ledger_lost.effect)."""
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import concurrent_index
+    assert concurrent_index(engine.split_sql(text)[0]) == expected
