@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from ansible_collections.arrakis.ledger.plugins.action.ledger_backup import ActionModule as BackupAction, read_progress
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_lifeline import die_with_playbook
 from ansible_collections.arrakis.ledger.plugins.plugin_utils.ledger_inprocess import LOCAL_TRANSPORTS
 
 
@@ -32,7 +33,14 @@ class ActionModule(BackupAction):
     def around(self, args, task_vars, execute):
         # A recovery dies with the playbook up to its swap (ledger_lifeline): run as a module, its parent is a
         # shell under Ansible's worker, which outlives a killed playbook; so it watches ansible-playbook itself
-        # (this worker's parent), which it can only do on this host.
-        if args.get("action") == "restore" and self._connection.transport in LOCAL_TRANSPORTS:
-            args = dict(args, playbook_pid=os.getppid())
-        return super().around(args, task_vars, execute)
+        # (this worker's parent), which it can only do on this host. On a remote host it watches its SSH
+        # channel instead, and this worker kills itself and its ssh client once ansible-playbook is gone.
+        if args.get("action") != "restore" or self._task.check_mode:
+            return super().around(args, task_vars, execute)
+        if self._connection.transport in LOCAL_TRANSPORTS:
+            return super().around(dict(args, playbook_pid=os.getppid()), task_vars, execute)
+        watching = die_with_playbook(os.getppid())
+        try:
+            return super().around(dict(args, watch_channel=True), task_vars, execute)
+        finally:
+            watching.set()

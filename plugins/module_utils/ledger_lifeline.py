@@ -23,6 +23,14 @@ disarm() ends the death signal for a step that is worse stopped half-way than fi
 swap: stop, two renames, start); the caller checks parent_alive() after disarming, so a parent that
 died before it is seen either way (killed while armed, or refused by the check).
 
+On a database host reached over SSH neither the playbook nor its worker is a process there. Two more
+pieces stop a PITR there: on the controller, die_with_playbook() in the worker (the action plugin)
+kills the worker's own process group, the ssh client with it, once ansible-playbook has exited (a
+SIGKILL of the playbook's group does not reach the worker, in its own session; a SIGTERM or SIGINT
+does, and Ansible's worker then kills that group itself); on the database host, a Lifeline with
+``channel`` watches the module's standard output, its SSH channel (a pipe to sshd, or the pty that
+become with su gets), and dies when that hangs up, as it does when the ssh client is gone.
+
 A signal the worker does get (ansible-playbook forwards SIGTERM and SIGINT to it, then waits for it
 before exiting) is handled in Python, so only between two statements: a statement waiting inside libpq
 (a swap waiting on a lock) would keep the worker, and so the playbook, alive. interruptible_waits()
@@ -62,6 +70,11 @@ def _prctl_pdeathsig(sig):
         return False
 
 
+def _alive(watched):
+    """Whether (pid, start time) is still that process (pids are reused)."""
+    return watched[1] is not None and _start_time(watched[0]) == watched[1]
+
+
 def _start_time(pid):
     """The start time of process ``pid`` (its identity with the pid: pids are reused), or None once gone."""
     try:
@@ -80,14 +93,18 @@ class Lifeline(object):
     its own process on a local connection: ansible-playbook > worker (own session) > sh > sh > python;
     the worker outlives a killed playbook, so the parent's death never comes). A thread then watches it
     and kills this process when it exits, while armed.
+
+    channel: watch this process's standard output, the SSH channel of a module run on a remote host, and
+    die when it hangs up (the ssh client on the controller is gone); parent_alive() says False then.
     """
 
-    def __init__(self, playbook_pid=None):
+    def __init__(self, playbook_pid=None, channel=False):
         self.parent = os.getppid()
         self.armed = False
         self.watched = None
         if playbook_pid and int(playbook_pid) not in (self.parent, 1):
             self.watched = (int(playbook_pid), _start_time(int(playbook_pid)))
+        self.channel = _STDOUT if channel else None
         self._lock = threading.Lock()
 
     def die_with_parent(self):
@@ -100,12 +117,21 @@ class Lifeline(object):
         if self.watched is not None:
             self.armed = True
             threading.Thread(target=self._watch, name="ledger-lifeline", daemon=True).start()
+        if self.channel is not None:
+            self.armed = True
+            threading.Thread(target=self._watch_channel, name="ledger-lifeline-channel", daemon=True).start()
         return self
 
     def _watch(self):
-        pid, started = self.watched
-        while started is not None and _start_time(pid) == started:
+        while _alive(self.watched):
             time.sleep(0.2)
+        self._die()
+
+    def _watch_channel(self):
+        if _hung_up(self.channel, None):
+            self._die()
+
+    def _die(self):
         with self._lock:
             if self.armed:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -119,9 +145,55 @@ class Lifeline(object):
         return self
 
     def parent_alive(self):
-        if self.watched is not None and _start_time(self.watched[0]) != self.watched[1]:
+        if self.watched is not None and not _alive(self.watched):
+            return False
+        if self.channel is not None and _hung_up(self.channel, 0):
             return False
         return self.parent <= 1 or os.getppid() == self.parent
+
+
+_STDOUT = 1
+_HANGUP = select.POLLHUP | select.POLLERR
+
+
+def _hung_up(fd, timeout):
+    """Whether ``fd`` hangs up within ``timeout`` seconds (None: waits for it): the read side of a pipe closed
+    (POLLERR), a pty whose master was closed (POLLHUP). A file or /dev/null never does; a closed fd is not a
+    hang-up."""
+    poller = select.poll()
+    poller.register(fd, 0)  # hang-ups are reported whatever the mask
+    while True:
+        try:
+            events = poller.poll(None if timeout is None else int(timeout * 1000))
+        except InterruptedError:  # pragma: no cover - retried by Python itself since 3.5
+            continue
+        return any(ev & _HANGUP for _fd, ev in events)
+
+
+def die_with_playbook(playbook_pid):
+    """On the controller, in Ansible's worker (an action plugin): once ``playbook_pid`` (ansible-playbook) has
+    exited, kill the worker's process group, its ssh client with it; returns an Event that ends the watch.
+
+    Ansible's worker runs in a session of its own, as its group's leader, so a SIGKILL of the playbook's group
+    leaves it and its ssh client running, and a recovery on the database host would go on to its swap. Ansible's
+    own SIGTERM and SIGINT handler kills that same group. Not being the group's leader, only the worker dies.
+    """
+    done = threading.Event()
+    watched = (int(playbook_pid), _start_time(int(playbook_pid)))
+    if watched[1] is None:  # already gone: Ansible's worker is ending anyway
+        return done
+
+    def watch():
+        while _alive(watched):
+            if done.wait(0.2):
+                return
+        if not done.is_set():
+            if os.getpgrp() == os.getpid():
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="ledger-lifeline-playbook", daemon=True).start()
+    return done
 
 
 def child_preexec():

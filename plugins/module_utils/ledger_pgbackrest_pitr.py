@@ -414,7 +414,7 @@ def run_restore(p, repo, target, check_mode, progress):
         return _restore(p, repo, target, True, progress, started, manifest, server, risk, None, None)
     label = p.get("host_label") or "<host>"
     # The work dies with the playbook up to the swap (Ansible's worker is in its own session: see ledger_lifeline).
-    lifeline = Lifeline(p.get("playbook_pid")).die_with_parent()
+    lifeline = Lifeline(p.get("playbook_pid"), channel=p.get("watch_channel")).die_with_parent()
     # One PITR per cluster, and the target's run lease: see ledger_pgbackrest_lease.py.
     cluster_lock = ClusterLock(server["data_directory"], run_id, target, p["lock_wait"], repo.user.pw, url).acquire()
     lease = None

@@ -77,6 +77,10 @@ options:
   rerun_command: {description: What the operator runs after a fix., type: str, default: the same ansible-playbook command}
   run_options: {description: The ansible-playbook options (-i -l -e vault) every next command carries; set by the action plugin., type: list, elements: str}
   playbook_pid: {description: "Internal: the ansible-playbook a restore dies with up to its swap (set by the action plugin).", type: int}
+  watch_channel:
+    description: "Internal: on a remote host, a restore dies up to its swap when its SSH channel hangs up (set by the action plugin)."
+    type: bool
+    default: false
 author: Arrakis platform team (@arrakis-platform)
 """
 
@@ -180,6 +184,7 @@ ARGUMENT_SPEC = dict(
     rerun_command=dict(type="str", default="the same ansible-playbook command"),
     run_options=RUN_OPTIONS_SPEC,
     playbook_pid=dict(type="int"),
+    watch_channel=dict(type="bool", default=False),
 )
 SPEC_OPTIONS = {}
 

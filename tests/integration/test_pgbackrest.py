@@ -572,7 +572,7 @@ def test_a_killed_playbook_stops_the_pitr_before_the_swap(archived, leasedb, tmp
                             start_new_session=True)
     hold = psycopg2.connect(url)
     try:
-        _kill_before_the_swap(proc, hold, url, data_dir, sig)
+        kill_before_the_swap(proc, hold, url, data_dir, sig)
         # Not swapped: the same data directory, the row written after the restore point, connections accepted.
         assert q(archived["url"], "SHOW data_directory")[0][0] == data_dir
         assert q(url, "SELECT count(*) FROM public.kill_probe")[0][0] == probes
@@ -594,22 +594,29 @@ def test_a_killed_playbook_stops_the_pitr_before_the_swap(archived, leasedb, tmp
         assert listed[0]["remove_command"] == \
             "rm -rf %s %s   # as root on the database host, no recovery uses it" % (copy, listed[0]["sockets"][0])
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        hold.close()
-        q(url, "DELETE FROM migrations.lock WHERE run_id = 'pitr-killed'")
-        for copy in glob.glob(data_dir + ".pitr_*"):
-            shutil.rmtree(copy)
-            stamp = copy.rsplit(".pitr_", 1)[1]
-            prefix = pitr_directories(data_dir, stamp)["socket_prefix"]
-            for sock in glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(prefix) + "*")):
-                shutil.rmtree(sock)
+        clean_up_killed(proc, hold, url, data_dir)
 
 
-def _kill_before_the_swap(proc, hold, url, data_dir, sig):
+def clean_up_killed(proc, hold, url, data_dir):
+    """After a killed recovery's test: the playbook's group, the lease row it left, the copies (and their socket
+    directories) that killed recoveries of this cluster left."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    hold.close()
+    q(url, "DELETE FROM migrations.lock WHERE run_id = 'pitr-killed'")
+    for copy in glob.glob(data_dir + ".pitr_*"):
+        shutil.rmtree(copy, ignore_errors=True)  # a recovery left running (a failed test) may remove it too
+        stamp = copy.rsplit(".pitr_", 1)[1]
+        prefix = pitr_directories(data_dir, stamp)["socket_prefix"]
+        for sock in glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(prefix) + "*")):
+            shutil.rmtree(sock, ignore_errors=True)
+
+
+def kill_before_the_swap(proc, hold, url, data_dir, sig, hosts=()):
     """Hold the PITR's lease row once its copy exists, wait for its park to wait on it, kill the playbook's
-    group; every process of its tree must be gone within 30 s."""
+    group; every process of its tree, and of the trees below ``hosts`` (an sshd: the module's session on
+    the database host), must be gone within 30 s."""
     from test_rollback_interrupted import alive, descendants
     try:
         wait_for(lambda: proc.poll() is not None or glob.glob(data_dir + ".pitr_*"), timeout=240)
@@ -625,6 +632,9 @@ def _kill_before_the_swap(proc, hold, url, data_dir, sig):
         assert len(copies) == 1 and not os.path.exists(os.path.join(copies[0], "postmaster.pid"))
         tree = descendants(proc.pid)
         assert tree, "the playbook has no worker"
+        for pid in hosts:
+            assert descendants(pid), "no session on the database host"
+            tree += descendants(pid)
         os.killpg(proc.pid, sig)
         proc.communicate(timeout=60)
         deadline = time.time() + 30

@@ -11,10 +11,12 @@ archiving cluster for the module.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import archiving_cluster
 from pghelpers import history, q
+from test_pgbackrest import clean_up_killed, kill_before_the_swap
 
 import pgcluster
 import sshd_ctl
@@ -76,17 +79,24 @@ def _behind_sshd(base, state):
                    "ansible_python_interpreter": "/usr/bin/python3", "ansible_become_method": "su"},
     }}}))
     try:
-        yield {"url": url, "inventory": inventory, "backups": backups, "owner": owner, "base": base}
+        yield {"url": url, "inventory": inventory, "backups": backups, "owner": owner, "base": base,
+               "sshd": sshd["pid"]}
     finally:
         sshd_ctl.stop(ssh_dir / "server")
         shutil.rmtree(backups, ignore_errors=True)
 
 
-def run(remote, playbook, *args):
+def command(remote, playbook, *args):
+    """The ansible-playbook command line against the remote inventory, and its environment."""
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_HOME=str(remote["base"] / ".ansible"),
                ANSIBLE_NOCOLOR="1", PATH=str(PLAYBOOK.parent) + os.pathsep + os.environ.get("PATH", ""))
-    return subprocess.run([str(PLAYBOOK), "-i", str(remote["inventory"]), str(ROOT / "playbooks" / playbook),
-                           "-l", "pitrdb", *args], capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=900)
+    return [str(PLAYBOOK), "-i", str(remote["inventory"]), str(ROOT / "playbooks" / playbook), "-l", "pitrdb",
+            *args], env
+
+
+def run(remote, playbook, *args):
+    cmd, env = command(remote, playbook, *args)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=900)
 
 
 def test_backup_stage_and_pitr_through_ssh_as_the_clusters_os_user(remote):
@@ -125,3 +135,38 @@ def test_backup_stage_and_pitr_through_ssh_as_the_clusters_os_user(remote):
     assert "rm -rf %s # as root on the database host, once nothing in it is wanted" % kept[0] in text
     for path in kept:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_playbook_stops_the_remote_pitr_before_the_swap(remote, sig):
+    """The PITR on the database host, reached over SSH, waits to park its lease right before the swap (the
+    test holds the lease row); the playbook's process group is killed. Ansible's worker (its own session)
+    kills itself and its ssh client (SIGKILL: it watches ansible-playbook; SIGTERM: Ansible's own handler),
+    the module on the database host sees its channel hang up and dies, its copy server with it: no process
+    of either side is left, and the target is not swapped once the lease row is free again."""
+    import psycopg2
+    out = run(remote, "backup.yml")
+    assert out.returncode == 0, out.stdout[-3000:]
+    manifest = max(remote["backups"].glob("*.pitr.json"), key=os.path.getmtime)
+    url = remote["url"]
+    data_dir = q(url, "SHOW data_directory")[0][0]
+    kept = sorted(glob.glob(data_dir + ".pre_pitr_*"))
+    q(url, "INSERT INTO public.remote_probe SELECT max(id) + 1 FROM public.remote_probe")  # after the backup
+    rows = q(url, "SELECT count(*) FROM public.remote_probe")[0][0]
+    cmd, env = command(remote, "rollback.yml", "-e", "rollback_mode=restore", "-e", "rollback_allow_data_loss=true",
+                       "-e", "backup_file=%s" % manifest, "-e", "rollback_lock_ttl=600",
+                       "-e", "rollback_run_id=pitr-killed")
+    proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    hold = psycopg2.connect(url)
+    try:
+        kill_before_the_swap(proc, hold, url, data_dir, sig, hosts=[remote["sshd"]])
+        hold.close()  # the lease row is free: a recovery still alive would swap now
+        assert q(url, "SELECT run_id FROM migrations.lock") == [("pitr-killed",)]
+        assert q(url, "SHOW data_directory")[0][0] == data_dir
+        assert q(url, "SELECT count(*) FROM public.remote_probe")[0][0] == rows
+        assert sorted(glob.glob(data_dir + ".pre_pitr_*")) == kept and len(glob.glob(data_dir + ".pitr_*")) == 1
+        assert q(url, "SELECT count(*) FROM migrations.events WHERE run_id = 'pitr-killed' AND action = 'restore'"
+                      " AND outcome = 'ok'") == [(0,)]
+    finally:
+        clean_up_killed(proc, hold, url, data_dir)
