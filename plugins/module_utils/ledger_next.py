@@ -26,9 +26,10 @@ PLACEHOLDER = re.compile(r"<[a-z_ ]+>|[a-z_]+=VERSION\|base")
 # The options of the current module call (set by use_run_options; one module call per process).
 _RUN = {"options": None}
 
-# The rollback playbook's variables that choose what it does (cleanup_command carries none of the run's).
-_ROLLBACK_CHOICES = ("rollback_mode", "rollback_to", "rollback_drop_leftovers", "rollback_drop_kept",
-                     "rollback_allow_connections")
+# The rollback playbook's variables that choose what it does, with the values that choose nothing (its role's
+# defaults): cleanup_command carries none of the run's, and restates these where the run's options may hide one.
+_ROLLBACK_CHOICES = {"rollback_mode": "revert", "rollback_to": "", "rollback_drop_leftovers": "false",
+                     "rollback_drop_kept": "false", "rollback_allow_connections": "false"}
 
 # run_options: the module argument every ledger_* module with next commands takes.
 RUN_OPTIONS_SPEC = dict(type="list", elements="str", default=None)
@@ -104,7 +105,8 @@ def playbook_command(playbook, limit=None, extra="", carry=True, without=()):
     extra is written as on a command line (`-e rollback_to=0009`, extra_var for a value that needs
     quoting); it wins over the run's -e of the same variable. carry=False words a command for
     another environment than this run's (`-l staging` from a production run): only `-l limit`.
-    without names the run's `-e` variables the command must not carry.
+    without names the run's `-e` variables the command must not carry; as a dict, with the values that
+    are restated when an -e the command carries may still set one (`-e @vars.yml`, `-e '{"k": 1}'`).
     """
     extra_tokens = shlex.split(extra) if extra else []
     options = _RUN["options"] if carry else None
@@ -112,8 +114,23 @@ def playbook_command(playbook, limit=None, extra="", carry=True, without=()):
         options = ["-l", limit or "<limit>"]
     elif "-l" not in options and limit:
         options = ["-l", limit] + list(options)
-    options = _without(options, _extra_keys(extra_tokens) | set(without))
+    extra_keys = _extra_keys(extra_tokens)
+    options = _without(options, extra_keys | set(without))
+    if isinstance(without, dict) and _may_set(options, without):
+        # An -e this can't read through (a file, inline JSON or YAML, several pairs in one) may set one of them:
+        # restated after it with the value that chooses nothing (of two -e, the later one wins).
+        for key, value in without.items():
+            if key not in extra_keys:
+                options = options + ["-e", "%s=%s" % (key, value)]
     return " ".join(_quote(t) for t in ["ansible-playbook", "playbooks/%s.yml" % playbook] + options + extra_tokens)
+
+
+def _may_set(options, keys):
+    """Whether one of the run's -e values may still set one of ``keys``: a file (@path), or a value naming one."""
+    names = re.compile(r"(?<![A-Za-z0-9_])(%s)(?![A-Za-z0-9_])" % "|".join(re.escape(k) for k in keys))
+    return any(tok in ("-e", "--extra-vars") and i + 1 < len(options)
+               and (options[i + 1].startswith("@") or names.search(options[i + 1]))
+               for i, tok in enumerate(options))
 
 
 def cleanup_command(limit, extra):

@@ -213,3 +213,32 @@ def test_rollback_drops_leftovers_and_allows_connections_with_consent(runner, pg
         q(pg_cluster.url(), 'ALTER DATABASE "%s" ALLOW_CONNECTIONS true' % name)
         for db in left:
             pg_cluster.drop_db(db)
+
+
+def test_a_cleanup_command_said_by_a_run_with_a_vars_file_does_only_what_it_names(runner, pg_cluster):
+    """The run's `-e @file` sets rollback_drop_leftovers (it could as well set rollback_mode=restore): the
+    printed command carries the file and restates every choice after it, so pasted, it drops the kept
+    database it names and not the scratch copy that appeared meanwhile."""
+    name = runner.url.rsplit("/", 1)[1]
+    scratch, kept = name + "_restore_20260101000000_abcdef", name + "_pre_restore_20260101000000_abcdef"
+    later = name + "_restore_20260102000000_fedcba"
+    varsfile = runner.tmp / "cleanup.yml"
+    varsfile.write_text("rollback_drop_leftovers: true\n")
+    for db in (scratch, kept):
+        q(pg_cluster.url(), 'CREATE DATABASE "%s"' % db)
+    try:
+        rc, out = runner.run("rollback.yml", "-e", "@%s" % varsfile)
+        assert rc == 0 and "dropped: " + scratch in out, out
+        drop_kept = shlex.join(["ansible-playbook", "playbooks/rollback.yml", *runner.options(), "-e",
+                                "@%s" % varsfile, "-e", "rollback_mode=revert", "-e", "rollback_to=", "-e",
+                                "rollback_drop_leftovers=false", "-e", "rollback_allow_connections=false",
+                                "-e", "rollback_drop_kept=true"])
+        assert drop_kept in out, out
+        q(pg_cluster.url(), 'CREATE DATABASE "%s"' % later)
+        rc, out = runner.paste(drop_kept)
+        assert rc == 0 and "dropped: " + kept in out, out
+        assert q(pg_cluster.url(), "SELECT datname FROM pg_database WHERE datname = ANY(%s)",
+                 ([scratch, kept, later],)) == [(later,)]
+    finally:
+        for db in (scratch, kept, later):
+            pg_cluster.drop_db(db)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 
+import pytest
 from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_next
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import (
     PlaybookAdvice,
@@ -80,3 +81,29 @@ def test_a_cleanup_command_carries_the_run_options_but_none_of_its_rollback_choi
         use_run_options(None)
     assert ledger_next.cleanup_command(None, "-e rollback_drop_leftovers=true") == \
         "ansible-playbook playbooks/rollback.yml -l <limit> -e rollback_drop_leftovers=true"
+
+
+@pytest.mark.parametrize("hidden", [
+    ["-e", "@restore-vars.yml"],  # a file: what it sets can't be read here
+    ["-e", '{"rollback_mode": "restore", "rollback_allow_data_loss": true}'],
+    ["--extra-vars", "backup_file=/b/x.dump rollback_mode=restore"],  # several pairs in one
+])
+def test_a_cleanup_command_restates_the_choices_an_extra_var_it_carries_may_hide(hidden):
+    """Carried as they are, these would restore again: every choice is restated after them with the value that
+    chooses nothing (the later -e wins), except the cleanup's own, which comes last."""
+    use_run_options(["-i", "inv", "-l", "prod", *hidden])
+    try:
+        assert shlex.split(ledger_next.cleanup_command("ignored", "-e rollback_drop_kept=true")) == [
+            "ansible-playbook", "playbooks/rollback.yml", "-i", "inv", "-l", "prod", *hidden,
+            "-e", "rollback_mode=revert", "-e", "rollback_to=", "-e", "rollback_drop_leftovers=false",
+            "-e", "rollback_allow_connections=false", "-e", "rollback_drop_kept=true"]
+    finally:
+        use_run_options(None)
+
+
+def test_the_restated_choices_are_the_rollback_roles_defaults():
+    import yaml
+    from ledgertest import ROOT
+    defaults = yaml.safe_load((ROOT / "roles" / "rollback" / "defaults" / "main.yml").read_text())
+    for key, value in ledger_next._ROLLBACK_CHOICES.items():
+        assert str(defaults[key]).lower() == value, key
