@@ -6,25 +6,32 @@
 Used by `.ci/run` and by the tools that install what they miss (pgcluster.py: postgresql-15 and
 pgbackrest; pgbouncer_ctl.py: pgbouncer; sshd_ctl.py: openssh-server and python3-psycopg2).
 The packages' services are not started: on a machine with systemd, installing openssh-server
-would start (and enable) the system's sshd on port 22, postgresql-15 a cluster on 5432 and
-pgbouncer a pooler on 6432, none of which the project uses. While apt-get runs, a policy-rc.d
-that denies every start (exit 101, the Debian policy interface that invoke-rc.d and
-deb-systemd-invoke consult) is in place, unless the machine already has a policy-rc.d of its own
-(a container's, an administrator's): that one is left alone. Standard library only: it runs before
-the virtualenv exists.
+would start the system's sshd on port 22, postgresql-15 a cluster on 5432 and pgbouncer a pooler
+on 6432, none of which the project uses. While apt-get runs, a policy-rc.d that denies every start
+(exit 101, the Debian policy interface that invoke-rc.d and deb-systemd-invoke consult) is in
+place, unless the machine already has a policy-rc.d of its own (a container's, an administrator's,
+a symlink): that one is left alone. The units are still enabled as the packages ship them, so they
+start at the next boot; nothing here disables a machine's units. One install at a time (a lock
+file: two at once would remove each other's policy), and a SIGTERM or SIGHUP still removes the
+policy. Standard library only: it runs before the virtualenv exists.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+LOCK = Path(tempfile.gettempdir()) / "arrakis-ledger-debian-packages.lock"
 # The first lines of the policy this script writes: a file that starts so is ours to remove (also when a
 # killed install left it behind); any other policy-rc.d is the machine's.
 POLICY = "#!/bin/sh\n# arrakis-ledger: no service starts while its packages install (scripts/debian_packages.py)\nexit 101\n"
@@ -34,27 +41,45 @@ class PackageError(Exception):
     """apt-get is not usable here or failed: the message says what to run by hand."""
 
 
+def _leave(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
 @contextmanager
-def services_held(policy: Path = POLICY_RC_D):
+def services_held(policy: Path = POLICY_RC_D, lock: Path = LOCK):
     """No package service starts inside this block: a deny-all policy-rc.d unless the machine has one."""
-    ours = not policy.exists() or policy.read_text(errors="replace").startswith(POLICY)
-    if ours:
-        tmp = policy.with_name(policy.name + ".arrakis-ledger")
-        tmp.write_text(POLICY)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, policy)
-    try:
-        yield ours
-    finally:
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another install's policy stays until its apt-get is done
+        # A symlink (dangling or not) is the machine's: exists() would follow it.
+        ours = not os.path.lexists(policy) or (
+            not policy.is_symlink() and policy.read_text(errors="replace").startswith(POLICY))
+        previous = {}
         if ours:
-            try:
-                policy.unlink()
-            except FileNotFoundError:
-                pass
+            # A CI timeout's SIGTERM, a closed terminal's SIGHUP: the policy goes all the same (handlers can
+            # only be set from the main thread).
+            if threading.current_thread() is threading.main_thread():
+                for signum in (signal.SIGTERM, signal.SIGHUP):
+                    previous[signum] = signal.signal(signum, _leave)
+            tmp = policy.with_name(policy.name + ".arrakis-ledger")
+            tmp.write_text(POLICY)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, policy)
+        try:
+            yield ours
+        finally:
+            if ours:
+                try:
+                    policy.unlink()
+                except FileNotFoundError:
+                    pass
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
 
 
-def install(packages: list[str], what: str = "", policy: Path = POLICY_RC_D) -> None:
-    """apt-get update and install ``packages`` (root only), their services not started; PackageError if not."""
+def install(packages: list[str], what: str = "", policy: Path = POLICY_RC_D, lock: Path = LOCK) -> None:
+    """apt-get update and install ``packages`` (root only), their services not started; PackageError if not.
+
+    apt-get's own output goes to standard error as it comes (a PostgreSQL install takes minutes)."""
     names = " ".join(packages)
     by_hand = f"install them as root: apt-get update && apt-get install -y {names}"
     if os.geteuid() != 0 or not shutil.which("apt-get"):
@@ -62,12 +87,12 @@ def install(packages: list[str], what: str = "", policy: Path = POLICY_RC_D) -> 
     print(f"installing the Debian package(s) {names}{what} with apt-get (their services are not started)",
           file=sys.stderr)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    with services_held(policy):
+    with services_held(policy, lock):
         for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
-            res = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True)
+            res = subprocess.run(cmd, env=env, check=False, stdout=sys.stderr)
             if res.returncode != 0:
-                raise PackageError(f"'{' '.join(cmd)}' failed (exit {res.returncode}): "
-                                   f"{(res.stderr or res.stdout).strip()[-400:]}; {by_hand}")
+                raise PackageError(f"'{' '.join(cmd)}' failed (exit {res.returncode}; its output is above); "
+                                   f"{by_hand}")
 
 
 def main(argv: list[str] | None = None) -> int:

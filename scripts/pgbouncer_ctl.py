@@ -61,15 +61,16 @@ def find_binary(install: bool = False) -> str:
     for cand in (os.environ.get("PGBOUNCER_BIN", ""), shutil.which("pgbouncer") or "", "/usr/sbin/pgbouncer"):
         if cand and os.access(cand, os.X_OK):
             return cand
-    if install and os.geteuid() == 0 and shutil.which("apt-get"):
-        try:
-            debian_packages.install(["pgbouncer"], " (pgbouncer not found)")
-        except debian_packages.PackageError as exc:
-            raise BouncerError(str(exc)) from None
-        if os.access("/usr/sbin/pgbouncer", os.X_OK):
-            return "/usr/sbin/pgbouncer"
-    raise BouncerError("pgbouncer is not installed: run 'apt-get update && apt-get install -y pgbouncer' as root "
-                       "(or pass --install), or set PGBOUNCER_BIN")
+    if not install:
+        raise BouncerError("pgbouncer is not installed: run 'apt-get update && apt-get install -y pgbouncer' as root "
+                           "(or pass --install), or set PGBOUNCER_BIN")
+    try:
+        debian_packages.install(["pgbouncer"])
+    except debian_packages.PackageError as exc:
+        raise BouncerError(f"{exc}; or set PGBOUNCER_BIN") from None
+    if os.access("/usr/sbin/pgbouncer", os.X_OK):
+        return "/usr/sbin/pgbouncer"
+    raise BouncerError("pgbouncer is installed but /usr/sbin/pgbouncer is not there: set PGBOUNCER_BIN")
 
 
 def _owner():

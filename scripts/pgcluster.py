@@ -61,18 +61,15 @@ def find_bindir() -> Path:
         version = subprocess.run([pg_config, "--version"], capture_output=True, text=True, check=False)
         if (bindir / "initdb").is_file() and f" {PG_MAJOR}." in version.stdout:
             return bindir
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        # The contract: where no binaries are found, install the Debian package as root.
-        try:
-            debian_packages.install([f"postgresql-{PG_MAJOR}"], f" (PostgreSQL {PG_MAJOR} binaries not found)")
-        except debian_packages.PackageError as exc:
-            raise ClusterError(str(exc)) from None
-        if (Path(DEFAULT_BINDIR) / "initdb").is_file():
-            return Path(DEFAULT_BINDIR)
-    raise ClusterError(
-        f"PostgreSQL {PG_MAJOR} binaries not found (looked in $PG_BINDIR, {DEFAULT_BINDIR}, pg_config). "
-        f"Install them as root: 'apt-get install postgresql-{PG_MAJOR}', or set PG_BINDIR."
-    )
+    # The contract: where no binaries are found, install the Debian package as root.
+    try:
+        debian_packages.install([f"postgresql-{PG_MAJOR}"],
+                                f" (PostgreSQL {PG_MAJOR} binaries: looked in $PG_BINDIR, {DEFAULT_BINDIR}, pg_config)")
+    except debian_packages.PackageError as exc:
+        raise ClusterError(f"{exc}; or set PG_BINDIR") from None
+    if (Path(DEFAULT_BINDIR) / "initdb").is_file():
+        return Path(DEFAULT_BINDIR)
+    raise ClusterError(f"postgresql-{PG_MAJOR} is installed but {DEFAULT_BINDIR}/initdb is not there: set PG_BINDIR")
 
 
 def _owner_env():
@@ -202,16 +199,14 @@ def find_pgbackrest() -> str:
     found = shutil.which(PGBACKREST)
     if found:
         return found
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        try:
-            debian_packages.install([PGBACKREST], " (pgbackrest not found)")
-        except debian_packages.PackageError as exc:
-            raise ClusterError(str(exc)) from None
-        found = shutil.which(PGBACKREST)
-        if found:
-            return found
-    raise ClusterError("pgbackrest not found: install it as root ('apt-get install pgbackrest') "
-                       "or start the sandbox without SANDBOX_ARCHIVE=pgbackrest")
+    try:
+        debian_packages.install([PGBACKREST])
+    except debian_packages.PackageError as exc:
+        raise ClusterError(f"{exc}; or start the sandbox without SANDBOX_ARCHIVE=pgbackrest") from None
+    found = shutil.which(PGBACKREST)
+    if found:
+        return found
+    raise ClusterError("pgbackrest is installed but not on PATH: set LEDGER_PGBACKREST_BIN")
 
 
 def block_incremental(binary: str) -> bool:

@@ -179,8 +179,10 @@ def die_with_playbook(playbook_pid):
     own SIGTERM and SIGINT handler kills that same group. Not being the group's leader, only the worker dies.
     """
     done = threading.Event()
+    if int(playbook_pid) <= 1:  # already re-parented to init: the playbook is gone, the worker ends anyway
+        return done
     watched = (int(playbook_pid), _start_time(int(playbook_pid)))
-    if watched[1] is None:  # already gone: Ansible's worker is ending anyway
+    if watched[1] is None:
         return done
 
     def watch():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, lost_connection_text
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import concurrent_index
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import concurrent_index, qualified_name
 
 try:
     import psycopg2
@@ -72,6 +72,7 @@ _EFFECT = {
     ("create", "valid"): "it completed: the index %s exists and is valid",
     ("create", "invalid"): "it did not complete: it left the index %s INVALID (unused by queries: the cleanup above)",
     ("create", "absent"): "it did not complete: there is no index %s",
+    ("create", "elsewhere"): "it built nothing: the name %s belongs to an index of another table",
     ("drop", "absent"): "it completed: the index %s is gone",
     ("drop", "valid"): "it did not complete: the index %s is still there and valid",
     ("drop", "invalid"): "it did not complete: it left the index %s INVALID (unused by queries: the cleanup above)",
@@ -81,7 +82,9 @@ _EFFECT = {
 def effect(conn, stmt):
     """What a lost no-transaction statement did, read once its session has ended: for a named CREATE or
     DROP INDEX CONCURRENTLY, {"index", "state": valid|invalid|absent, "said"}; None for any other
-    statement (its effect is not inspected) or when the catalog can't be read."""
+    statement (its effect is not inspected) or when the catalog can't be read. An unqualified name is looked up
+    with this connection's search_path (the statement's own may differ when it ran on migrate_direct_url as
+    another role): schema-qualified names are read exactly."""
     target = concurrent_index(stmt)
     if target is None:
         return None
@@ -89,14 +92,14 @@ def effect(conn, stmt):
         with conn.cursor() as cur:
             if target["table"] is not None:
                 # The index lives in its table's schema; no table, no index.
-                cur.execute("SELECT n.nspname, i.indisvalid FROM pg_catalog.pg_class t"
+                cur.execute("SELECT n.nspname, i.indisvalid, i.indrelid = t.oid FROM pg_catalog.pg_class t"
                             " JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace"
                             " LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = t.relnamespace AND c.relname = %s"
                             "      AND c.relkind IN ('i', 'I')"
                             " LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid"
                             " WHERE t.oid = pg_catalog.to_regclass(%s)", (target["index"], target["table"]))
             else:
-                cur.execute("SELECT n.nspname, i.indisvalid FROM pg_catalog.pg_class c"
+                cur.execute("SELECT n.nspname, i.indisvalid, true FROM pg_catalog.pg_class c"
                             " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
                             " JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid"
                             " WHERE c.oid = pg_catalog.to_regclass(CASE WHEN %s::text IS NULL THEN quote_ident(%s)"
@@ -106,8 +109,13 @@ def effect(conn, stmt):
     except psycopg2.Error:
         return None
     schema = row[0] if row else target["schema"]
-    name = "%s.%s" % (schema, target["index"]) if schema else target["index"]
-    state = "absent" if row is None or row[1] is None else ("valid" if row[1] else "invalid")
+    name = qualified_name(schema, target["index"])
+    if row is None or row[1] is None:
+        state = "absent"
+    elif not row[2]:  # IF NOT EXISTS met an index of that name on another table
+        state = "elsewhere"
+    else:
+        state = "valid" if row[1] else "invalid"
     return {"index": name, "state": state, "said": _EFFECT[(target["action"], state)] % name}
 
 

@@ -14,6 +14,7 @@ playbook, a test) a command carries `-l <limit>`.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 
@@ -22,6 +23,9 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records impo
 
 # `<limit>`, `<this host>`, `rollback_to=VERSION|base`: written as they are, for the operator to replace.
 PLACEHOLDER = re.compile(r"<[a-z_ ]+>|[a-z_]+=VERSION\|base")
+
+# A value Ansible's k=v parsing of -e reads as it is written: no space, quote or backslash.
+_KV_SAFE = re.compile(r"[^\s'\"\\]*")
 
 # The options of the current module call (set by use_run_options; one module call per process).
 _RUN = {"options": None}
@@ -68,22 +72,37 @@ def use_run_options(options):
 
 
 def _extra_keys(tokens):
-    """The variable names that `-e k=v` tokens set."""
+    """The variable names that the command's own `-e k=v` (or extra_var's `-e '{"k": "v"}'`) tokens set."""
     keys = set()
     for i, tok in enumerate(tokens):
-        if tok == "-e" and i + 1 < len(tokens) and "=" in tokens[i + 1]:
-            keys.add(tokens[i + 1].split("=", 1)[0])
+        if tok == "-e" and i + 1 < len(tokens):
+            value = tokens[i + 1]
+            if _single_pair(value):
+                keys.add(value.split("=", 1)[0])
+            elif value.startswith("{"):  # extra_var's JSON form
+                keys.update(json.loads(value))
     return keys
 
 
+def _single_pair(value):
+    """Whether an -e value is one `k=v` (a file, inline JSON or YAML, or several pairs are not)."""
+    if "=" not in value or value.startswith(("@", "{", "[")):
+        return False
+    try:
+        return len(shlex.split(value)) == 1
+    except ValueError:
+        return False
+
+
 def _without(options, keys):
-    """The run's options minus each `-e k=...` that the command sets itself."""
+    """The run's options minus each `-e k=v` that the command sets itself (only a single pair is taken out: the
+    other pairs of one -e may be the target's, e.g. its database_url)."""
     out, i = [], 0
     while i < len(options):
         tok = options[i]
         if tok in ("-e", "--extra-vars") and i + 1 < len(options):
             value = options[i + 1]
-            if "=" in value and not value.startswith(("@", "{")) and value.split("=", 1)[0] in keys:
+            if _single_pair(value) and value.split("=", 1)[0] in keys:
                 i += 2
                 continue
             out += [tok, value]
@@ -95,8 +114,12 @@ def _without(options, keys):
 
 
 def extra_var(name, value):
-    """`-e name=value` for a playbook command's extra, the value quoted once (a path with a space stays one)."""
-    return "-e " + shlex.quote("%s=%s" % (name, value))
+    """`-e name=value` for a playbook command's extra, shell-quoted once; `-e '{"name": "value"}'` when Ansible's
+    k=v parsing would cut or change the value (a space: `-e 'f=/b k/x'` sets f to /b; a quote, a backslash)."""
+    if _KV_SAFE.fullmatch(str(value)):
+        return "-e " + shlex.quote("%s=%s" % (name, value))
+    return "-e " + shlex.quote(json.dumps({name: value}))
+
 
 
 def playbook_command(playbook, limit=None, extra="", carry=True, without=()):

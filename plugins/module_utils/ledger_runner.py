@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - connect() reports it
     psycopg2 = quote_ident = None
 
 from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_lost
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import qualified_name
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import (
     Advice,
@@ -106,12 +107,6 @@ def backoff(s, attempt):
     return min(delay, s["retry_backoff_max"])
 
 
-def _quote_ident(name):
-    if re.match(r"^[a-z_][a-z0-9_$]*$", name):
-        return name
-    return '"' + name.replace('"', '""') + '"'
-
-
 def error_line(stmt, err, dollar_line_hint=True):
     """File line of an error raised by one statement (position, PL/pgSQL context, or statement start)."""
     if err.get("position"):
@@ -167,7 +162,7 @@ def invalid_indexes(conn):
             " WHERE NOT i.indisvalid ORDER BY 1, 2")
         out = []
         for schema, index, table in cur.fetchall():
-            qualified = "%s.%s" % (_quote_ident(schema), _quote_ident(index))
+            qualified = qualified_name(schema, index)
             out.append({"schema": schema, "index": index, "table": table,
                         "cleanup": "DROP INDEX CONCURRENTLY IF EXISTS %s;" % qualified})
         return out

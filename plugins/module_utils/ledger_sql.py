@@ -368,6 +368,18 @@ _DROP_INDEX_CONCURRENTLY = re.compile(
     re.IGNORECASE | re.DOTALL)
 
 
+def quote_name(name):
+    """A catalog name as SQL writes it: bare when it needs no quotes (lower case, no special character)."""
+    if re.match(r"^[a-z_][a-z0-9_$]*$", name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def qualified_name(schema, name):
+    """schema.name as SQL writes it (name alone without a schema)."""
+    return "%s.%s" % (quote_name(schema), quote_name(name)) if schema else quote_name(name)
+
+
 def unquote_name(name):
     """An identifier as written to its catalog name: "Quoted" kept as is, a bare one folded to lower case."""
     name = name.strip()
@@ -383,7 +395,7 @@ def split_qualified(name):
 
 
 def concurrent_index(stmt):
-    """What a named CREATE/DROP INDEX CONCURRENTLY works on: {action, index, table}, else None.
+    """What a named CREATE/DROP INDEX CONCURRENTLY works on: {action, index, schema, table}, else None.
 
     For finding out, after its connection was lost, whether it completed: the index's name (as in the
     catalog) and, for CREATE, the table it is on as written (the index lives in that table's schema);

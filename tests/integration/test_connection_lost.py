@@ -154,19 +154,40 @@ def _index_set(tmp_path):
     })
 
 
-def test_a_lost_concurrent_index_build_that_finished_says_so(tmp_path, pg_cluster, empty_db):
-    """The client side is cut right after the CREATE INDEX CONCURRENTLY is sent (no-transaction files run on
-    migrate_direct_url, here the proxy); the server builds the index, then finds its client gone."""
-    proxy = DroppingProxy(pg_cluster.port, drop="marked")
+def _lost_while_blocked(url, migrations, proxy, table="public.lost_t"):
+    """engine.apply with the no-transaction file's statement cut from its client (the proxy is its
+    migrate_direct_url) while a writer's open transaction keeps it waiting; the writer ends once the cut is
+    made, so the statement finishes on the server after the cut, never before. The LedgerError raised."""
+    writer = psycopg2.connect(url)
+    with writer.cursor() as cur:
+        cur.execute("INSERT INTO %s VALUES (0)" % table)  # CONCURRENTLY waits for this transaction
+
+    def end_writer():
+        proxy.fired.wait(120)
+        writer.rollback()
+
+    ender = threading.Thread(target=end_writer, daemon=True)
+    ender.start()
     try:
-        via = _through(proxy, empty_db)
         with pytest.raises(LedgerError) as exc:
-            engine.apply(empty_db, load(_index_set(tmp_path)), advice=PlaybookAdvice("testenv"), direct_url=via)
+            engine.apply(url, migrations, advice=PlaybookAdvice("testenv"), direct_url=_through(proxy, url))
         assert proxy.fired.is_set()
+        return exc.value
     finally:
+        proxy.fired.set()
+        ender.join(10)
+        writer.close()
         proxy.close()
-    msg, index = exc.value.msg, "public.%s_idx" % MARKER.decode()
-    found = exc.value.fields["connection_lost"]
+
+
+def test_a_lost_concurrent_index_build_that_finished_says_so(tmp_path, pg_cluster, empty_db):
+    """The client side is cut right after the CREATE INDEX CONCURRENTLY is sent; the server builds the index,
+    then finds its client gone."""
+    d = _index_set(tmp_path)
+    engine.apply(empty_db, load(d), target="0001")
+    exc = _lost_while_blocked(empty_db, load(d), DroppingProxy(pg_cluster.port, drop="marked"))
+    msg, index = exc.msg, "public.%s_idx" % MARKER.decode()
+    found = exc.fields["connection_lost"]
     assert found["ended"] is True and found["effect"] == {
         "index": index, "state": "valid", "said": "it completed: the index %s exists and is valid" % index}, found
     assert ("the statement at line 2 of 0002_idx.sql ran outside a transaction: found after reconnecting: it "
@@ -174,25 +195,22 @@ def test_a_lost_concurrent_index_build_that_finished_says_so(tmp_path, pg_cluste
     assert "may have completed" not in msg and msg.count("no SQLSTATE") == 1
     assert q(empty_db, "SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (index,)) == [(True,)]
     assert history(empty_db) == ["0001"]  # no history row: the re-run below finds the index there
-    assert [a["version"] for a in engine.apply(empty_db, load(tmp_path / "m"))["applied"]] == ["0002"]
+    assert [a["version"] for a in engine.apply(empty_db, load(d))["applied"]] == ["0002"]
 
 
 def test_a_lost_concurrent_index_drop_that_finished_says_so(tmp_path, pg_cluster, empty_db):
-    index = "public.%s_idx" % MARKER.decode()
+    """A quoted, schema-qualified name is read as the server reads it."""
+    name = "%s Idx" % MARKER.decode()
+    index = '"Led ger"."%s"' % name
     d = write_set(tmp_path / "m", {
-        "0001_t.sql": "CREATE TABLE public.lost_t (a int);\nCREATE INDEX %s_idx ON public.lost_t (a);\n" % MARKER.decode(),
+        "0001_t.sql": 'CREATE SCHEMA "Led ger";\nCREATE TABLE "Led ger".lost_t (a int);\n'
+                      'CREATE INDEX "%s" ON "Led ger".lost_t (a);\n' % name,
         "0002_drop.sql": "-- ledger:no-transaction\nDROP INDEX CONCURRENTLY IF EXISTS %s;\n" % index,
     })
     engine.apply(empty_db, load(d), target="0001")
-    proxy = DroppingProxy(pg_cluster.port, drop="marked")
-    try:
-        via = _through(proxy, empty_db)
-        with pytest.raises(LedgerError) as exc:
-            engine.apply(empty_db, load(d), advice=PlaybookAdvice("testenv"), direct_url=via)
-    finally:
-        proxy.close()
-    assert exc.value.fields["connection_lost"]["effect"]["state"] == "absent"
-    assert "found after reconnecting: it completed: the index %s is gone" % index in exc.value.msg, exc.value.msg
+    exc = _lost_while_blocked(empty_db, load(d), DroppingProxy(pg_cluster.port, drop="marked"), '"Led ger".lost_t')
+    assert exc.fields["connection_lost"]["effect"]["state"] == "absent"
+    assert "found after reconnecting: it completed: the index %s is gone" % index in exc.msg, exc.msg
     assert q(empty_db, "SELECT to_regclass(%s)", (index,)) == [(None,)]
 
 

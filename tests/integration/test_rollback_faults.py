@@ -54,8 +54,6 @@ class SwapBlocker(object):
         raise AssertionError("the restore never reached its swap")
 
     def release(self):
-        # The row lock goes with the ROLLBACK; the backend leaves pg_stat_activity only a moment after
-        # close(), so the swap may still see it (and terminate it) on a busy machine.
         if not self.conn.closed:
             self.conn.rollback()
             self.conn.close()

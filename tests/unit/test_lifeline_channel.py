@@ -38,6 +38,8 @@ def test_an_armed_lifeline_dies_when_its_channel_hangs_up_and_not_once_disarmed(
         if sys.argv[1] == "disarmed":
             life.disarm()
         sys.stderr.write("ready\\n"); sys.stderr.flush()
+        if sys.argv[1] == "armed":
+            time.sleep(60)  # killed by the watch long before
         for _ in range(200):
             if not life.parent_alive():
                 sys.stderr.write("gone\\n"); sys.stderr.flush()

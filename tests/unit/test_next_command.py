@@ -55,7 +55,8 @@ def test_a_value_with_a_space_stays_one_argument_and_a_psql_command_quotes_each_
     try:
         cmd = playbook_command("rollback", None, "-e rollback_mode=restore %s"
                                % ledger_next.extra_var("backup_file", "/b k/x.dump"))
-        assert shlex.split(cmd)[-4:] == ["-e", "rollback_mode=restore", "-e", "backup_file=/b k/x.dump"]
+        # A value Ansible's k=v parsing would cut at the space goes as JSON.
+        assert shlex.split(cmd)[-4:] == ["-e", "rollback_mode=restore", "-e", '{"backup_file": "/b k/x.dump"}']
         # A command for another environment (staging, from a production run) carries none of this run's options.
         assert playbook_command("migrate", "staging", "-e migrate_target=0010", carry=False) == \
             "ansible-playbook playbooks/migrate.yml -l staging -e migrate_target=0010"
@@ -87,6 +88,7 @@ def test_a_cleanup_command_carries_the_run_options_but_none_of_its_rollback_choi
     ["-e", "@restore-vars.yml"],  # a file: what it sets can't be read here
     ["-e", '{"rollback_mode": "restore", "rollback_allow_data_loss": true}'],
     ["--extra-vars", "backup_file=/b/x.dump rollback_mode=restore"],  # several pairs in one
+    ["-e", "rollback_mode=restore database_url=postgresql://u@db/other"],  # the target goes with them: kept
 ])
 def test_a_cleanup_command_restates_the_choices_an_extra_var_it_carries_may_hide(hidden):
     """Carried as they are, these would restore again: every choice is restated after them with the value that
