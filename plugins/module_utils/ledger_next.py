@@ -121,7 +121,6 @@ def extra_var(name, value):
     return "-e " + shlex.quote(json.dumps({name: value}))
 
 
-
 def playbook_command(playbook, limit=None, extra="", carry=True, without=()):
     """`ansible-playbook playbooks/<playbook>.yml <the run's options> <extra>`, shell-quoted.
 
