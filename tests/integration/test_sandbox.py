@@ -25,7 +25,7 @@ def test_missing_binaries_as_non_root_say_what_to_install(monkeypatch, tmp_path)
     monkeypatch.setattr(pgcluster.os, "geteuid", lambda: 1000)
     with pytest.raises(pgcluster.ClusterError) as err:
         pgcluster.find_bindir()
-    assert "apt-get install postgresql-15" in str(err.value) and "PG_BINDIR" in str(err.value)
+    assert "apt-get install -y postgresql-15" in str(err.value) and "PG_BINDIR" in str(err.value)
 
 
 def test_port_in_use_is_refused_with_the_variable_to_change(tmp_path):
