@@ -14,8 +14,10 @@ Short dumps print nothing; neither do check mode and remote connections.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import tempfile
 import threading
 import time
@@ -26,6 +28,33 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_backup_utils
 from ansible_collections.arrakis.ledger.plugins.plugin_utils.ledger_inprocess import LOCAL_TRANSPORTS, LedgerAction
 
 display = Display()
+
+# ledger-backup-progress-<worker pid>-<random>.json in the temporary directory: the pid says whose it is.
+PROGRESS_PREFIX = "ledger-backup-progress-"
+
+
+def new_progress_file():
+    """A progress file of this worker's, after removing those left by killed runs (a SIGKILL leaves its file)."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), PROGRESS_PREFIX + "*.json")):
+        owner = re.match(r"([0-9]+)-", os.path.basename(path)[len(PROGRESS_PREFIX):])
+        if owner and not _alive(int(owner.group(1))):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    fd, path = tempfile.mkstemp(prefix="%s%d-" % (PROGRESS_PREFIX, os.getpid()), suffix=".json")
+    os.close(fd)
+    return path
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def read_progress(progress_file):
@@ -64,8 +93,7 @@ class ActionModule(LedgerAction):
             interval = float(args.get("progress_interval") or 10)
         except (TypeError, ValueError):
             return execute(args)  # the module's validation says what is wrong
-        fd, progress_file = tempfile.mkstemp(prefix="ledger-backup-progress-", suffix=".json")
-        os.close(fd)
+        progress_file = new_progress_file()
         args = dict(args, progress_file=progress_file)
         host = task_vars.get("inventory_hostname", "?")
         outcome = {}
