@@ -12,8 +12,9 @@ on 6432, none of which the project uses. While apt-get runs, a policy-rc.d that 
 place, unless the machine already has a policy-rc.d of its own (a container's, an administrator's,
 a symlink): that one is left alone. The units are still enabled as the packages ship them, so they
 start at the next boot; nothing here disables a machine's units. One install at a time (a lock
-file: two at once would remove each other's policy), and a SIGTERM or SIGHUP still removes the
-policy. Standard library only: it runs before the virtualenv exists.
+file in /run: two at once would remove each other's policy). A SIGTERM, SIGHUP or Ctrl-C ends
+apt-get's whole process group (dpkg and its scripts), waits for it, then removes the policy.
+Standard library only: it runs before the virtualenv exists.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
-LOCK = Path(tempfile.gettempdir()) / "arrakis-ledger-debian-packages.lock"
+# Where only root writes (installs are root's anyway), whatever TMPDIR says.
+LOCK = Path("/run/arrakis-ledger-debian-packages.lock")
 # The first lines of the policy this script writes: a file that starts so is ours to remove (also when a
 # killed install left it behind); any other policy-rc.d is the machine's.
 POLICY = "#!/bin/sh\n# arrakis-ledger: no service starts while its packages install (scripts/debian_packages.py)\nexit 101\n"
@@ -46,10 +48,24 @@ def _leave(signum, _frame):
 
 
 @contextmanager
+def _one_at_a_time(lock: Path):
+    """Another install's policy stays until its apt-get is done: wait for it, saying so."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another install of Debian packages to end (it holds {lock})", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def services_held(policy: Path = POLICY_RC_D, lock: Path = LOCK):
     """No package service starts inside this block: a deny-all policy-rc.d unless the machine has one."""
-    with open(lock, "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # another install's policy stays until its apt-get is done
+    with _one_at_a_time(lock):
         # A symlink (dangling or not) is the machine's: exists() would follow it.
         ours = not os.path.lexists(policy) or (
             not policy.is_symlink() and policy.read_text(errors="replace").startswith(POLICY))
@@ -59,7 +75,8 @@ def services_held(policy: Path = POLICY_RC_D, lock: Path = LOCK):
             # only be set from the main thread).
             if threading.current_thread() is threading.main_thread():
                 for signum in (signal.SIGTERM, signal.SIGHUP):
-                    previous[signum] = signal.signal(signum, _leave)
+                    if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+                        previous[signum] = signal.signal(signum, _leave)
             tmp = policy.with_name(policy.name + ".arrakis-ledger")
             tmp.write_text(POLICY)
             os.chmod(tmp, 0o755)
@@ -89,10 +106,52 @@ def install(packages: list[str], what: str = "", policy: Path = POLICY_RC_D, loc
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     with services_held(policy, lock):
         for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
-            res = subprocess.run(cmd, env=env, check=False, stdout=sys.stderr)
-            if res.returncode != 0:
-                raise PackageError(f"'{' '.join(cmd)}' failed (exit {res.returncode}; its output is above); "
-                                   f"{by_hand}")
+            returncode = _run(cmd, env)
+            if returncode != 0:
+                raise PackageError(f"'{' '.join(cmd)}' failed (exit {returncode}; its output is above); {by_hand}")
+
+
+_INTERRUPTS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+
+
+def _run(cmd: list[str], env: dict) -> int:
+    """cmd's exit status; it runs in a process group of its own, which an interrupt (SIGTERM, SIGHUP, Ctrl-C)
+    ends and waits for, dpkg and its maintainer scripts included, before the policy is removed."""
+    # Held until the try below: an interrupt while Popen starts the child would leave its group running.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, start_new_session=True,
+                                preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, mask))
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # an interrupt that came meanwhile is handled here
+        return proc.wait()
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        raise
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` still runs."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] != "Z" and int(fields[2]) == pgid:  # a zombie has ended: only its reaping is left
+                return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -35,9 +36,14 @@ PROGRESS_PREFIX = "ledger-backup-progress-"
 
 def new_progress_file():
     """A progress file of this worker's, after removing those left by killed runs (a SIGKILL leaves its file)."""
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), PROGRESS_PREFIX + "*.json")):
-        owner = re.match(r"([0-9]+)-", os.path.basename(path)[len(PROGRESS_PREFIX):])
-        if owner and not _alive(int(owner.group(1))):
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), PROGRESS_PREFIX + "*.json*")):  # and .json.tmp
+        owner = re.match(r"([0-9]{1,9})-", os.path.basename(path)[len(PROGRESS_PREFIX):])
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        # Only our own regular files (never another user's, nor a symlink), of a pid that is no process.
+        if owner and stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not _alive(int(owner.group(1))):
             try:
                 os.unlink(path)
             except OSError:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common import LedgerError, lost_connection_text
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import concurrent_index, qualified_name
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import concurrent_index
 
 try:
     import psycopg2
@@ -81,42 +81,52 @@ _EFFECT = {
 
 def effect(conn, stmt):
     """What a lost no-transaction statement did, read once its session has ended: for a named CREATE or
-    DROP INDEX CONCURRENTLY, {"index", "state": valid|invalid|absent, "said"}; None for any other
-    statement (its effect is not inspected) or when the catalog can't be read. An unqualified name is looked up
-    with this connection's search_path (the statement's own may differ when it ran on migrate_direct_url as
-    another role): schema-qualified names are read exactly."""
+    DROP INDEX CONCURRENTLY, {"index" (as SQL writes it), "state": valid|invalid|absent|elsewhere, "said"};
+    None for any other statement (its effect is not inspected) or when the catalog can't be read. An
+    unqualified name is looked up with this connection's search_path (the statement's own may differ when it
+    ran on migrate_direct_url as another role): schema-qualified names are read exactly."""
     target = concurrent_index(stmt)
     if target is None:
         return None
+    if target["table"] is not None:
+        # The index lives in its table's schema; no table, no index.
+        found = ("SELECT quote_ident(n.nspname) || '.' || quote_ident(%(index)s) AS name, i.indisvalid AS valid,"
+                 " i.indrelid = t.oid AS on_table FROM pg_catalog.pg_class t"
+                 " JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace"
+                 " LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = t.relnamespace AND c.relname = %(index)s"
+                 "      AND c.relkind IN ('i', 'I')"
+                 " LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid"
+                 " WHERE t.oid = pg_catalog.to_regclass(%(table)s)")
+    else:
+        found = ("SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS name, i.indisvalid AS valid,"
+                 " true AS on_table FROM pg_catalog.pg_class c"
+                 " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+                 " JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid"
+                 " WHERE c.oid = pg_catalog.to_regclass(%(written)s)")
     try:
         with conn.cursor() as cur:
-            if target["table"] is not None:
-                # The index lives in its table's schema; no table, no index.
-                cur.execute("SELECT n.nspname, i.indisvalid, i.indrelid = t.oid FROM pg_catalog.pg_class t"
-                            " JOIN pg_catalog.pg_namespace n ON n.oid = t.relnamespace"
-                            " LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = t.relnamespace AND c.relname = %s"
-                            "      AND c.relkind IN ('i', 'I')"
-                            " LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid"
-                            " WHERE t.oid = pg_catalog.to_regclass(%s)", (target["index"], target["table"]))
-            else:
-                cur.execute("SELECT n.nspname, i.indisvalid, true FROM pg_catalog.pg_class c"
-                            " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-                            " JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid"
-                            " WHERE c.oid = pg_catalog.to_regclass(CASE WHEN %s::text IS NULL THEN quote_ident(%s)"
-                            "       ELSE quote_ident(%s) || '.' || quote_ident(%s) END)",
-                            (target["schema"], target["index"], target["schema"], target["index"]))
-            row = cur.fetchone()
+            # One row always: the name as the statement wrote it when the catalog has none (the server quotes).
+            cur.execute("SELECT coalesce(x.name, %(written)s), x.valid, x.on_table FROM (SELECT 1) one"
+                        " LEFT JOIN (" + found + ") x ON true",
+                        {"index": target["index"], "table": target["table"],
+                         "written": _written(cur, target["schema"], target["index"])})
+            name, valid, on_table = cur.fetchone()
     except psycopg2.Error:
         return None
-    schema = row[0] if row else target["schema"]
-    name = qualified_name(schema, target["index"])
-    if row is None or row[1] is None:
+    if valid is None:
         state = "absent"
-    elif not row[2]:  # IF NOT EXISTS met an index of that name on another table
+    elif not on_table:  # IF NOT EXISTS met an index of that name on another table
         state = "elsewhere"
     else:
-        state = "valid" if row[1] else "invalid"
+        state = "valid" if valid else "invalid"
     return {"index": name, "state": state, "said": _EFFECT[(target["action"], state)] % name}
+
+
+def _written(cur, schema, name):
+    """schema.name (or name) quoted by the server's quote_ident (reserved words included)."""
+    cur.execute("SELECT CASE WHEN %s::text IS NULL THEN '' ELSE quote_ident(%s) || '.' END || quote_ident(%s)",
+                (schema, schema, name))
+    return cur.fetchone()[0]
 
 
 def header(message):

@@ -80,7 +80,12 @@ def _extra_keys(tokens):
             if _single_pair(value):
                 keys.add(value.split("=", 1)[0])
             elif value.startswith("{"):  # extra_var's JSON form
-                keys.update(json.loads(value))
+                try:
+                    data = json.loads(value)
+                except ValueError:
+                    continue
+                if isinstance(data, dict):
+                    keys.update(data)
     return keys
 
 

@@ -10,6 +10,11 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_common impor
 )
 
 try:
+    import psycopg2
+except ImportError:  # pragma: no cover - reported by connect()
+    psycopg2 = None
+
+try:
     from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine
     ENGINE_IMPORT_ERROR = None
 except ImportError as _exc:  # the engine ships with the migrate stage
@@ -165,6 +170,28 @@ def check_lock_impact(params, results, planned, migrations):
                  nxt if not passed else None), result
 
 
+def _raced(conn, state, run_id):
+    """Another run at work on the target during the rehearsal, in words, or None: pending versions applied since
+    the inspection, or the run lease held by another live run (its migration's transaction not yet committed)."""
+    try:
+        with conn.cursor() as cur:
+            applied = [r["version"] for r in ledger_engine.read_history(cur) or [] if r["version"] in state["pending"]]
+            cur.execute("SELECT to_regclass('migrations.lock') IS NOT NULL")
+            holder = None
+            if cur.fetchone()[0]:
+                cur.execute("SELECT run_id FROM migrations.lock WHERE id = 1 AND expires_at > clock_timestamp()"
+                            " AND run_id IS DISTINCT FROM %s", (run_id,))
+                row = cur.fetchone()
+                holder = row[0] if row else None
+    except psycopg2.Error:
+        return None
+    if applied:
+        return "another run applied %s" % ", ".join(applied)
+    if holder:
+        return "another run (run id %s) holds the run lease and is applying migrations" % holder
+    return None
+
+
 def check_rehearsal(conn, url, params, state, session_failed, stop_before=None):
     """Run the pending migrations in one rolled-back transaction (the engine's rehearsal).
 
@@ -200,6 +227,15 @@ def check_rehearsal(conn, url, params, state, session_failed, stop_before=None):
         return check("rehearsal", False, {"pending": state["pending"]}, threshold, message=exc.msg,
                      next_step=exc.fields.get("next_command") or "re-run when the target is reachable"), None
     failed = [r for r in results if r["status"] == "would_fail"]
+    raced = _raced(conn, state, params.get("run_id")) if failed else None
+    if raced:
+        return check("rehearsal", True, {"pending": state["pending"], "inconclusive": True, "raced": raced},
+                     threshold, message="not conclusive: %s while this precheck rehearsed the pending migrations, so "
+                                        "its failure (%s at line %s: SQLSTATE %s) may be that run's work, not a defect; "
+                                        "the migrate stage waits for that run's lease and applies only what is still "
+                                        "pending, each in its own transaction" % (
+                                            raced, failed[0]["filename"], failed[0].get("line"),
+                                            failed[0].get("sqlstate"))), None
     lines = ledger_engine.format_rehearsal(results)
     offenders = [dict((k, r.get(k)) for k in ("version", "filename", "line", "sqlstate", "message", "hint",
                                               "statement")) for r in failed]

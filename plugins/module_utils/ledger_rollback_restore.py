@@ -45,6 +45,7 @@ from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_rollback_pla
     _cmd,
     _defaults,
 )
+from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_next import extra_var
 
 
 def _archive_tables(bindir, path):
@@ -91,7 +92,7 @@ def _locate_backup(p, url, host, identity=None):
                               "was changed. If that is what you mean (e.g. a copy of production into a scratch "
                               "database), say so: %s" % (
                                   path, manifest.get("target"), target, how,
-                                  _cmd(host, "-e rollback_mode=restore", "-e backup_file=%s" % path,
+                                  _cmd(host, "-e rollback_mode=restore", extra_var("backup_file", path),
                                        "-e rollback_backup_other_target=true")),
                               backup_file=path, refused="other_target")
         manifest = dict(manifest, backup_path=path, manifest_path=mpath, other_target=other)

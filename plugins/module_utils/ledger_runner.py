@@ -30,7 +30,6 @@ except ImportError:  # pragma: no cover - connect() reports it
     psycopg2 = quote_ident = None
 
 from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_lost
-from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_sql import qualified_name
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_target import Target
 from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_records import (
     Advice,
@@ -155,14 +154,14 @@ def invalid_indexes(conn):
     """INVALID indexes of the database: [{schema, index, table, cleanup}] (left by a failed CONCURRENTLY build)."""
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT n.nspname, c.relname, t.relname FROM pg_catalog.pg_index i"
+            "SELECT n.nspname, c.relname, t.relname, quote_ident(n.nspname) || '.' || quote_ident(c.relname)"
+            " FROM pg_catalog.pg_index i"
             " JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid"
             " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
             " JOIN pg_catalog.pg_class t ON t.oid = i.indrelid"
             " WHERE NOT i.indisvalid ORDER BY 1, 2")
         out = []
-        for schema, index, table in cur.fetchall():
-            qualified = qualified_name(schema, index)
+        for schema, index, table, qualified in cur.fetchall():
             out.append({"schema": schema, "index": index, "table": table,
                         "cleanup": "DROP INDEX CONCURRENTLY IF EXISTS %s;" % qualified})
         return out

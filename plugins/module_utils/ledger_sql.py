@@ -368,18 +368,6 @@ _DROP_INDEX_CONCURRENTLY = re.compile(
     re.IGNORECASE | re.DOTALL)
 
 
-def quote_name(name):
-    """A catalog name as SQL writes it: bare when it needs no quotes (lower case, no special character)."""
-    if re.match(r"^[a-z_][a-z0-9_$]*$", name):
-        return name
-    return '"' + name.replace('"', '""') + '"'
-
-
-def qualified_name(schema, name):
-    """schema.name as SQL writes it (name alone without a schema)."""
-    return "%s.%s" % (quote_name(schema), quote_name(name)) if schema else quote_name(name)
-
-
 def unquote_name(name):
     """An identifier as written to its catalog name: "Quoted" kept as is, a bare one folded to lower case."""
     name = name.strip()

@@ -151,7 +151,9 @@ class Progress(object):
                 "db_size": self.db_size, "elapsed_s": round(time.time() - self.started, 1)}
         tmp = self.path + ".tmp"
         try:
-            with open(tmp, "w") as fh:
+            # In the shared temporary directory: never through a symlink someone put at that name.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as fh:
                 json.dump(data, fh)
             os.replace(tmp, self.path)
         except OSError:

@@ -625,3 +625,65 @@ def test_a_non_superuser_migration_role_is_checked_for_what_verify_revert_and_re
         pg_cluster.drop_db(name)
         with pg_cluster.connect() as conn, conn.cursor() as cur:
             cur.execute("DROP ROLE IF EXISTS %s" % role)
+
+
+# --------------------------------------------------------------------------- a rehearsal racing another run
+
+RACE_SET = {"0001_hold.sql": "CREATE TABLE public.hold_probe (i int);\nSELECT pg_sleep(6);\n"}
+
+
+def test_a_rehearsal_racing_a_migrate_that_holds_the_lease_is_not_called_a_defect(empty_db, tmp_path):
+    """A real migrate run holds the lease, its 0001 in flight (its table created, not committed): the precheck
+    inspected 0001 as pending, and its rehearsal's CREATE TABLE waits on that run's uncommitted one until the
+    rehearsal's lock_timeout. That is not a defect of the file: the check passes as not conclusive, naming the
+    run, and the migrate stage would wait for that lease."""
+    from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine as engine
+    from ledgertest import write_set
+    from test_engine_locks import Bg, wait_for
+    mdir = write_set(tmp_path / "m", RACE_SET)
+    other = Bg(engine.apply, empty_db, engine.load_migration_set(str(mdir)), run_id="migrate-other",
+               statement_timeout="60s")
+    other.start()
+    q = psycopg2.connect(empty_db)
+    q.autocommit = True
+    try:
+        assert wait_for(lambda: _running(q, "SELECT pg_sleep(6)"), timeout=60)  # 0001 in flight, the lease held
+        result = run(empty_db, migrations_dir=str(mdir), rehearse_lock_timeout="1s")
+        rehearsal = by_name(result)["rehearsal"]
+        assert rehearsal["passed"] is True and rehearsal["observed"]["inconclusive"] is True, rehearsal
+        assert ("not conclusive: another run (run id migrate-other) holds the run lease and is applying migrations"
+                in rehearsal["message"]), rehearsal["message"]
+        assert "0001_hold.sql at line 1" in rehearsal["message"]
+    finally:
+        other.join(60)
+        q.close()
+    assert other.error is None and [a["version"] for a in other.result["applied"]] == ["0001"]
+
+
+def test_a_rehearsal_of_what_another_run_applied_meanwhile_says_so(empty_db, tmp_path):
+    """The precheck's inspection, another run's apply, then the rehearsal of the stale pending list (the real
+    functions, in the order a race gives): the rehearsal fails (the table exists), the check says why."""
+    from ansible_collections.arrakis.ledger.plugins.module_utils import ledger_engine as engine
+    from ansible_collections.arrakis.ledger.plugins.module_utils.ledger_precheck_migrations import (
+        check_migrations, check_rehearsal)
+    from ledgertest import write_set
+    mdir = write_set(tmp_path / "m", {"0001_t.sql": "CREATE TABLE public.raced (i int);\n"})
+    params = {"migrations_dir": str(mdir), "rehearse": True, "rehearse_statement_timeout": "30s",
+              "rehearse_lock_timeout": "2s", "run_id": "precheck-run"}
+    conn = psycopg2.connect(empty_db)
+    conn.autocommit = True
+    try:
+        _checks, state = check_migrations(conn, params)
+        assert state["pending"] == ["0001"]
+        engine.apply(empty_db, engine.load_migration_set(str(mdir)), run_id="the-other-run")
+        rehearsal, results = check_rehearsal(conn, empty_db, params, state, [])
+    finally:
+        conn.close()
+    assert rehearsal["passed"] is True and rehearsal["observed"]["raced"] == "another run applied 0001", rehearsal
+    assert "SQLSTATE 42P07" in rehearsal["message"] and results is None
+
+
+def _running(conn, query):
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = %s", (query,))
+        return cur.fetchone()[0] > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import sys
 
@@ -57,16 +58,22 @@ def test_a_symlinked_policy_is_the_machines_even_dangling(tmp_path):
     assert policy.is_symlink() and not policy.exists()
 
 
-def test_a_sigterm_during_the_install_still_removes_the_policy(tmp_path):
-    """A CI timeout's SIGTERM: the process ends (exit 128 + 15) and the policy is gone."""
+def test_a_sigterm_during_the_install_ends_its_process_group_then_removes_the_policy(tmp_path):
+    """A CI timeout's SIGTERM while "apt-get" runs (here a shell with a child of its own, as dpkg is apt-get's):
+    the whole group ends first, then the policy goes, and the process exits 128 + 15."""
     policy = tmp_path / "policy-rc.d"
-    script = ("import os, signal, sys, time; sys.path.insert(0, %r); import debian_packages\n"
+    script = ("import os, sys; sys.path.insert(0, %r); import debian_packages\n"
               "from pathlib import Path\n"
               "with debian_packages.services_held(Path(%r), Path(%r)):\n"
-              "    os.kill(os.getpid(), signal.SIGTERM)\n"
-              "    time.sleep(30)\n" % (str(ROOT / "scripts"), str(policy), str(tmp_path / "lock")))
-    assert subprocess.run([sys.executable, "-c", script], check=False, timeout=60).returncode == 128 + 15
-    assert not os.path.lexists(policy)
+              "    debian_packages._run(['sh', '-c', 'echo $$; sleep 60 & wait'], dict(os.environ))\n"
+              % (str(ROOT / "scripts"), str(policy), str(tmp_path / "lock")))
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    group = int(proc.stderr.readline())  # the shell's pid: its group's id (a session of its own)
+    assert policy.exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=90) == 128 + 15
+    assert not os.path.lexists(policy) and not debian_packages._group_alive(group)
+    proc.stderr.close()
 
 
 def test_without_apt_get_it_says_what_to_run(tmp_path, monkeypatch, capsys):
