@@ -154,13 +154,13 @@ def _index_set(tmp_path):
     })
 
 
-def _lost_while_blocked(url, migrations, proxy, table="public.lost_t"):
+def _lost_while_blocked(url, migrations, proxy):
     """engine.apply with the no-transaction file's statement cut from its client (the proxy is its
     migrate_direct_url) while a writer's open transaction keeps it waiting; the writer ends once the cut is
     made, so the statement finishes on the server after the cut, never before. The LedgerError raised."""
     writer = psycopg2.connect(url)
     with writer.cursor() as cur:
-        cur.execute("INSERT INTO %s VALUES (0)" % table)  # CONCURRENTLY waits for this transaction
+        cur.execute("INSERT INTO public.lost_t VALUES (0)")  # CONCURRENTLY waits for this transaction
 
     def end_writer():
         proxy.fired.wait(120)
@@ -198,8 +198,10 @@ def test_a_lost_concurrent_index_build_that_finished_says_so(tmp_path, pg_cluste
     assert [a["version"] for a in engine.apply(empty_db, load(d))["applied"]] == ["0002"]
 
 
-def test_a_lost_concurrent_index_drop_that_finished_says_so(tmp_path, pg_cluster, empty_db):
-    """A quoted, schema-qualified name is read as the server reads it."""
+def test_a_concurrent_index_drop_terminated_while_it_waits_says_it_left_the_index_invalid(
+        tmp_path, pg_cluster, empty_db):
+    """A quoted, schema-qualified name, read as the server reads it: the drop's first phase (the index marked
+    INVALID) is committed, then it waits for a writer and its session is terminated."""
     name = "%s Idx" % MARKER.decode()
     index = '"Led ger"."%s"' % name
     d = write_set(tmp_path / "m", {
@@ -208,10 +210,25 @@ def test_a_lost_concurrent_index_drop_that_finished_says_so(tmp_path, pg_cluster
         "0002_drop.sql": "-- ledger:no-transaction\nDROP INDEX CONCURRENTLY IF EXISTS %s;\n" % index,
     })
     engine.apply(empty_db, load(d), target="0001")
-    exc = _lost_while_blocked(empty_db, load(d), DroppingProxy(pg_cluster.port, drop="marked"), '"Led ger".lost_t')
-    assert exc.fields["connection_lost"]["effect"]["state"] == "absent"
-    assert "found after reconnecting: it completed: the index %s is gone" % index in exc.msg, exc.msg
-    assert q(empty_db, "SELECT to_regclass(%s)", (index,)) == [(None,)]
+    writer = psycopg2.connect(empty_db)
+    stop = threading.Event()
+    killer = threading.Thread(target=_terminate_when_running, args=(pg_cluster.url(), stop, True), daemon=True)
+    try:
+        with writer.cursor() as cur:
+            cur.execute('INSERT INTO "Led ger".lost_t VALUES (0)')  # open: the drop waits for it to end
+        killer.start()
+        with pytest.raises(LedgerError) as exc:
+            engine.apply(empty_db, load(d), advice=PlaybookAdvice("testenv"))
+    finally:
+        stop.set()
+        killer.join(10)
+        writer.rollback()
+        writer.close()
+    found = exc.value.fields["connection_lost"]
+    assert found["cause"] == "terminated" and found["effect"]["state"] == "invalid", found
+    assert ("found after reconnecting: it did not complete: it left the index %s INVALID" % index) in exc.value.msg
+    assert exc.value.fields["cleanup_sql"] == "DROP INDEX CONCURRENTLY IF EXISTS %s;" % index
+    assert q(empty_db, "SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (index,)) == [(False,)]
 
 
 def test_a_concurrent_index_build_terminated_while_it_waits_says_the_index_is_left_invalid(
