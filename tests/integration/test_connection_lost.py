@@ -198,6 +198,26 @@ def test_a_lost_concurrent_index_build_that_finished_says_so(tmp_path, pg_cluste
     assert [a["version"] for a in engine.apply(empty_db, load(d))["applied"]] == ["0002"]
 
 
+def _terminated_while_waiting(url, migrations, pg_cluster, table):
+    """engine.apply with the no-transaction file's CONCURRENTLY statement terminated while it waits for a writer's
+    open transaction on ``table`` (its first phase committed by then). The LedgerError raised."""
+    writer = psycopg2.connect(url)
+    stop = threading.Event()
+    killer = threading.Thread(target=_terminate_when_running, args=(pg_cluster.url(), stop, True), daemon=True)
+    try:
+        with writer.cursor() as cur:
+            cur.execute("INSERT INTO %s VALUES (0)" % table)  # open: the statement waits for it to end
+        killer.start()
+        with pytest.raises(LedgerError) as exc:
+            engine.apply(url, migrations, advice=PlaybookAdvice("testenv"))
+        return exc.value
+    finally:
+        stop.set()
+        killer.join(10)
+        writer.rollback()
+        writer.close()
+
+
 def test_a_concurrent_index_drop_terminated_while_it_waits_says_it_left_the_index_invalid(
         tmp_path, pg_cluster, empty_db):
     """A quoted, schema-qualified name, read as the server reads it: the drop's first phase (the index marked
@@ -210,24 +230,11 @@ def test_a_concurrent_index_drop_terminated_while_it_waits_says_it_left_the_inde
         "0002_drop.sql": "-- ledger:no-transaction\nDROP INDEX CONCURRENTLY IF EXISTS %s;\n" % index,
     })
     engine.apply(empty_db, load(d), target="0001")
-    writer = psycopg2.connect(empty_db)
-    stop = threading.Event()
-    killer = threading.Thread(target=_terminate_when_running, args=(pg_cluster.url(), stop, True), daemon=True)
-    try:
-        with writer.cursor() as cur:
-            cur.execute('INSERT INTO "Led ger".lost_t VALUES (0)')  # open: the drop waits for it to end
-        killer.start()
-        with pytest.raises(LedgerError) as exc:
-            engine.apply(empty_db, load(d), advice=PlaybookAdvice("testenv"))
-    finally:
-        stop.set()
-        killer.join(10)
-        writer.rollback()
-        writer.close()
-    found = exc.value.fields["connection_lost"]
+    exc = _terminated_while_waiting(empty_db, load(d), pg_cluster, '"Led ger".lost_t')
+    found = exc.fields["connection_lost"]
     assert found["cause"] == "terminated" and found["effect"]["state"] == "invalid", found
-    assert ("found after reconnecting: it did not complete: it left the index %s INVALID" % index) in exc.value.msg
-    assert exc.value.fields["cleanup_sql"] == "DROP INDEX CONCURRENTLY IF EXISTS %s;" % index
+    assert ("found after reconnecting: it did not complete: it left the index %s INVALID" % index) in exc.msg
+    assert exc.fields["cleanup_sql"] == "DROP INDEX CONCURRENTLY IF EXISTS %s;" % index
     assert q(empty_db, "SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (index,)) == [(False,)]
 
 
@@ -237,25 +244,12 @@ def test_a_concurrent_index_build_terminated_while_it_waits_says_the_index_is_le
     exists, INVALID); the build's session is then terminated."""
     d = _index_set(tmp_path)
     engine.apply(empty_db, load(d), target="0001")
-    writer = psycopg2.connect(empty_db)
-    stop = threading.Event()
-    killer = threading.Thread(target=_terminate_when_running, args=(pg_cluster.url(), stop, True), daemon=True)
-    try:
-        with writer.cursor() as cur:
-            cur.execute("INSERT INTO public.lost_t VALUES (0)")  # open: the build waits for it to end
-        killer.start()
-        with pytest.raises(LedgerError) as exc:
-            engine.apply(empty_db, load(d), advice=PlaybookAdvice("testenv"))
-    finally:
-        stop.set()
-        killer.join(10)
-        writer.rollback()
-        writer.close()
-    msg, index = exc.value.msg, "public.%s_idx" % MARKER.decode()
-    found = exc.value.fields["connection_lost"]
+    exc = _terminated_while_waiting(empty_db, load(d), pg_cluster, "public.lost_t")
+    msg, index = exc.msg, "public.%s_idx" % MARKER.decode()
+    found = exc.fields["connection_lost"]
     assert found["cause"] == "terminated" and found["effect"]["state"] == "invalid", found
     assert ("found after reconnecting: it did not complete: it left the index %s INVALID (unused by queries: the "
             "cleanup above)" % index) in msg, msg
     assert "DROP INDEX CONCURRENTLY IF EXISTS %s;" % index in msg
-    assert exc.value.fields["cleanup_sql"] == "DROP INDEX CONCURRENTLY IF EXISTS %s;" % index
+    assert exc.fields["cleanup_sql"] == "DROP INDEX CONCURRENTLY IF EXISTS %s;" % index
     assert q(empty_db, "SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (index,)) == [(False,)]
